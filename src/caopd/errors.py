@@ -1,0 +1,23 @@
+"""User-facing errors: one line that names the file, row and field, mapped to exit code 2 by the CLI."""
+
+from __future__ import annotations
+
+
+class CaopdInputError(ValueError):
+    """Bad input (dataset, completion file, config, checkpoint) that the user must fix.
+
+    The message is a single line: ``FILE: row N: field 'F': what is wrong (and what to do)``.
+    """
+
+    def __init__(self, message: str, *, file: str | None = None, row: int | None = None,
+                 field: str | None = None) -> None:
+        self.file, self.row, self.field, self.detail = file, row, field, message
+        parts = []
+        if file is not None:
+            parts.append(str(file))
+        if row is not None:
+            parts.append(f"row {row}")
+        if field is not None:
+            parts.append(f"field '{field}'")
+        parts.append(message)
+        super().__init__(": ".join(parts).replace("\n", " "))
