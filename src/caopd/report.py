@@ -1,0 +1,179 @@
+"""Plots (reliability diagram, confidence histogram) and the metric comparison table across arms.
+
+Plots use matplotlib's object API with the Agg canvas, never pyplot: no display is needed, and no global
+backend or figure state leaks into the caller's process. Every PNG is written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from caopd.metrics import METRIC_KEYS, bin_indices, ece_from_bins, reliability_bins, validate_predictions
+
+_CORRECT_COLOR, _INCORRECT_COLOR, _GAP_COLOR = "#4c72b0", "#dd8452", "#c44e52"
+
+
+def _save_png_atomic(fig: Figure, path: str | Path) -> Path:
+    """Write the figure to a temporary file beside ``path``, then rename it over ``path``.
+
+    A reader (or a cached pipeline step) never sees a half-written PNG. The temporary file is opened
+    normally, not with ``mkstemp``, so the result gets the usual umask permissions rather than 0600.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as fh:
+            fig.savefig(fh, format="png", dpi=120)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_reliability_diagram(confidences: Sequence[float | None] | np.ndarray,
+                             correct: Sequence[bool] | np.ndarray, path: str | Path, title: str,
+                             n_bins: int = 10) -> Path:
+    """Accuracy per confidence bin against the diagonal, with bin counts in a panel underneath.
+
+    Missing confidences count as 0.0 (as in the metrics), so they sit in the first bin; the title states
+    their share along with the ECE.
+    """
+    _, missing, _ = validate_predictions(confidences, correct)
+    bins = reliability_bins(confidences, correct, n_bins)
+    filled = bins.counts > 0
+    left, width = bins.edges[:-1], 1.0 / n_bins
+
+    fig = _new_figure(6.0, 6.5)
+    ax, ax_counts = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": (3, 1)})
+    ax.bar(left[filled], bins.accuracy[filled], width=width, align="edge", color=_CORRECT_COLOR,
+           edgecolor="black", linewidth=0.6, label="accuracy")
+    ax.bar(left[filled], bins.mean_confidence[filled] - bins.accuracy[filled], bottom=bins.accuracy[filled],
+           width=width, align="edge", color=_GAP_COLOR, alpha=0.35, hatch="//", edgecolor=_GAP_COLOR,
+           linewidth=0.6, label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
+    ax.set_title(f"{title}\nECE {ece_from_bins(bins):.3f} · n = {missing.size} · "
+                 f"missing confidence {missing.mean():.1%}")
+    ax.legend(loc="upper left")
+
+    ax_counts.bar(left, bins.counts, width=width, align="edge", color="grey", edgecolor="black", linewidth=0.6)
+    for x, count in zip(left[filled] + width / 2, bins.counts[filled]):
+        ax_counts.annotate(str(count), (x, count), ha="center", va="bottom", fontsize=7)
+    ax_counts.set(xlabel="stated confidence", ylabel="count", ylim=(0, max(bins.counts.max() * 1.25, 1)))
+    return _save_png_atomic(fig, path)
+
+
+def plot_confidence_histogram(confidences: Sequence[float | None] | np.ndarray,
+                              correct: Sequence[bool] | np.ndarray, path: str | Path, title: str,
+                              n_bins: int = 20) -> Path:
+    """Stacked histogram of stated confidence, correct below incorrect; missing ones counted in the legend.
+
+    Binning is ``metrics.bin_indices``, so a value on an edge lands where it does in the ECE.
+    """
+    conf, missing, corr = validate_predictions(confidences, correct)
+    present = ~missing
+    idx = bin_indices(conf[present], n_bins)
+    n_correct = np.bincount(idx[corr[present]], minlength=n_bins)
+    n_incorrect = np.bincount(idx[~corr[present]], minlength=n_bins)
+    left, width = np.arange(n_bins) / n_bins, 1.0 / n_bins
+
+    fig = _new_figure(6.0, 4.0)
+    ax = fig.subplots()
+    ax.bar(left, n_correct, width=width, align="edge", color=_CORRECT_COLOR, edgecolor="black",
+           linewidth=0.6, label=f"correct ({int(n_correct.sum())})")
+    ax.bar(left, n_incorrect, bottom=n_correct, width=width, align="edge", color=_INCORRECT_COLOR,
+           edgecolor="black", linewidth=0.6, label=f"incorrect ({int(n_incorrect.sum())})")
+    handles, _ = ax.get_legend_handles_labels()
+    n_missing = int(missing.sum())
+    handles.append(Patch(facecolor="none", edgecolor="none",
+                         label=f"missing confidence: {n_missing} ({n_missing / missing.size:.1%})"))
+    ax.legend(handles=handles, loc="upper left")
+    # Headroom above the tallest bar for the legend.
+    ax.set(xlim=(0, 1), ylim=(0, max((n_correct + n_incorrect).max() * 1.35, 1)), xlabel="stated confidence",
+           ylabel="count", title=title)
+    return _save_png_atomic(fig, path)
+
+
+# Column headers for the terminal; the Markdown table uses the metric keys themselves.
+_TERMINAL_HEADERS = {
+    "accuracy": "accuracy", "ece": "ECE", "brier": "Brier", "auroc": "AUROC", "spr": "SPR",
+    "mean_confidence": "mean\nconf", "overconfidence_gap": "overconf\ngap", "missing_rate": "missing\nrate",
+}
+
+
+def _format_metric(value: float | int | None) -> str:
+    """3 decimals; NaN, None or an absent key (e.g. an older champion's metrics) read "n/a"."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    return f"{value:.3f}"
+
+
+def _comparison_rows(arms: Mapping[str, Mapping[str, float]]) -> list[list[str]]:
+    return [[name, *(_format_metric(metrics.get(key)) for key in METRIC_KEYS)] for name, metrics in arms.items()]
+
+
+def comparison_table(arms: Mapping[str, Mapping[str, float]]) -> str:
+    """Markdown table: one row per arm (base, opd, caopd, ...), one column per metric in ``METRIC_KEYS``."""
+    lines = ["| arm | " + " | ".join(METRIC_KEYS) + " |",
+             "|---|" + "---:|" * len(METRIC_KEYS)]
+    for name, *values in _comparison_rows(arms):
+        lines.append("| " + " | ".join([name.replace("|", "\\|"), *values]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def print_comparison(arms: Mapping[str, Mapping[str, float]], console: Console | None = None) -> None:
+    """Print the comparison table to the terminal with rich."""
+    # A borderless layout with two-line headers keeps every number whole on an 80-column terminal.
+    table = Table(title="Calibration metrics", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("arm", style="bold")
+    for key in METRIC_KEYS:
+        table.add_column(_TERMINAL_HEADERS[key], justify="right")
+    for name, *values in _comparison_rows(arms):
+        table.add_row(escape(name), *values)  # an arm name like "[x]" is text, not rich markup
+    (console or Console()).print(table)
+
+
+def plot_training_curves(log: Sequence[Mapping[str, float]], path: str | Path, title: str) -> Path:
+    """Loss, the sampled accuracy against the stated confidence, and the mean target P, per training step.
+
+    The gap between the two middle curves is the overconfidence the training creates or removes.
+    """
+    steps = [r["step"] for r in log]
+    fig = _new_figure(9.0, 3.4)
+    loss_ax, cal_ax = fig.subplots(1, 2)
+    loss_ax.plot(steps, [r["loss"] for r in log], color=_CORRECT_COLOR, label="loss")
+    if any(r.get("confidence_ce") for r in log):
+        loss_ax.plot(steps, [r["confidence_ce"] for r in log], color=_GAP_COLOR, label="confidence CE")
+    loss_ax.set_xlabel("step")
+    loss_ax.set_title("loss")
+    loss_ax.legend(loc="upper right")
+    cal_ax.plot(steps, [r["sample_accuracy"] for r in log], color=_CORRECT_COLOR, label="sampled accuracy")
+    cal_ax.plot(steps, [r["mean_stated_confidence"] for r in log], color=_INCORRECT_COLOR,
+                label="stated confidence (samples)")
+    cal_ax.set_ylim(0.0, 1.05)
+    cal_ax.set_xlabel("step")
+    cal_ax.set_title("accuracy vs confidence")
+    cal_ax.legend(loc="lower right")
+    fig.suptitle(title)
+    return _save_png_atomic(fig, path)

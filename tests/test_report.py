@@ -1,0 +1,81 @@
+"""Plots are real PNG files written atomically; the comparison table shows every arm and metric."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib.image
+import pytest
+from rich.console import Console
+
+from caopd.metrics import METRIC_KEYS, calibration_metrics
+from caopd.report import comparison_table, plot_confidence_histogram, plot_reliability_diagram, print_comparison
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CONF = [0.95, 0.9, 0.3, 0.6, 0.7, 1.0, 0.0, None, 0.45, None]
+CORRECT = [True, True, False, True, False, True, False, True, False, False]
+
+
+@pytest.mark.parametrize("plot", [plot_reliability_diagram, plot_confidence_histogram])
+def test_plot_writes_png_atomically(tmp_path, plot):
+    path = tmp_path / "nested" / "plot.png"  # the parent folder is created
+    returned = plot(CONF, CORRECT, path, title="base · arithmetic")
+    assert returned == path
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert [p.name for p in path.parent.iterdir()] == ["plot.png"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("plot", [plot_reliability_diagram, plot_confidence_histogram])
+def test_plot_overwrites_and_handles_degenerate_inputs(tmp_path, plot):
+    path = tmp_path / "plot.png"
+    path.write_bytes(b"stale")
+    plot([1.0, 1.0, 1.0], [True, False, True], path, title="always confident")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    plot([None, None], [False, False], path, title="all missing")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_failed_plot_leaves_no_file(tmp_path):
+    path = tmp_path / "plot.png"
+    with pytest.raises(ValueError):
+        plot_reliability_diagram([1.5], [True], path, title="bad")
+    assert list(tmp_path.iterdir()) == []
+
+
+ARMS = {
+    "base": calibration_metrics(CONF, CORRECT),
+    "opd": calibration_metrics([1.0] * 4, [True, True, True, True]),  # single class: auroc NaN
+    "caopd": {"accuracy": 0.62, "ece": 0.2449, "brier": 0.2, "auroc": 0.76, "spr": 0.65,
+              "mean_confidence": 0.5, "overconfidence_gap": -0.12, "missing_rate": 0.0},
+}
+
+
+def test_comparison_table_markdown():
+    table = comparison_table(ARMS)
+    lines = table.strip().splitlines()
+    assert lines[0] == "| arm | " + " | ".join(METRIC_KEYS) + " |"
+    assert lines[1].startswith("|---|")
+    assert len(lines) == 2 + len(ARMS)
+    for name, line in zip(ARMS, lines[2:]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == name and len(cells) == 1 + len(METRIC_KEYS)
+    caopd = lines[4]
+    assert "| 0.620 |" in caopd and "| 0.245 |" in caopd and "| -0.120 |" in caopd
+    opd_auroc = lines[3].strip("|").split("|")[1 + METRIC_KEYS.index("auroc")].strip()
+    assert math.isnan(ARMS["opd"]["auroc"]) and opd_auroc == "n/a"
+
+
+def test_comparison_table_absent_key_reads_na():
+    line = comparison_table({"old-champion": {"ece": 0.3}}).splitlines()[2]
+    assert line.count("n/a") == len(METRIC_KEYS) - 1 and "0.300" in line
+
+
+def test_print_comparison_fits_80_columns():
+    console = Console(record=True, width=80)
+    print_comparison({**ARMS, "[red]x[/red]": ARMS["caopd"]}, console=console)
+    text = console.export_text()
+    for name in [*ARMS, "[red]x[/red]"]:
+        assert name in text
+    assert "n/a" in text and "0.620" in text and "-0.120" in text and "…" not in text
