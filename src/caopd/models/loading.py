@@ -1,0 +1,81 @@
+"""Load any causal LM — the packaged tiny model, a local checkpoint folder or a hub id — one code path."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from caopd.errors import CaopdInputError
+from caopd.models import tiny
+
+TINY_ALIASES = ("tiny", "caopd-tiny")
+METADATA_FILE = "caopd.json"  # written beside checkpoints this project makes (template, provenance)
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: Any
+    template: str  # teacher-context template family: "paper" or "compact"
+    source: str
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """The packaged tiny checkpoint for its aliases; otherwise the local folder or hub id unchanged."""
+    if name_or_path in TINY_ALIASES:
+        return str(tiny.CHECKPOINT_DIR)
+    return name_or_path
+
+
+def model_template(path: str) -> str:
+    meta = Path(path) / METADATA_FILE
+    if meta.is_file():
+        return json.loads(meta.read_text()).get("template", "paper")
+    return "paper"
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else that is missing on disk is a mistyped folder."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_checkpoint_folder(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise CaopdInputError("checkpoint folder has no config.json", file=str(path), field="config.json")
+    if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").is_file():
+        raise CaopdInputError("checkpoint folder has no .safetensors weights (pickle weights are not loaded)",
+                              file=str(path), field="model.safetensors")
+
+
+def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               trust_remote_code: bool = False) -> LoadedModel:
+    """Load a model and its tokenizer with safetensors weights only and remote code off by default."""
+    path = resolve_model_path(name_or_path)
+    if Path(path).exists():
+        check_checkpoint_folder(Path(path))
+    elif looks_like_local_path(path):
+        raise CaopdInputError("checkpoint folder does not exist", file=path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise CaopdInputError(f"cannot load model: {str(err).splitlines()[0]}", file=path) from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval()
+    return LoadedModel(model, tokenizer, model_template(path), source=name_or_path)
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a prompt text; rendered chat templates already carry their special tokens."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and getattr(tokenizer, "add_bos_token", False) and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    return ids
