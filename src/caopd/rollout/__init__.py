@@ -1,0 +1,24 @@
+"""Rollout engines behind one interface: transformers (CPU/GPU) and vLLM (GPU, optional extra)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from caopd.rollout.base import Completion, RolloutEngine, SamplingConfig
+
+EngineName = Literal["auto", "transformers", "vllm"]
+
+
+def make_engine(loaded, engine: EngineName = "auto") -> RolloutEngine:
+    """vLLM when asked for, or on ``auto`` when it is installed and a GPU is present; else transformers."""
+    from caopd.rollout.transformers_engine import TransformersEngine
+    from caopd.rollout.vllm_engine import VLLMEngine, vllm_available
+
+    if engine == "vllm" or (engine == "auto" and vllm_available()):
+        from caopd.models.loading import resolve_model_path
+
+        return VLLMEngine(resolve_model_path(loaded.source), loaded.tokenizer)
+    return TransformersEngine(loaded.model, loaded.tokenizer)
+
+
+__all__ = ["Completion", "RolloutEngine", "SamplingConfig", "make_engine"]

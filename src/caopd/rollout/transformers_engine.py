@@ -1,0 +1,99 @@
+"""Batched sampling with transformers models: KV cache, one prefill per prompt shared by its K samples,
+finished rows dropped from the batch, prompts bucketed by length."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from caopd.models.loading import encode_text
+from caopd.rollout.base import Completion, RolloutEngine, SamplingConfig
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row: argmax at temperature 0, else a draw from the (nucleus-truncated) softmax."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class TransformersEngine(RolloutEngine):
+    def __init__(self, model: Any, tokenizer: Any, max_batch_prompts: int = 64) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch_prompts = max_batch_prompts
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], sampling: SamplingConfig,
+                 progress: bool = False) -> list[list[Completion]]:
+        encoded = [encode_text(self.tokenizer, p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # length buckets: less padding
+        generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        results: list[list[Completion]] = [[] for _ in prompts]
+        start, new_tokens = time.perf_counter(), 0
+        with tqdm(total=len(prompts) * sampling.n, desc="rollouts", unit="completion",
+                  disable=not progress) as bar:
+            for lo in range(0, len(order), self.max_batch_prompts):
+                chunk = order[lo: lo + self.max_batch_prompts]
+                completions = self._generate_chunk([encoded[i] for i in chunk], sampling, generator)
+                for j, i in enumerate(chunk):
+                    results[i] = completions[j * sampling.n: (j + 1) * sampling.n]
+                new_tokens += sum(len(c.token_ids) for c in completions)
+                bar.update(len(completions))
+                bar.set_postfix(new_tok_s=f"{new_tokens / (time.perf_counter() - start):.0f}")
+        return results
+
+    def _generate_chunk(self, prompt_ids: list[list[int]], sampling: SamplingConfig,
+                        generator: torch.Generator) -> list[Completion]:
+        model, device, k = self.model, self.device, sampling.n
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        width = max(len(ids) for ids in prompt_ids)
+        input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((len(prompt_ids), width), dtype=torch.long, device=device)
+        for row, ids in enumerate(prompt_ids):  # left padding: every prompt ends at the last column
+            input_ids[row, width - len(ids):] = torch.tensor(ids, device=device)
+            mask[row, width - len(ids):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+        # One prefill per prompt; its K samples share the cached prefix.
+        cache.batch_repeat_interleave(k)
+        logits, mask = logits.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+        next_pos = positions[:, -1:].repeat_interleave(k, 0) + 1
+        rows = torch.arange(len(prompt_ids) * k, device=device)  # which output row each batch row is
+        tokens: list[list[int]] = [[] for _ in range(len(prompt_ids) * k)]
+        finished = [False] * len(tokens)
+        for step in range(sampling.max_new_tokens):
+            nxt = sample_next(logits, sampling.temperature, sampling.top_p, generator)
+            for r, t in zip(rows.tolist(), nxt.tolist()):
+                if t == eos:
+                    finished[r] = True
+                else:
+                    tokens[r].append(t)
+            alive = nxt != eos
+            if not bool(alive.any()) or step == sampling.max_new_tokens - 1:
+                break
+            if not bool(alive.all()):  # drop finished rows so later steps cost only what is still running
+                keep = alive.nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                rows, nxt, mask, next_pos = rows[keep], nxt[keep], mask[keep], next_pos[keep]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos,
+                        cache=cache, use_cache=True)
+            cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
+        decode = self.tokenizer.decode
+        return [Completion(decode(ids, skip_special_tokens=True), ids, done) for ids, done in zip(tokens, finished)]

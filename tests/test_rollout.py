@@ -1,0 +1,50 @@
+"""The transformers rollout engine: same greedy output as generate(), seeded, K per prompt, stops at EOS."""
+
+import torch
+
+from caopd.rollout.base import SamplingConfig
+from caopd.rollout.transformers_engine import TransformersEngine, sample_next
+
+PROMPTS = ["12*34=", "3+4=", "56*7=", "88+19="]
+
+
+def test_greedy_matches_transformers_generate(tiny_model):
+    tok, model = tiny_model.tokenizer, tiny_model.model
+    engine = TransformersEngine(model, tok)
+    ours = engine.generate(PROMPTS, SamplingConfig(temperature=0.0, max_new_tokens=24))
+    for prompt, (completion,) in zip(PROMPTS, ours):
+        ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+        ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        if ref and ref[-1] == tok.eos_token_id:
+            ref = ref[:-1]
+        assert completion.token_ids == ref
+        assert completion.finished and "Confidence:" in completion.text
+
+
+def test_k_samples_per_prompt_seeded_and_stopping_at_eos(tiny_model):
+    engine = TransformersEngine(tiny_model.model, tiny_model.tokenizer, max_batch_prompts=3)
+    cfg = SamplingConfig(n=5, temperature=1.0, max_new_tokens=24, seed=7)
+    first, second = engine.generate(PROMPTS, cfg), engine.generate(PROMPTS, cfg)
+    assert [len(g) for g in first] == [5] * len(PROMPTS)
+    assert [[c.text for c in g] for g in first] == [[c.text for c in g] for g in second]
+    other = engine.generate(PROMPTS, cfg.model_copy(update={"seed": 8}))
+    assert [[c.text for c in g] for g in first] != [[c.text for c in g] for g in other]
+    eos = tiny_model.tokenizer.eos_token_id
+    for group in first:
+        for c in group:
+            assert eos not in c.token_ids and (c.finished or len(c.token_ids) == 24)
+
+
+def test_length_limit_marks_unfinished(tiny_model):
+    engine = TransformersEngine(tiny_model.model, tiny_model.tokenizer)
+    (out,) = engine.generate(["12*34="], SamplingConfig(temperature=0.0, max_new_tokens=2))
+    assert len(out[0].token_ids) == 2 and not out[0].finished
+
+
+def test_sample_next_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.05, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(logits, 1.0, 0.5, g)) for _ in range(50)}
+    assert draws == {0}
+    assert int(sample_next(logits, 0.0, 1.0, None)) == 0
