@@ -1,0 +1,1 @@
+"""On-policy distillation: losses, teachers and the training loop."""

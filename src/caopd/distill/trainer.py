@@ -1,0 +1,208 @@
+"""The on-policy distillation loop (OPD and CaOPD), written for the method rather than wrapped around TRL.
+
+Each step: sample K rollouts per prompt from the live student, verify them, estimate P from the step's
+own group (or take the offline estimate), apply the target edits, score the (edited) completions with
+the teacher under its privileged context, and minimise a per-token divergence on the student's own
+samples. Checkpoints hold everything needed to resume bit-for-bit: weights, optimizer, step (the data
+order and the sampling seed of every step are functions of the seed and the step).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from caopd.distill.config import TrainConfig
+from caopd.distill.losses import token_cross_entropy, token_divergence
+from caopd.distill.teachers import Teacher
+from caopd.models.loading import encode_text
+from caopd.protocol import CONFIDENCE_KEY, parse_confidence
+from caopd.rollout.base import RolloutEngine
+from caopd.tasks.base import Example, Task
+from caopd.targets import empirical_confidence, student_target, teacher_context
+from caopd.templates import render_prompt, teacher_prompt
+
+
+@dataclass
+class TrainItem:
+    """One training prompt: the example, its offline P and a verified correct rollout if one exists."""
+
+    example: Example
+    p_offline: float | None
+    correct_rollout: str | None
+
+
+@dataclass
+class TokenSequence:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    confidence_mask: list[bool]  # completion tokens of the Confidence line (decoupled variant)
+
+
+def prompt_order(n_items: int, seed: int, step: int, batch: int) -> list[int]:
+    """Indices of the prompts for ``step``: epochs of seeded permutations, a pure function of the step."""
+    start = step * batch
+    out: list[int] = []
+    while len(out) < batch:
+        epoch, offset = divmod(start + len(out), n_items)
+        perm = list(range(n_items))
+        random.Random(seed * 1_000_003 + epoch).shuffle(perm)
+        out.extend(perm[offset: offset + batch - len(out)])
+    return out
+
+
+def completion_tokens(tokenizer: Any, text: str, sampled_ids: list[int] | None, finished: bool,
+                      ) -> tuple[list[int], list[bool]]:
+    """Token ids of a training completion (+ EOS) and which of them belong to the Confidence line.
+
+    An unedited (OPD) completion keeps exactly the ids the student sampled; an edited (CaOPD) one is
+    re-tokenised and always ends with EOS, since it ends with its Confidence line.
+    """
+    eos = tokenizer.eos_token_id
+    if sampled_ids is not None:
+        ids = list(sampled_ids) + ([eos] if finished else [])
+        return ids, [False] * len(ids)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    cut = text.rfind(CONFIDENCE_KEY)
+    mask = [cut >= 0 and end > cut for _, end in enc["offset_mapping"]]
+    return enc["input_ids"] + [eos], mask + [True]
+
+
+def _pad_batch(seqs: Sequence[TokenSequence], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids, mask, and the positions whose next token is a completion token."""
+    width = max(len(s.prompt_ids) + len(s.completion_ids) for s in seqs)
+    n = len(seqs)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    predicts = torch.zeros((n, width), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids = s.prompt_ids + s.completion_ids
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention[i, : len(ids)] = 1
+        predicts[i, len(s.prompt_ids) - 1: len(ids) - 1] = True
+    return {"input_ids": input_ids, "attention_mask": attention, "predicts": predicts}
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, student: torch.nn.Module, tokenizer: Any, template: str,
+                 task: Task, items: list[TrainItem], engine: RolloutEngine, teacher: Teacher,
+                 out_dir: Path, progress: bool = True) -> None:
+        self.cfg, self.student, self.tokenizer, self.template = cfg, student, tokenizer, template
+        self.task, self.items, self.engine, self.teacher = task, items, engine, teacher
+        self.out_dir, self.progress = out_dir, progress
+        self.optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.prompt_ids = {it.example.id: encode_text(tokenizer, render_prompt(tokenizer, it.example.prompt))
+                           for it in items}
+        self.log: list[dict[str, Any]] = []
+
+    # --- one step -------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+
+    def build_sequences(self, batch: list[TrainItem], rollouts) -> tuple[list[TokenSequence], list[TokenSequence], dict]:
+        cfg = self.cfg
+        student_seqs, teacher_seqs = [], []
+        correct_all, stated, ps = [], [], []
+        for item, group in zip(batch, rollouts):
+            correct = [self.task.verify(item.example, c.text) for c in group]
+            correct_all += correct
+            stated += [parse_confidence(c.text) for c in group]
+            p = empirical_confidence(correct) if cfg.p_source == "online" or item.p_offline is None \
+                else item.p_offline
+            ps.append(p)
+            # A correct rollout of this very step is the freshest verified solution; else the offline one.
+            fresh = next((c.text for c, ok in zip(group, correct) if ok), None)
+            ctx = teacher_context(cfg.teacher_context, item.example.demonstration, fresh or item.correct_rollout,
+                                  p, cfg.method)
+            t_prompt = encode_text(self.tokenizer, render_prompt(
+                self.tokenizer, teacher_prompt(item.example.prompt, ctx, self.template)))
+            for c in group:
+                target = student_target(c.text, p, cfg.method)
+                ids, conf_mask = completion_tokens(self.tokenizer, target,
+                                                   c.token_ids if cfg.method == "opd" else None, c.finished)
+                student_seqs.append(TokenSequence(self.prompt_ids[item.example.id], ids, conf_mask))
+                teacher_seqs.append(TokenSequence(t_prompt, ids, conf_mask))
+        n_missing = sum(s is None for s in stated)
+        stats = {"sample_accuracy": sum(correct_all) / len(correct_all), "mean_p": sum(ps) / len(ps),
+                 "mean_stated_confidence": sum(s or 0.0 for s in stated) / len(stated),
+                 "missing_rate": n_missing / len(stated)}
+        return student_seqs, teacher_seqs, stats
+
+    def loss_and_backward(self, student_seqs: list[TokenSequence], teacher_seqs: list[TokenSequence]) -> dict[str, float]:
+        """Token-mean loss over the whole step, accumulated over micro-batches to bound memory."""
+        cfg, pad = self.cfg, self.tokenizer.pad_token_id
+        weights = [[j >= cfg.skip_first_tokens for j in range(len(s.completion_ids))] for s in student_seqs]
+        n_tokens = max(1, sum(sum(w) for w in weights))
+        total_div, total_ce = 0.0, 0.0
+        for lo in range(0, len(student_seqs), cfg.micro_batch_size):
+            s_part, t_part = student_seqs[lo: lo + cfg.micro_batch_size], teacher_seqs[lo: lo + cfg.micro_batch_size]
+            s_batch, t_batch = _pad_batch(s_part, pad), _pad_batch(t_part, pad)
+            with torch.no_grad():
+                t_logits = self.teacher.model(input_ids=t_batch["input_ids"],
+                                              attention_mask=t_batch["attention_mask"]).logits[t_batch["predicts"]]
+            s_logits = self.student(input_ids=s_batch["input_ids"],
+                                    attention_mask=s_batch["attention_mask"]).logits[s_batch["predicts"]]
+            targets = torch.tensor([t for s in s_part for t in s.completion_ids])
+            conf = torch.tensor([m for s in s_part for m in s.confidence_mask], dtype=torch.bool)
+            counted = torch.tensor([w for ws in weights[lo: lo + cfg.micro_batch_size] for w in ws], dtype=torch.bool)
+            div = token_divergence(s_logits, t_logits, cfg.divergence, cfg.beta, cfg.top_k)
+            if cfg.variant == "decoupled":
+                div_part = (div * (counted & ~conf)).sum()
+                ce_part = (token_cross_entropy(s_logits, targets) * (counted & conf)).sum() * cfg.confidence_weight
+            else:
+                div_part, ce_part = (div * counted).sum(), torch.zeros(())
+            loss = (div_part + ce_part) / n_tokens
+            loss.backward()
+            total_div += div_part.item() / n_tokens
+            total_ce += ce_part.item() / n_tokens
+        return {"loss": total_div + total_ce, "divergence": total_div, "confidence_ce": total_ce,
+                "trained_tokens": n_tokens}
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        cfg = self.cfg
+        batch = [self.items[i] for i in prompt_order(len(self.items), cfg.seed, step, cfg.prompts_per_step)]
+        sampling = cfg.sampling.model_copy(update={"n": cfg.k, "seed": cfg.seed * 100_003 + step})
+        self.student.eval()
+        rollouts = self.engine.generate([render_prompt(self.tokenizer, it.example.prompt) for it in batch], sampling)
+        student_seqs, teacher_seqs, stats = self.build_sequences(batch, rollouts)
+        self.student.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = self.loss_and_backward(student_seqs, teacher_seqs)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"non-finite gradient at step {step}; the last checkpoint is kept")
+        self.optimizer.step()
+        self.teacher.after_step(self.student)
+        return {"step": step + 1, **losses, **stats, "grad_norm": float(grad_norm), "lr": self.lr_at(step)}
+
+    # --- the loop, checkpoints and resume --------------------------------------------------------
+    def run(self) -> list[dict[str, Any]]:
+        from caopd.distill.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+
+        start_step = 0
+        ckpt = latest_checkpoint(self.out_dir)
+        if ckpt is not None:
+            start_step, self.log = load_checkpoint(ckpt, self.student, self.optimizer, self.teacher)
+        t0, seqs = time.perf_counter(), 0
+        bar = tqdm(range(start_step, self.cfg.steps), initial=start_step, total=self.cfg.steps,
+                   desc=f"train {self.cfg.method}", unit="step", disable=not self.progress)
+        for step in bar:
+            record = self.train_step(step)
+            seqs += self.cfg.prompts_per_step * self.cfg.k
+            record["samples_per_s"] = seqs / (time.perf_counter() - t0)
+            self.log.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['sample_accuracy']:.2f}",
+                            conf=f"{record['mean_stated_confidence']:.2f}", samples_s=f"{record['samples_per_s']:.0f}")
+            if (step + 1) % self.cfg.save_every == 0 or step + 1 == self.cfg.steps:
+                save_checkpoint(self.out_dir, step + 1, self.student, self.tokenizer, self.optimizer,
+                                self.teacher, self.log, self.cfg.keep_checkpoints)
+        return self.log

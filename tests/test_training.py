@@ -1,0 +1,125 @@
+"""A few real training steps: checkpoints that load and generate, exact resume, variants, bad configs."""
+
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from caopd.data import read_jsonl
+from caopd.distill.checkpoints import latest_checkpoint
+from caopd.distill.config import TrainConfig
+from caopd.distill.trainer import completion_tokens, prompt_order
+from caopd.models.loading import load_model
+from caopd.models.tiny import build_tokenizer
+from caopd.rollout.base import SamplingConfig
+from caopd.rollout.transformers_engine import TransformersEngine
+from caopd.stages.estimate import RolloutConfig, run_rollout_estimation
+from caopd.stages.targets import TargetsConfig, run_target_replacement
+from caopd.stages.train import TrainStageConfig, run_training
+
+SMALL = dict(steps=3, prompts_per_step=3, k=2, save_every=1, micro_batch_size=4,
+             sampling=SamplingConfig(max_new_tokens=24))
+
+
+@pytest.fixture
+def records(tmp_path, arithmetic_files):
+    train, _ = arithmetic_files
+    run_rollout_estimation(RolloutConfig(data=str(train), k=2), tmp_path / "rollouts", progress=False)
+    run_target_replacement(TargetsConfig(data=str(train), rollouts=str(tmp_path / "rollouts" / "rollouts.jsonl"),
+                                         estimates=str(tmp_path / "rollouts" / "estimates.jsonl")),
+                           tmp_path / "targets")
+    return str(tmp_path / "targets" / "records.jsonl")
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_few_step_training_saves_a_checkpoint_that_loads_and_generates(tmp_path, records):
+    summary = run_training(TrainStageConfig(records=records, train=TrainConfig(**SMALL)), tmp_path / "t",
+                           progress=False)
+    assert summary["steps"] == 3
+    log = read_jsonl(tmp_path / "t" / "train_log.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3] and all(r["loss"] >= 0 for r in log)
+    loaded = load_model(str(tmp_path / "t" / "model"))
+    assert loaded.template == "compact"
+    base = load_model("tiny")
+    assert any(not torch.equal(a, b) for a, b in zip(loaded.model.parameters(), base.model.parameters()))
+    (out,) = TransformersEngine(loaded.model, loaded.tokenizer).generate(
+        ["12+3="], SamplingConfig(temperature=0.0, max_new_tokens=24))
+    assert out[0].text
+    assert (tmp_path / "t" / "training_curves.png").stat().st_size > 0
+    assert latest_checkpoint(tmp_path / "t").name == "step-0000003"
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, records):
+    cfg = TrainConfig(**{**SMALL, "teacher": "ema"})
+    run_training(TrainStageConfig(records=records, train=cfg), tmp_path / "straight", progress=False)
+    # interrupted after step 2: train 2 steps, then ask for 3 in the same folder
+    run_training(TrainStageConfig(records=records, train=cfg.model_copy(update={"steps": 2})), tmp_path / "resumed",
+                 progress=False)
+    run_training(TrainStageConfig(records=records, train=cfg), tmp_path / "resumed", progress=False)
+    a = load_model(str(tmp_path / "straight" / "model")).model.state_dict()
+    b = load_model(str(tmp_path / "resumed" / "model")).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = read_jsonl(tmp_path / "resumed" / "train_log.jsonl")
+    assert [r["step"] for r in log] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("overrides", [
+    {"method": "opd", "teacher_context": "correct_solution", "divergence": "reverse_kl"},
+    {"variant": "decoupled", "confidence_weight": 5.0, "divergence": "jsd", "beta": 0.3, "top_k": 8},
+    {"teacher": "student", "p_source": "offline", "skip_first_tokens": 1},
+])
+def test_variants_train(tmp_path, records, overrides):
+    cfg = TrainConfig(**{**SMALL, "steps": 1, **overrides})
+    summary = run_training(TrainStageConfig(records=records, train=cfg), tmp_path / "v", progress=False)
+    final = summary["final"]
+    assert final["loss"] > 0 and torch.isfinite(torch.tensor(final["loss"]))
+    if overrides.get("variant") == "decoupled":
+        assert final["confidence_ce"] > 0
+
+
+def test_separate_teacher_with_other_tokenizer_is_refused(tmp_path, records):
+    from caopd.errors import CaopdInputError
+
+    other = tmp_path / "other"
+    model = load_model("tiny")
+    model.model.save_pretrained(other)
+    model.tokenizer.save_pretrained(other)
+    vocab = json.loads((other / "tokenizer.json").read_text())
+    vocab["model"]["vocab"]["~"] = len(vocab["model"]["vocab"])
+    (other / "tokenizer.json").write_text(json.dumps(vocab))
+    cfg = TrainConfig(**{**SMALL, "teacher": "separate", "teacher_model": str(other)})
+    with pytest.raises(CaopdInputError, match="tokenizer"):
+        run_training(TrainStageConfig(records=records, train=cfg), tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"k": 0}, "k"), ({"lr": 0}, "lr"), ({"beta": 1.5}, "beta"), ({"teacher": "separate"}, "teacher_model"),
+    ({"method": "opd", "variant": "decoupled"}, "decoupled"), ({"top_k": 0}, "top_k"),
+])
+def test_bad_training_configs_are_refused_up_front(bad, message):
+    with pytest.raises(ValidationError, match=message):
+        TrainConfig(**bad)
+
+
+def test_prompt_order_is_a_pure_function_of_seed_and_step():
+    # steps continue through the epoch: the first 5 drawn indices are a permutation
+    assert sorted(prompt_order(5, 0, 0, 3) + prompt_order(5, 0, 1, 3)[:2]) == list(range(5))
+    first_epoch = prompt_order(5, 0, 0, 5)
+    assert sorted(first_epoch) == list(range(5))
+    assert prompt_order(5, 0, 3, 4) == prompt_order(5, 0, 3, 4)
+    assert prompt_order(5, 0, 0, 5) != prompt_order(5, 1, 0, 5)
+
+
+def test_completion_tokens_mark_the_confidence_line():
+    tok = build_tokenizer()
+    ids, mask = completion_tokens(tok, "408\nConfidence: 0.50", None, finished=False)
+    assert ids[-1] == tok.eos_token_id and len(ids) == len("408\nConfidence: 0.50") + 1
+    assert mask == [False] * 4 + [True] * (len("Confidence: 0.50") + 1)
+    sampled = tok("7\nConfidence: 0.9", add_special_tokens=False)["input_ids"]
+    ids, mask = completion_tokens(tok, "7\nConfidence: 0.9", sampled, finished=False)
+    assert ids == sampled and not any(mask)
