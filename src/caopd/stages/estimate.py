@@ -1,0 +1,74 @@
+"""Stage 1 — rollout estimation: K rollouts per prompt from the base model, verified; P = correct / K."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from caopd.data import file_digest, load_examples, write_json, write_jsonl
+from caopd.metrics import calibration_metrics
+from caopd.models.loading import load_model
+from caopd.rollout import EngineName, SamplingConfig, make_engine
+from caopd.stages.common import context_length, fit_to_context, score_completions
+from caopd.tasks import get_task
+from caopd.templates import render_prompt
+
+ROLLOUTS, ESTIMATES, SUMMARY = "rollouts.jsonl", "estimates.jsonl", "summary.json"
+
+
+class RolloutConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("tiny", description="base model: 'tiny', a local checkpoint folder or a hub id")
+    task: str = Field("arithmetic", description="task name (arithmetic, mcq, tooluse, or a registered one)")
+    data: str = Field(..., description="prompts: a load_from_disk folder, .jsonl or .parquet")
+    k: int = Field(8, ge=1, description="rollouts per prompt (K)")
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_new_tokens=24),
+                                     description="rollout sampling (n is set from k)")
+    engine: EngineName = Field("auto", description="auto: vLLM on a GPU when installed, else transformers")
+    shard_index: int = Field(0, ge=0, description="this shard's index (prompts are split into contiguous shards)")
+    num_shards: int = Field(1, ge=1, description="number of shards")
+
+    def model_post_init(self, _: Any) -> None:
+        if self.shard_index >= self.num_shards:
+            raise ValueError(f"shard_index {self.shard_index} must be below num_shards {self.num_shards}")
+
+
+def shard(items: list, index: int, count: int) -> list:
+    size, extra = divmod(len(items), count)
+    start = index * size + min(index, extra)
+    return items[start: start + size + (index < extra)]
+
+
+def per_prompt_estimates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for row in rows:
+        groups[row["prompt_id"]].append(bool(row["correct"]))
+    return [{"prompt_id": pid, "n": len(c), "n_correct": sum(c), "p": sum(c) / len(c)} for pid, c in groups.items()]
+
+
+def run_rollout_estimation(cfg: RolloutConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    task = get_task(cfg.task)
+    examples = shard(load_examples(cfg.data, task), cfg.shard_index, cfg.num_shards)
+    loaded = load_model(cfg.model)
+    sampling = cfg.sampling.model_copy(update={"n": cfg.k})
+    kept, skipped = fit_to_context(examples, loaded.tokenizer, context_length(loaded.model),
+                                   sampling.max_new_tokens, source=cfg.data)
+    engine = make_engine(loaded, cfg.engine)
+    outputs = engine.generate([render_prompt(loaded.tokenizer, e.prompt) for e in kept], sampling, progress)
+    rows = score_completions(task, kept, outputs)
+    estimates = per_prompt_estimates(rows)
+    metrics = calibration_metrics([r["confidence"] for r in rows], [r["correct"] for r in rows])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / ROLLOUTS, rows)
+    write_jsonl(out / ESTIMATES, estimates)
+    summary = {"stage": "rollout-estimation", "config": cfg.model_dump(), "n_prompts": len(kept),
+               "n_rollouts": len(rows), "skipped_too_long": len(skipped), "skipped_ids": skipped[:100],
+               "base_metrics": metrics, "data_digest": file_digest(cfg.data),
+               "outputs": {name: file_digest(out / name) for name in (ROLLOUTS, ESTIMATES)}}
+    write_json(out / SUMMARY, summary)
+    return summary

@@ -1,0 +1,83 @@
+"""Stage 2 — target replacement: training records with the edited completion and the teacher's context."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from caopd.data import file_digest, load_examples, read_jsonl, write_json, write_jsonl
+from caopd.errors import CaopdInputError
+from caopd.models.loading import model_template, resolve_model_path
+from caopd.targets import Method, choose_reference, student_target, teacher_context
+from caopd.tasks import get_task
+from caopd.templates import TEMPLATES, TeacherMode, teacher_prompt
+
+RECORDS, SUMMARY = "records.jsonl", "summary.json"
+
+
+class TargetsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    method: Method = Field("caopd", description="caopd: edit targets with P; opd: keep completions, teacher says 1.00")
+    teacher_context: TeacherMode = Field("demo", description="demo: gold demonstration; correct_solution: a verified "
+                                         "correct rollout (falls back to the demo when none exists)")
+    task: str = Field("arithmetic", description="task name")
+    data: str = Field(..., description="the prompts the rollouts came from")
+    rollouts: str = Field(..., description="rollouts.jsonl from rollout estimation")
+    estimates: str = Field(..., description="estimates.jsonl from rollout estimation")
+    model: str = Field("tiny", description="base model (only its teacher-context template is read)")
+    template: str | None = Field(None, description="teacher-context template; default: the model's own")
+
+
+def run_target_replacement(cfg: TargetsConfig, out_dir: str | Path) -> dict[str, Any]:
+    task = get_task(cfg.task)
+    examples = {e.id: e for e in load_examples(cfg.data, task)}
+    template = cfg.template or model_template(resolve_model_path(cfg.model))
+    if template not in TEMPLATES:
+        raise CaopdInputError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}", field="template")
+    estimates = {}
+    for i, row in enumerate(read_jsonl(cfg.estimates)):
+        if not isinstance(row.get("p"), (int, float)) or not 0.0 <= row["p"] <= 1.0:
+            raise CaopdInputError("p must be a number in [0, 1]", file=cfg.estimates, row=i, field="p")
+        estimates[row["prompt_id"]] = float(row["p"])
+    by_prompt: dict[str, list[dict]] = defaultdict(list)
+    for i, row in enumerate(read_jsonl(cfg.rollouts)):
+        for key in ("prompt_id", "sample", "completion", "correct"):
+            if key not in row:
+                raise CaopdInputError("missing field", file=cfg.rollouts, row=i, field=key)
+        if row["prompt_id"] not in examples:
+            raise CaopdInputError(f"prompt id {row['prompt_id']!r} is not in {cfg.data}", file=cfg.rollouts, row=i,
+                                  field="prompt_id")
+        by_prompt[row["prompt_id"]].append(row)
+    records = []
+    for prompt_id, rollouts in by_prompt.items():
+        if prompt_id not in estimates:
+            raise CaopdInputError(f"no estimate for prompt id {prompt_id!r}", file=cfg.estimates, field="prompt_id")
+        example, p = examples[prompt_id], estimates[prompt_id]
+        correct_rollout = next((r["completion"] for r in rollouts if r["correct"]), None)
+        ctx = teacher_context(cfg.teacher_context, example.demonstration, correct_rollout, p, cfg.method)
+        used_mode, reference = choose_reference(cfg.teacher_context, example.demonstration, correct_rollout)
+        teacher = teacher_prompt(example.prompt, ctx, template)
+        for r in rollouts:
+            records.append({
+                "prompt_id": prompt_id, "sample": r["sample"], "prompt": example.prompt, "answer": example.answer,
+                "demonstration": example.demonstration, "meta": dict(example.meta), "p": p,
+                "completion": r["completion"], "correct": r["correct"],
+                "target_completion": student_target(r["completion"], p, cfg.method),
+                "target_confidence": p if cfg.method == "caopd" else 1.0,
+                "teacher_mode": used_mode, "reference": reference, "correct_rollout": correct_rollout,
+                "teacher_prompt": teacher, "method": cfg.method,
+            })
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / RECORDS, records)
+    summary = {"stage": "target-replacement", "config": cfg.model_dump(), "template": template,
+               "n_prompts": len(by_prompt), "n_records": len(records),
+               "teacher_modes": {m: sum(r["teacher_mode"] == m for r in records) for m in ("demo", "correct_solution")},
+               "mean_target_confidence": sum(r["target_confidence"] for r in records) / max(1, len(records)),
+               "outputs": {RECORDS: file_digest(out / RECORDS)}}
+    write_json(out / SUMMARY, summary)
+    return summary

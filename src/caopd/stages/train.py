@@ -1,0 +1,85 @@
+"""Stage 3 — on-policy distillation training (OPD or CaOPD) from the training records."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from caopd.data import atomic_dir, file_digest, read_jsonl, write_json, write_jsonl
+from caopd.distill.config import TrainConfig
+from caopd.distill.teachers import Teacher, check_same_tokenizer
+from caopd.distill.trainer import TrainItem, Trainer
+from caopd.errors import CaopdInputError
+from caopd.models.loading import METADATA_FILE, load_model
+from caopd.rollout import EngineName
+from caopd.rollout.transformers_engine import TransformersEngine
+from caopd.tasks import get_task
+from caopd.tasks.base import Example
+
+MODEL_DIR, LOG, SUMMARY, CURVES = "model", "train_log.jsonl", "summary.json", "training_curves.png"
+
+
+class TrainStageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("tiny", description="the student's starting point: 'tiny', a folder or a hub id")
+    task: str = Field("arithmetic", description="task used to verify the training rollouts")
+    records: str = Field(..., description="records.jsonl from target replacement")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="the distillation settings")
+    engine: EngineName = Field("transformers", description="rollout engine for training samples")
+
+
+def items_from_records(path: str) -> list[TrainItem]:
+    """One item per prompt: the example, its offline P and a verified correct rollout when there is one."""
+    items: dict[str, TrainItem] = {}
+    for i, row in enumerate(read_jsonl(path)):
+        for key in ("prompt_id", "prompt", "answer", "demonstration", "p"):
+            if key not in row:
+                raise CaopdInputError("missing field", file=path, row=i, field=key)
+        pid = row["prompt_id"]
+        if pid not in items:
+            example = Example(pid, row["prompt"], row["answer"], row["demonstration"], row.get("meta") or {})
+            items[pid] = TrainItem(example, float(row["p"]), row.get("correct_rollout"))
+    if not items:
+        raise CaopdInputError("no training records", file=path)
+    return list(items.values())
+
+
+def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    task = get_task(cfg.task)
+    items = items_from_records(cfg.records)
+    torch.manual_seed(cfg.train.seed)
+    loaded = load_model(cfg.model)
+    separate = None
+    if cfg.train.teacher == "separate":
+        other = load_model(cfg.train.teacher_model)
+        check_same_tokenizer(loaded.tokenizer, other.tokenizer, cfg.train.teacher_model)
+        separate = other.model
+    teacher = Teacher(cfg.train.teacher, loaded.model, cfg.train.ema_rate, separate)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg.train, loaded.model, loaded.tokenizer, loaded.template, task, items,
+                      TransformersEngine(loaded.model, loaded.tokenizer), teacher, out, progress)
+    start = time.perf_counter()
+    log = trainer.run()
+    loaded.model.eval()
+    with atomic_dir(out / MODEL_DIR) as tmp:
+        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(tmp)
+        (Path(tmp) / METADATA_FILE).write_text(json.dumps(
+            {"template": loaded.template, "base_model": cfg.model, "method": cfg.train.method,
+             "train": cfg.train.model_dump()}, indent=2) + "\n")
+    write_jsonl(out / LOG, log)
+    from caopd.report import plot_training_curves
+
+    plot_training_curves(log, out / CURVES, title=f"{cfg.train.method} training")
+    summary = {"stage": "opd-training", "config": cfg.model_dump(), "steps": len(log),
+               "seconds": round(time.perf_counter() - start, 1), "final": log[-1] if log else {},
+               "records_digest": file_digest(cfg.records), "model_digest": file_digest(out / MODEL_DIR)}
+    write_json(out / SUMMARY, summary)
+    return summary
