@@ -226,14 +226,14 @@ GOOD = '{"confidence": 0.5, "correct": true}\n'
     (b'{"confidence": -0.01, "correct": true}', "confidence"),
 ])
 def test_load_predictions_bad_line(tmp_path, bad_line, field):
-    # Line 1 good, line 2 blank, line 3 bad: the error names line 3.
+    # Line 1 good, line 2 blank, line 3 bad: the error names row 1 (the second record).
     path = write(tmp_path, GOOD.encode() + b"\n" + bad_line + b"\n" + GOOD.encode())
     with pytest.raises(CaopdInputError) as info:
         load_predictions(path)
     err = info.value
-    assert err.file == str(path) and err.row == 3 and err.field == field
+    assert err.file == str(path) and err.row == 1 and err.field == field
     message = str(err)
-    assert str(path) in message and "row 3" in message and "\n" not in message
+    assert str(path) in message and "row 1" in message and "\n" not in message
     if field:
         assert f"field '{field}'" in message
 

@@ -105,6 +105,8 @@ def read_jsonl(path: PathLike) -> list[dict[str, Any]]:
             row = len(rows)
             try:
                 text = raw.decode("utf-8")
+                if line_no == 1:
+                    text = text.removeprefix("\ufeff")  # a byte-order mark, as some Windows editors write
             except UnicodeDecodeError as err:
                 raise CaopdInputError(f"line {line_no}: not UTF-8 (byte {err.start})", file=str(path),
                                       row=row) from None
@@ -168,7 +170,7 @@ def _temp_sibling(path: Path, tag: str) -> Path:
 
 
 @contextmanager
-def _atomic_file(path: PathLike) -> Iterator[IO[bytes]]:
+def atomic_file(path: PathLike) -> Iterator[IO[bytes]]:
     """A binary handle whose content replaces ``path`` only if the block finishes without error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,15 +187,22 @@ def _atomic_file(path: PathLike) -> Iterator[IO[bytes]]:
 
 def write_jsonl(path: PathLike, rows: Iterable[Mapping[str, Any]]) -> str:
     """Write one JSON object per line, atomically; returns the file's sha256."""
-    with _atomic_file(path) as handle:
+    with atomic_file(path) as handle:
         for row in rows:
             handle.write((_dumps(row) + "\n").encode("utf-8"))
     return file_digest(path)
 
 
+def write_text(path: PathLike, text: str) -> str:
+    """Write a UTF-8 text file (a report, a table), atomically; returns the file's sha256."""
+    with atomic_file(path) as handle:
+        handle.write(text.encode("utf-8"))
+    return file_digest(path)
+
+
 def write_json(path: PathLike, obj: Any) -> str:
     """Write one indented JSON document, atomically; returns the file's sha256."""
-    with _atomic_file(path) as handle:
+    with atomic_file(path) as handle:
         handle.write((_dumps(obj, indent=2) + "\n").encode("utf-8"))
     return file_digest(path)
 
@@ -204,7 +213,7 @@ def write_parquet(path: PathLike, rows: Iterable[Mapping[str, Any]], schema: pa.
     Returns the file's sha256.
     """
     table = pa.Table.from_pylist([dict(row) for row in rows], schema=schema)
-    with _atomic_file(path) as handle:
+    with atomic_file(path) as handle:
         pq.write_table(table, handle)
     return file_digest(path)
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 class CaopdInputError(ValueError):
     """Bad input (dataset, completion file, config, checkpoint) that the user must fix.
 
-    The message is a single line: ``FILE: row N: field 'F': what is wrong (and what to do)``.
+    The message is a single line: ``FILE: row N: field 'F': what is wrong (and what to do)``. ``row`` is
+    the record's 0-based index in the dataset, as ``datasets`` and pandas index it (blank JSONL lines do
+    not count); errors in a JSONL file's text also name its 1-based ``line``.
     """
 
     def __init__(self, message: str, *, file: str | None = None, row: int | None = None,

@@ -13,7 +13,6 @@ Everything is vectorised numpy, O(n log n) at worst, so a million predictions ta
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -143,13 +142,7 @@ def calibration_metrics(confidences: Sequence[float | None] | np.ndarray, correc
     }
 
 
-def _parse_prediction(line: str, path: str, row: int) -> tuple[float, bool]:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise CaopdInputError(f"invalid JSON ({exc.msg} at column {exc.colno})", file=path, row=row) from None
-    if not isinstance(record, dict):
-        raise CaopdInputError(f"expected a JSON object, got {type(record).__name__}", file=path, row=row)
+def _parse_prediction(record: dict, path: str, row: int) -> tuple[float, bool]:
     for key in ("confidence", "correct"):
         if key not in record:
             raise CaopdInputError("missing (every line needs 'confidence' and 'correct')",
@@ -173,29 +166,12 @@ def load_predictions(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a predictions JSONL file: one ``{"confidence": float | null, "correct": bool}`` per line.
 
     Returns (confidences with NaN for missing, correct as bool). Blank lines are skipped; other keys are
-    ignored. Bad input raises ``CaopdInputError`` naming the file, the 1-based line number as ``row`` and
-    the field.
+    ignored. Bad input raises ``CaopdInputError`` naming the file, the row and the field.
     """
-    name = str(path)
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise CaopdInputError(f"cannot read predictions: {exc.strerror}", file=name) from None
-    data = data.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark, as some Windows editors write
-    confidences: list[float] = []
-    labels: list[bool] = []
-    # Split on b"\n" only, so that row numbers match what editors and `sed -n Np` show.
-    for row, raw in enumerate(data.split(b"\n"), start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise CaopdInputError(f"not valid UTF-8 (byte {exc.start + 1} of the line)", file=name,
-                                  row=row) from None
-        if not line.strip():
-            continue
-        confidence, correct = _parse_prediction(line, name, row)
-        confidences.append(confidence)
-        labels.append(correct)
-    if not labels:
-        raise CaopdInputError("no predictions (the file is empty)", file=name)
-    return np.asarray(confidences, dtype=np.float64), np.asarray(labels, dtype=bool)
+    from caopd.data import read_jsonl  # data imports pyarrow; keep `import caopd.metrics` light
+
+    records = read_jsonl(path)
+    if not records:
+        raise CaopdInputError("no predictions (the file is empty)", file=str(path))
+    parsed = [_parse_prediction(record, str(path), row) for row, record in enumerate(records)]
+    return (np.asarray([c for c, _ in parsed], dtype=np.float64), np.asarray([y for _, y in parsed], dtype=bool))

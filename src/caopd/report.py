@@ -7,8 +7,6 @@ backend or figure state leaks into the caller's process. Every PNG is written at
 from __future__ import annotations
 
 import math
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,28 +19,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from caopd.data import atomic_file
 from caopd.metrics import METRIC_KEYS, bin_indices, ece_from_bins, reliability_bins, validate_predictions
 
 _CORRECT_COLOR, _INCORRECT_COLOR, _GAP_COLOR = "#4c72b0", "#dd8452", "#c44e52"
 
 
 def _save_png_atomic(fig: Figure, path: str | Path) -> Path:
-    """Write the figure to a temporary file beside ``path``, then rename it over ``path``.
-
-    A reader (or a cached pipeline step) never sees a half-written PNG. The temporary file is opened
-    normally, not with ``mkstemp``, so the result gets the usual umask permissions rather than 0600.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            fig.savefig(fh, format="png", dpi=120)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+    """Save the figure through a temporary file, so a reader never sees a half-written PNG."""
+    with atomic_file(path) as handle:
+        fig.savefig(handle, format="png", dpi=120)
+    return Path(path)
 
 
 def _new_figure(width: float, height: float) -> Figure:
