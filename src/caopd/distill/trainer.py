@@ -9,7 +9,6 @@ order and the sampling seed of every step are functions of the seed and the step
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from caopd.errors import CaopdInputError
 from caopd.models import tiny
@@ -53,19 +54,28 @@ def check_checkpoint_folder(path: Path) -> None:
 
 
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               trust_remote_code: bool = False) -> LoadedModel:
-    """Load a model and its tokenizer with safetensors weights only and remote code off by default."""
+               trust_remote_code: bool = False, progress: bool = False) -> LoadedModel:
+    """Load a model and its tokenizer with safetensors weights only and remote code off by default.
+
+    ``progress`` shows transformers' weight-loading bar (worth it for multi-GB hub models, noise otherwise).
+    """
     path = resolve_model_path(name_or_path)
     if Path(path).exists():
         check_checkpoint_folder(Path(path))
     elif looks_like_local_path(path):
         raise CaopdInputError("checkpoint folder does not exist", file=path)
+    bar_was_enabled = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
                                                      trust_remote_code=trust_remote_code)
     except OSError as err:
         raise CaopdInputError(f"cannot load model: {str(err).splitlines()[0]}", file=path) from None
+    finally:
+        if bar_was_enabled:
+            hf_logging.enable_progress_bar()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()
@@ -74,7 +84,8 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
     """Token ids of a prompt text; rendered chat templates already carry their special tokens."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # verbose=False: a prompt longer than the context is reported by the caller as a counted skip.
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     bos = tokenizer.bos_token_id
     if bos is not None and getattr(tokenizer, "add_bos_token", False) and (not ids or ids[0] != bos):
         ids = [bos] + ids

@@ -12,10 +12,10 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 from transformers import Qwen3ForCausalLM
 
@@ -25,19 +25,32 @@ from caopd.tasks.arithmetic import KINDS, make_problem
 from caopd.templates import PrivilegedContext, teacher_prompt
 
 
-@dataclass
-class PretrainConfig:
-    steps: int = 1000
-    batch_size: int = 128
-    lr: float = 3e-3
-    warmup_steps: int = 60
-    weight_decay: float = 0.01
-    seed: int = 0
+class PretrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(128, ge=1, description="sequences per step")
+    lr: float = Field(3e-3, gt=0.0, le=1.0, description="peak AdamW learning rate (cosine decay to 10%)")
+    warmup_steps: int = Field(60, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay")
+    seed: int = Field(0, description="seed of the data stream and the initialisation")
     # Mid-difficulty kinds get more weight: they are where per-prompt success spreads out.
-    kind_weights: dict[str, float] = field(default_factory=lambda: {
-        "add_1x1": 0.5, "add_2x1": 1.0, "add_2x2": 1.5, "mul_1x1": 1.0, "mul_2x1": 2.0, "mul_2x2": 1.5})
-    student_share: float = 0.55  # student format: question -> answer + uninformative confidence
-    note_share: float = 0.25  # teacher format with the empirical-confidence Note; the rest: without Note
+    kind_weights: dict[str, float] = Field(default_factory=lambda: {
+        "add_1x1": 0.5, "add_2x1": 1.0, "add_2x2": 1.5, "mul_1x1": 1.0, "mul_2x1": 2.0, "mul_2x2": 1.5},
+        description="arithmetic kind -> sampling weight")
+    student_share: float = Field(0.55, ge=0.0, le=1.0, description="share of student-format pairs "
+                                 "(question -> answer + an uninformative confidence)")
+    note_share: float = Field(0.25, ge=0.0, le=1.0, description="share of teacher-format pairs with the "
+                              "empirical-confidence Note; the rest are teacher format without it")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PretrainConfig":
+        unknown = sorted(set(self.kind_weights) - set(KINDS))
+        if unknown:
+            raise ValueError(f"unknown arithmetic kinds {unknown}; choose from {list(KINDS)}")
+        if self.student_share + self.note_share > 1.0:
+            raise ValueError("student_share + note_share must not exceed 1")
+        return self
 
 
 def _uninformative_confidence(rng: random.Random) -> float:
@@ -137,7 +150,7 @@ def pretrain_tiny(out_dir: str | Path, cfg: PretrainConfig | None = None, progre
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens / (time.perf_counter() - start):.0f}")
     model.eval()
     accuracy = greedy_accuracy_by_kind(model, tokenizer, eval_per_kind)
-    record = {"template": tiny.TEMPLATE, "pretrain": asdict(cfg), "final_loss": sum(losses[-20:]) / 20,
+    record = {"template": tiny.TEMPLATE, "pretrain": cfg.model_dump(), "final_loss": sum(losses[-20:]) / 20,
               "greedy_accuracy_by_kind": accuracy, "seconds": round(time.perf_counter() - start, 1)}
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")

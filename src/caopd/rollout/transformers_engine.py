@@ -69,7 +69,7 @@ class TransformersEngine(RolloutEngine):
             mask[row, width - len(ids):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        cache, logits = out.cache, out.logits[:, -1]
         # One prefill per prompt; its K samples share the cached prefix.
         cache.batch_repeat_interleave(k)
         logits, mask = logits.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
@@ -94,6 +94,6 @@ class TransformersEngine(RolloutEngine):
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
             out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos,
                         cache=cache, use_cache=True)
-            cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
+            cache, logits, next_pos = out.cache, out.logits[:, -1], next_pos + 1
         decode = self.tokenizer.decode
         return [Completion(decode(ids, skip_special_tokens=True), ids, done) for ids, done in zip(tokens, finished)]

@@ -53,7 +53,7 @@ def per_prompt_estimates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run_rollout_estimation(cfg: RolloutConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     task = get_task(cfg.task)
     examples = shard(load_examples(cfg.data, task), cfg.shard_index, cfg.num_shards)
-    loaded = load_model(cfg.model)
+    loaded = load_model(cfg.model, progress=progress)
     sampling = cfg.sampling.model_copy(update={"n": cfg.k})
     kept, skipped = fit_to_context(examples, loaded.tokenizer, context_length(loaded.model),
                                    sampling.max_new_tokens, source=cfg.data)

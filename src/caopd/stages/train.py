@@ -54,10 +54,10 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
     task = get_task(cfg.task)
     items = items_from_records(cfg.records)
     torch.manual_seed(cfg.train.seed)
-    loaded = load_model(cfg.model)
+    loaded = load_model(cfg.model, progress=progress)
     separate = None
     if cfg.train.teacher == "separate":
-        other = load_model(cfg.train.teacher_model)
+        other = load_model(cfg.train.teacher_model, progress=progress)
         check_same_tokenizer(loaded.tokenizer, other.tokenizer, cfg.train.teacher_model)
         separate = other.model
     teacher = Teacher(cfg.train.teacher, loaded.model, cfg.train.ema_rate, separate)
