@@ -157,16 +157,11 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_make_data(args: argparse.Namespace) -> int:
-    from caopd.data import write_jsonl
-    from caopd.tasks.arithmetic import generate_rows
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from caopd.stages.prepare import DataConfig, run_data_preparation
 
-    try:
-        rows = generate_rows(args.n, args.seed, args.kinds, id_prefix=args.id_prefix)
-    except ValueError as err:
-        raise CaopdInputError(str(err), field="kinds") from None
-    write_jsonl(args.out, rows)
-    print(f"wrote {len(rows)} rows to {args.out}")
+    summary = run_data_preparation(_config_from_args(DataConfig, args), args.out)
+    _print_json({k: summary[k] for k in ("n_train", "n_eval", "outputs")})
     return 0
 
 
@@ -174,6 +169,7 @@ def _commands() -> list[tuple[str, str, Callable, Any, str]]:
     from caopd.models.pretrain import PretrainConfig
     from caopd.runner import RunConfig
     from caopd.stages.estimate import RolloutConfig
+    from caopd.stages.prepare import DataConfig
     from caopd.stages.evaluate import EvaluateConfig
     from caopd.stages.register import RegisterConfig
     from caopd.stages.targets import TargetsConfig
@@ -182,6 +178,9 @@ def _commands() -> list[tuple[str, str, Callable, Any, str]]:
     return [
         ("run", "the main job: base, plain OPD and CaOPD, evaluated side by side", cmd_run, RunConfig,
          "examples:\n  caopd run --out runs/demo\n  caopd run --out runs/seed1 --seed 1 --train.steps 100"),
+        ("prepare", "stage 0: the train and eval prompt sets (your datasets, validated, or synthetic arithmetic)",
+         cmd_prepare, DataConfig, "examples:\n  caopd prepare --out runs/data --n-train 2000 --n-eval 2000\n"
+         "  caopd prepare --out runs/data --task mcq --train-source train.parquet --eval-source eval.parquet"),
         ("rollout", "stage 1: K rollouts per prompt, verified; P = correct/K", cmd_rollout, RolloutConfig,
          "example:\n  caopd rollout --data train.jsonl --k 8 --out runs/rollouts"),
         ("targets", "stage 2: target replacement (CaOPD's three edits, or plain OPD)", cmd_targets, TargetsConfig,
@@ -225,15 +224,6 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("file")
     m.set_defaults(func=cmd_metrics)
-    d = sub.add_parser("make-data", help="write an arithmetic prompt set (JSONL)",
-                       epilog="example:\n  caopd make-data --n 2000 --seed 0 --out train.jsonl",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    d.add_argument("--out", required=True)
-    d.add_argument("--n", type=int, default=1000, help="number of problems")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--kinds", nargs="+", help="kinds to draw from (default: all)")
-    d.add_argument("--id-prefix", default="arith")
-    d.set_defaults(func=cmd_make_data)
     return parser
 
 

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from caopd.data import write_json, write_jsonl
+from caopd.data import write_json, write_text
 from caopd.distill.config import TrainConfig
+from caopd.metrics import METRIC_KEYS
 from caopd.report import comparison_table, print_comparison
 from caopd.rollout import SamplingConfig
 from caopd.stages.estimate import ESTIMATES, ROLLOUTS, RolloutConfig, run_rollout_estimation
 from caopd.stages.evaluate import EvaluateConfig, run_evaluation
 from caopd.stages.register import RegisterConfig, run_registration
+from caopd.stages.prepare import DEFAULT_KIND_WEIGHTS, DataConfig, run_data_preparation
 from caopd.stages.targets import RECORDS, TargetsConfig, run_target_replacement
 from caopd.stages.train import MODEL_DIR, TrainStageConfig, run_training
-from caopd.tasks.arithmetic import KINDS, generate_rows
 
 ARMS = ("base", "opd", "caopd")
 
@@ -28,10 +29,13 @@ class RunConfig(BaseModel):
     model: str = Field("tiny", description="base model")
     seed: int = Field(0, description="seed of the data, the sampling and the training")
     n_train: int = Field(2000, ge=1, description="training prompts (arithmetic)")
-    n_eval: int = Field(1000, ge=1, description="held-out evaluation prompts (arithmetic)")
-    kinds: list[str] = Field(default_factory=lambda: list(KINDS), description="arithmetic kinds to draw from")
+    n_eval: int = Field(2000, ge=1, description="held-out evaluation prompts (arithmetic); 2000 keeps the "
+                        "accuracy standard error near one point")
+    kind_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_KIND_WEIGHTS),
+                                           description="arithmetic kind -> sampling weight of train and eval prompts")
     k: int = Field(8, ge=1, description="rollouts per prompt (K)")
-    teacher_context: str = Field("demo", description="demo | correct_solution")
+    teacher_context: Literal["demo", "correct_solution"] = Field(
+        "demo", description="privileged context of the teacher: the gold demonstration or a verified correct rollout")
     train: TrainConfig = Field(default_factory=TrainConfig, description="shared training settings of both arms")
     max_new_tokens: int = Field(24, ge=1, description="completion length limit")
     temperature: float = Field(1.0, ge=0.0, description="sampling temperature (rollouts, training, evaluation)")
@@ -41,9 +45,8 @@ def run_main_job(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> 
     out = Path(out_dir)
     start = time.perf_counter()
     data = out / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    write_jsonl(data / "train.jsonl", generate_rows(cfg.n_train, cfg.seed, cfg.kinds, id_prefix="train"))
-    write_jsonl(data / "eval.jsonl", generate_rows(cfg.n_eval, cfg.seed + 10_000, cfg.kinds, id_prefix="eval"))
+    run_data_preparation(DataConfig(n_train=cfg.n_train, n_eval=cfg.n_eval, seed=cfg.seed,
+                                    kind_weights=cfg.kind_weights), data)
     sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     estimate = run_rollout_estimation(RolloutConfig(model=cfg.model, data=str(data / "train.jsonl"), k=cfg.k,
                                                     sampling=sampling), out / "rollouts", progress)
@@ -77,10 +80,8 @@ def run_main_job(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> 
                "plots": {name: f"evaluation/reliability_{name}.png" for name in ARMS},
                "base_rollout_metrics": estimate["base_metrics"]}
     write_json(out / "summary.json", summary)
-    (out / "comparison.md").write_text(comparison_table(summary["arms"]) + "\n")
+    write_text(out / "comparison.md", comparison_table(summary["arms"]) + "\n")
     if progress:
         print_comparison(summary["arms"])
     return summary
 
-
-METRIC_KEYS = ("accuracy", "ece", "brier", "auroc", "spr", "mean_confidence", "overconfidence_gap", "missing_rate")

@@ -18,6 +18,7 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
 from caopd.distill.teachers import Teacher
+from caopd.models.loading import hf_progress_bars
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
 
@@ -42,8 +43,9 @@ def save_checkpoint(out_dir: Path, step: int, student: torch.nn.Module, tokenize
     tmp = root / f".step-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    student.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
+    with hf_progress_bars(False):  # a per-checkpoint bar would break the training bar's line
+        student.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     if teacher.kind == "ema":
         save_safetensors_model(teacher.model, str(tmp / "teacher.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

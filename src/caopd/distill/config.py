@@ -33,10 +33,10 @@ class TrainConfig(BaseModel):
     ema_rate: float = Field(0.01, gt=0.0, le=1.0, description="EMA teacher update rate per step (paper: 0.01)")
     p_source: Literal["online", "offline"] = Field(
         "online", description="online: P from each step's own K rollouts (paper default); offline: stage-1 estimates")
-    steps: int = Field(200, ge=1, description="optimizer steps")
-    prompts_per_step: int = Field(32, ge=1, description="prompts per step (B); each gets K rollouts")
+    steps: int = Field(150, ge=1, description="optimizer steps")
+    prompts_per_step: int = Field(16, ge=1, description="prompts per step (B); each gets K rollouts")
     k: int = Field(8, ge=1, description="rollouts per prompt (K)")
-    lr: float = Field(2e-4, gt=0.0, le=1.0, description="AdamW learning rate")
+    lr: float = Field(1.5e-4, gt=0.0, le=1.0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     warmup_steps: int = Field(10, ge=0, description="linear learning-rate warm-up steps")
     max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping norm")

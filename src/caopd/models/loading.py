@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,17 @@ def check_checkpoint_folder(path: Path) -> None:
                               file=str(path), field="model.safetensors")
 
 
+@contextmanager
+def hf_progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' own bars (loading, writing shards) on or off for the block, restored afterwards."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
+
+
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                trust_remote_code: bool = False, progress: bool = False) -> LoadedModel:
     """Load a model and its tokenizer with safetensors weights only and remote code off by default.
@@ -64,18 +77,13 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
         check_checkpoint_folder(Path(path))
     elif looks_like_local_path(path):
         raise CaopdInputError("checkpoint folder does not exist", file=path)
-    bar_was_enabled = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+        with hf_progress_bars(progress):
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                         trust_remote_code=trust_remote_code)
     except OSError as err:
         raise CaopdInputError(f"cannot load model: {str(err).splitlines()[0]}", file=path) from None
-    finally:
-        if bar_was_enabled:
-            hf_logging.enable_progress_bar()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()

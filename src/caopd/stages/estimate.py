@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from caopd.data import file_digest, load_examples, write_json, write_jsonl
+from caopd.data import file_digest, load_examples, read_json, read_jsonl, write_json, write_jsonl
+from caopd.errors import CaopdInputError
 from caopd.metrics import calibration_metrics
 from caopd.models.loading import load_model
 from caopd.rollout import EngineName, SamplingConfig, make_engine
@@ -60,15 +61,38 @@ def run_rollout_estimation(cfg: RolloutConfig, out_dir: str | Path, progress: bo
     engine = make_engine(loaded, cfg.engine)
     outputs = engine.generate([render_prompt(loaded.tokenizer, e.prompt) for e in kept], sampling, progress)
     rows = score_completions(task, kept, outputs)
+    return _write_outputs(out_dir, rows, skipped, {"config": cfg.model_dump(), "data_digest": file_digest(cfg.data)})
+
+
+def merge_rollout_shards(shard_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """One rollout-estimation output from the outputs of its shards (the pipeline's fan-in step)."""
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    seen: dict[str, str] = {}
+    for shard_dir in map(Path, shard_dirs):
+        summary = read_json(shard_dir / SUMMARY)
+        skipped += summary.get("skipped_ids", [])
+        for i, row in enumerate(read_jsonl(shard_dir / ROLLOUTS)):
+            owner = seen.setdefault(row["prompt_id"], str(shard_dir))
+            if owner != str(shard_dir):
+                raise CaopdInputError(f"prompt id {row['prompt_id']!r} is also in shard {owner}",
+                                      file=str(shard_dir / ROLLOUTS), row=i, field="prompt_id")
+            rows.append(row)
+    if not rows:
+        raise CaopdInputError("no rollouts in any shard", file=", ".join(map(str, shard_dirs)))
+    return _write_outputs(out_dir, rows, skipped, {"shards": [str(d) for d in shard_dirs]})
+
+
+def _write_outputs(out_dir: str | Path, rows: list[dict[str, Any]], skipped: list[str],
+                   provenance: dict[str, Any]) -> dict[str, Any]:
     estimates = per_prompt_estimates(rows)
     metrics = calibration_metrics([r["confidence"] for r in rows], [r["correct"] for r in rows])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / ROLLOUTS, rows)
     write_jsonl(out / ESTIMATES, estimates)
-    summary = {"stage": "rollout-estimation", "config": cfg.model_dump(), "n_prompts": len(kept),
-               "n_rollouts": len(rows), "skipped_too_long": len(skipped), "skipped_ids": skipped[:100],
-               "base_metrics": metrics, "data_digest": file_digest(cfg.data),
+    summary = {"stage": "rollout-estimation", **provenance, "n_prompts": len(estimates), "n_rollouts": len(rows),
+               "skipped_too_long": len(skipped), "skipped_ids": skipped[:100], "base_metrics": metrics,
                "outputs": {name: file_digest(out / name) for name in (ROLLOUTS, ESTIMATES)}}
     write_json(out / SUMMARY, summary)
     return summary

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from caopd.data import file_digest, load_examples, write_json, write_jsonl
+from caopd.data import file_digest, load_examples, write_json, write_jsonl, write_text
 from caopd.metrics import calibration_metrics
 from caopd.models.loading import load_model
 from caopd.report import comparison_table, plot_confidence_histogram, plot_reliability_diagram
@@ -43,7 +43,7 @@ class EvaluateConfig(BaseModel):
 
 
 def evaluate_arm(name: str, model: str, cfg: EvaluateConfig, examples, out: Path, progress: bool) -> dict[str, Any]:
-    loaded = load_model(model)
+    loaded = load_model(model, progress=progress)
     kept, skipped = fit_to_context(examples, loaded.tokenizer, context_length(loaded.model),
                                    cfg.sampling.max_new_tokens, source=cfg.data)
     outputs = make_engine(loaded, cfg.engine).generate(
@@ -64,7 +64,7 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: str | Path, progress: bool = Tr
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     arms = {name: evaluate_arm(name, model, cfg, examples, out, progress) for name, model in cfg.models.items()}
-    (out / REPORT).write_text("# Calibration evaluation\n\n" + comparison_table(arms) + "\n")
+    write_text(out / REPORT, "# Calibration evaluation\n\n" + comparison_table(arms) + "\n")
     summary = {"stage": "calibration-evaluation", "config": cfg.model_dump(), "data_digest": file_digest(cfg.data),
                "arms": arms}
     write_json(out / SUMMARY, summary)

@@ -15,7 +15,7 @@ from caopd.distill.config import TrainConfig
 from caopd.distill.teachers import Teacher, check_same_tokenizer
 from caopd.distill.trainer import TrainItem, Trainer
 from caopd.errors import CaopdInputError
-from caopd.models.loading import METADATA_FILE, load_model
+from caopd.models.loading import METADATA_FILE, hf_progress_bars, load_model
 from caopd.rollout import EngineName
 from caopd.rollout.transformers_engine import TransformersEngine
 from caopd.tasks import get_task
@@ -68,7 +68,7 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
     start = time.perf_counter()
     log = trainer.run()
     loaded.model.eval()
-    with atomic_dir(out / MODEL_DIR) as tmp:
+    with hf_progress_bars(False), atomic_dir(out / MODEL_DIR) as tmp:
         loaded.model.save_pretrained(tmp, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
         (Path(tmp) / METADATA_FILE).write_text(json.dumps(

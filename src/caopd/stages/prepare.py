@@ -1,0 +1,75 @@
+"""Stage 0 — data preparation: the train and eval prompt sets every later stage reads.
+
+Either the user's datasets (a ``load_from_disk`` folder, .jsonl or .parquet), validated by the task and copied
+so that the run keeps exactly what it trained on, or — when no source is given — synthetic arithmetic problems.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from caopd.data import load_rows, write_json, write_jsonl
+from caopd.tasks import get_task
+from caopd.tasks.arithmetic import KINDS, generate_rows
+
+TRAIN, EVAL, SUMMARY = "train.jsonl", "eval.jsonl", "summary.json"
+
+# Weighted towards the mid-difficulty kinds, where the tiny base model's per-prompt success spreads out:
+# that spread is what P carries and what calibration is scored on.
+DEFAULT_KIND_WEIGHTS = {"add_1x1": 0.5, "mul_1x1": 0.5, "add_2x1": 1.0, "add_2x2": 2.0, "mul_2x1": 3.0,
+                        "mul_2x2": 3.0}
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field("arithmetic", description="task name (arithmetic, mcq, tooluse, or a registered one)")
+    train_source: str = Field("", description="training prompts: a load_from_disk folder, .jsonl or .parquet; "
+                              "empty = synthetic arithmetic")
+    eval_source: str = Field("", description="held-out prompts, same formats; empty = synthetic arithmetic")
+    n_train: int = Field(2000, ge=1, description="synthetic training prompts (when train_source is empty)")
+    n_eval: int = Field(2000, ge=1, description="synthetic held-out prompts (when eval_source is empty); 2000 "
+                        "keeps the accuracy standard error near one point")
+    seed: int = Field(0, description="seed of the synthetic problems (eval uses seed + 10000)")
+    kind_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_KIND_WEIGHTS),
+                                           description="arithmetic kind -> sampling weight of synthetic prompts")
+
+    @field_validator("kind_weights")
+    @classmethod
+    def _known_kinds(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(KINDS))
+        if unknown:
+            raise ValueError(f"unknown arithmetic kinds {unknown}; choose from {list(KINDS)}")
+        if not value or any(w < 0 for w in value.values()) or sum(value.values()) <= 0:
+            raise ValueError("weights must be non-negative with a positive sum")
+        return value
+
+    @model_validator(mode="after")
+    def _sources_for_other_tasks(self) -> "DataConfig":
+        get_task(self.task)  # an unknown task fails here, naming the known ones
+        if self.task != "arithmetic" and not (self.train_source and self.eval_source):
+            raise ValueError(f"task {self.task!r} has no synthetic generator: give train_source and eval_source")
+        return self
+
+
+def _rows(cfg: DataConfig, source: str, n: int, seed: int, prefix: str) -> list[dict[str, Any]]:
+    if source:
+        rows = load_rows(source)
+        get_task(cfg.task).examples_from_rows(rows, source=source)  # validate now, not three stages later
+        return rows
+    return generate_rows(n, seed, list(cfg.kind_weights), list(cfg.kind_weights.values()), id_prefix=prefix)
+
+
+def run_data_preparation(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
+    train = _rows(cfg, cfg.train_source, cfg.n_train, cfg.seed, "train")
+    evaluation = _rows(cfg, cfg.eval_source, cfg.n_eval, cfg.seed + 10_000, "eval")
+    out = Path(out_dir)
+    summary = {"stage": "data-preparation", "config": cfg.model_dump(), "n_train": len(train),
+               "n_eval": len(evaluation),
+               "outputs": {TRAIN: write_jsonl(out / TRAIN, train), EVAL: write_jsonl(out / EVAL, evaluation)}}
+    write_json(out / SUMMARY, summary)
+    return summary
+
