@@ -8,6 +8,8 @@ from caopd.protocol import parse_confidence
 from caopd.tasks import get_task, task_names
 
 CHEMISTRY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sciknoweval_chemistry_eval"
+# The first six rows of that dataset, verbatim, so the verifier is pinned on real rows in any checkout.
+CHEMISTRY_ROWS = Path(__file__).with_name("fixtures") / "sciknoweval_chemistry_rows.jsonl"
 
 
 def test_builtin_tasks_are_registered():
@@ -69,9 +71,16 @@ def test_mcq_loads_all_real_rows(chemistry):
     assert {e.answer for e in examples} == {"A", "B", "C", "D"}
 
 
-def test_mcq_verifier_on_real_row(chemistry):
-    task, examples = chemistry
-    example = examples[0]
+def test_fixture_rows_are_the_datasets_first_rows(chemistry):
+    _, examples = chemistry
+    fixture = load_examples(CHEMISTRY_ROWS, get_task("mcq"))
+    assert [(e.prompt, e.answer) for e in fixture] == [(e.prompt, e.answer) for e in examples[:len(fixture)]]
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_mcq_verifier_on_real_rows(index):
+    task = get_task("mcq")
+    example = load_examples(CHEMISTRY_ROWS, task)[index]
     other = "B" if example.answer != "B" else "C"
     assert task.verify(example, example.demonstration)
     assert parse_confidence(example.demonstration) == 1.0
