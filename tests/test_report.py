@@ -79,3 +79,19 @@ def test_print_comparison_fits_80_columns():
     for name in [*ARMS, "[red]x[/red]"]:
         assert name in text
     assert "n/a" in text and "0.620" in text and "-0.120" in text and "…" not in text
+
+
+def test_html_report_is_self_contained_and_escaped(tmp_path):
+    import base64
+
+    from caopd.report import html_report
+
+    png = plot_confidence_histogram([0.2, 0.9], [False, True], tmp_path / "hist.png", title="t")
+    page = html_report("Eval <1>", [png, tmp_path / "absent.png"],
+                       arms={"base": {"accuracy": 0.5, "auroc": float("nan")}, "<b>": {"accuracy": 1.0}},
+                       values={"loss": 0.1234567, "step": 3})
+    assert page.startswith("<!doctype html>") and "Eval &lt;1&gt;" in page
+    assert "<th>&lt;b&gt;</th>" in page and "<td>0.500</td>" in page and "<td>n/a</td>" in page
+    assert "<td>0.123</td>" in page and "<td>3</td>" in page
+    assert base64.b64encode(png.read_bytes()).decode() in page
+    assert page.count("<img") == 1  # a missing plot is left out, not a broken link

@@ -50,6 +50,22 @@ def items_from_records(path: str) -> list[TrainItem]:
     return list(items.values())
 
 
+def trained_arms(artifact_dirs: list[str | Path]) -> dict[str, Path]:
+    """Method ("opd", "caopd") -> the model folder, for training outputs in any order (a pipeline collects
+    its arms from a ParallelFor): each checkpoint records the method it was trained with."""
+    arms: dict[str, Path] = {}
+    for artifact in map(Path, artifact_dirs):
+        model_dir = artifact / MODEL_DIR
+        try:
+            method = json.loads((model_dir / METADATA_FILE).read_text())["method"]
+        except (OSError, ValueError, KeyError) as err:
+            raise CaopdInputError(f"not a training output ({err})", file=str(model_dir)) from None
+        if method in arms:
+            raise CaopdInputError(f"two trained models for method {method!r}", file=str(model_dir))
+        arms[method] = model_dir
+    return arms
+
+
 def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     task = get_task(cfg.task)
     items = items_from_records(cfg.records)

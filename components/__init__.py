@@ -1,0 +1,15 @@
+"""Thin KFP v2 components, one module per stage; installed as ``caopd.components``.
+
+Each component moves artifacts and builds its stage's typed config (which validates it); the method itself
+lives in ``caopd.stages``. Imports sit inside the component bodies because KFP ships each body on its own.
+"""
+
+from caopd.components.calibration_evaluation import calibration_evaluation
+from caopd.components.data_preparation import data_preparation
+from caopd.components.model_registration import model_registration
+from caopd.components.opd_training import opd_training, training_arms
+from caopd.components.rollout_estimation import merge_rollout_shards, rollout_estimation, rollout_shard_indices
+from caopd.components.target_replacement import target_replacement
+
+__all__ = ["calibration_evaluation", "data_preparation", "merge_rollout_shards", "model_registration",
+           "opd_training", "rollout_estimation", "rollout_shard_indices", "target_replacement", "training_arms"]

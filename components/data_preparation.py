@@ -1,0 +1,17 @@
+"""data-preparation: the train and eval prompt sets as one Dataset artifact (a folder)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Output
+
+from caopd.components.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def data_preparation(task: str, train_source: str, eval_source: str, n_train: int, n_eval: int, seed: int,
+                     kind_weights: dict, data: Output[Dataset]):
+    from caopd.stages.prepare import DataConfig, run_data_preparation
+
+    cfg = DataConfig(task=task, train_source=train_source, eval_source=eval_source, n_train=n_train,
+                     n_eval=n_eval, seed=seed, kind_weights=kind_weights)
+    summary = run_data_preparation(cfg, data.path)
+    data.metadata.update({"n_train": summary["n_train"], "n_eval": summary["n_eval"], **summary["outputs"]})

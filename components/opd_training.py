@@ -1,0 +1,48 @@
+"""opd-training: on-policy distillation of one arm (plain OPD or CaOPD) from its target records."""
+
+from typing import List
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Model, Output
+
+from caopd.components.images import CPU_IMAGE, GPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def training_arms(train_baseline: bool) -> List[str]:
+    """CaOPD, and plain OPD beside it when the baseline is on: the pipeline trains them in one ParallelFor."""
+    return ["caopd", "opd"] if train_baseline else ["caopd"]
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def opd_training(records: Input[Dataset], task: str, base_model: str, method: str, teacher_context: str,
+                 divergence: str, beta: float, top_k: int, variant: str, teacher: str, teacher_model: str,
+                 ema_rate: float, p_source: str, steps: int, prompts_per_step: int, k: int, lr: float,
+                 temperature: float, max_new_tokens: int, seed: int, train_options: dict, model: Output[Model],
+                 training_report: Output[HTML]):
+    import shutil
+    from pathlib import Path
+
+    from caopd.distill.checkpoints import checkpoint_root
+    from caopd.distill.config import TrainConfig
+    from caopd.report import html_report
+    from caopd.rollout import SamplingConfig
+    from caopd.stages.targets import RECORDS
+    from caopd.stages.train import CURVES, TrainStageConfig, run_training
+
+    if method == "opd" and variant == "decoupled":
+        variant = "faithful"  # the decoupled loss needs P; the baseline arm trains the paper's plain OPD
+    # train_options: any other TrainConfig field (warmup_steps, micro_batch_size, ...); validated with the rest.
+    train = TrainConfig(**train_options, method=method, teacher_context=teacher_context, divergence=divergence,
+                        beta=beta, top_k=top_k or None, variant=variant, teacher=teacher,
+                        teacher_model=teacher_model or None, ema_rate=ema_rate, p_source=p_source, steps=steps,
+                        prompts_per_step=prompts_per_step, k=k, lr=lr, seed=seed,
+                        sampling=SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
+    cfg = TrainStageConfig(model=base_model, task=task, records=str(Path(records.path) / RECORDS), train=train)
+    summary = run_training(cfg, model.path)
+    # Resume state only matters inside this task; the artifact store keeps the final model, not N copies of it.
+    shutil.rmtree(checkpoint_root(model.path), ignore_errors=True)
+    model.metadata.update({"method": method, "steps": summary["steps"], "model_digest": summary["model_digest"],
+                           "base_model": base_model})
+    Path(training_report.path).write_text(html_report(f"{method} training: last step", [Path(model.path) / CURVES],
+                                                      values=summary["final"]))

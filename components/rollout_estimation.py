@@ -1,0 +1,44 @@
+"""rollout-estimation (one shard) and its fan-out / fan-in helpers."""
+
+from typing import List
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Output
+
+from caopd.components.images import CPU_IMAGE, GPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def rollout_shard_indices(num_shards: int) -> List[int]:
+    if num_shards < 1:
+        raise ValueError(f"rollout_shards must be >= 1, got {num_shards}")
+    return list(range(num_shards))
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def rollout_estimation(data: Input[Dataset], task: str, base_model: str, k: int, temperature: float,
+                       max_new_tokens: int, seed: int, engine: str, shard_index: int, num_shards: int,
+                       rollouts: Output[Dataset]):
+    from pathlib import Path
+
+    from caopd.rollout import SamplingConfig
+    from caopd.stages.estimate import RolloutConfig, run_rollout_estimation
+    from caopd.stages.prepare import TRAIN
+
+    cfg = RolloutConfig(model=base_model, task=task, data=str(Path(data.path) / TRAIN), k=k, engine=engine,
+                        sampling=SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed),
+                        shard_index=shard_index, num_shards=num_shards)
+    summary = run_rollout_estimation(cfg, rollouts.path)
+    rollouts.metadata.update({"n_prompts": summary["n_prompts"], "skipped_too_long": summary["skipped_too_long"]})
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def merge_rollout_shards(shards: Input[List[Dataset]], rollouts: Output[Dataset], base_metrics: Output[Metrics]):
+    from caopd.stages.estimate import merge_rollout_shards as merge
+
+    summary = merge([shard.path for shard in shards], rollouts.path)
+    rollouts.metadata.update({"n_prompts": summary["n_prompts"], "n_rollouts": summary["n_rollouts"],
+                              "skipped_too_long": summary["skipped_too_long"]})
+    for key, value in summary["base_metrics"].items():
+        if value == value:  # NaN (AUROC with one class) is not a metric value KFP can show
+            base_metrics.log_metric(f"base_rollouts_{key}", value)

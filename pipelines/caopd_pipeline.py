@@ -1,0 +1,148 @@
+"""The CaOPD pipeline: one DAG for a Kubeflow cluster (GPU pods) and for a laptop (``kfp.local``).
+
+data-preparation → rollout-estimation (ParallelFor over shards) → merge-rollout-shards →
+target-replacement → opd-training (ParallelFor over the arms: CaOPD, and plain OPD as the optional baseline) →
+calibration-evaluation → model-registration (never cached).
+
+Parameters are ordered by stage; their defaults run the tiny default model end to end. The GPU stages
+(rollouts, training, evaluation) take their accelerator, node selector and tolerations from parameters, so one
+compiled spec serves every cluster; the CPU stages never request a GPU.
+"""
+
+# No `from __future__ import annotations`: KFP reads the real annotation objects.
+from typing import NamedTuple
+
+from kfp import dsl, kubernetes
+from kfp.dsl import Dataset, Model
+
+from caopd.components import (calibration_evaluation, data_preparation, merge_rollout_shards, model_registration,
+                              opd_training, rollout_estimation, rollout_shard_indices, target_replacement,
+                              training_arms)
+from caopd.distill.config import TrainConfig
+from caopd.stages.prepare import DataConfig
+from caopd.stages.register import RegisterConfig
+
+PIPELINE_NAME = "caopd"
+# The GPU stages' pod shape. /dev/shm is memory-backed and large because vLLM and torch DataLoader workers
+# exchange tensors through it; the 64 MiB container default breaks both.
+SHM_SIZE = "16Gi"
+CPU_STAGE_CPU, CPU_STAGE_MEMORY = "1", "4Gi"
+# Defaults come from the stages' own configs: one home for each.
+_DATA, _TRAIN = DataConfig(), TrainConfig()
+DEFAULT_GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def _on_gpu(task: dsl.PipelineTask, accelerator_type, accelerator_count, node_selector, tolerations,
+            cpu_request, memory_request) -> dsl.PipelineTask:
+    task.set_accelerator_type(accelerator_type).set_accelerator_limit(accelerator_count)
+    task.set_cpu_request(cpu_request).set_memory_request(memory_request)
+    # Resource settings do not register their parameters as task inputs (kfp 2.17), so inside a ParallelFor or
+    # an If the sub-DAG never receives them and the run fails with "parent pipeline input argument not found".
+    # kfp-kubernetes registers its own parameters this same way.
+    task.register_pipeline_channels([accelerator_type, accelerator_count, cpu_request, memory_request])
+    kubernetes.add_node_selector_json(task, node_selector)
+    kubernetes.add_toleration_json(task, tolerations)
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                               size_limit=SHM_SIZE)
+    return task
+
+
+def _on_cpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    return task.set_cpu_request(CPU_STAGE_CPU).set_memory_request(CPU_STAGE_MEMORY)
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="Calibration-Aware On-Policy Distillation: rollouts estimate each "
+              "prompt's success rate P, training distils towards 'Confidence: P', evaluation compares base, plain "
+              "OPD and CaOPD, and the CaOPD model is registered.")
+def caopd_pipeline(
+    # 0 · data preparation
+    task: str = "arithmetic",
+    train_source: str = "",
+    eval_source: str = "",
+    n_train: int = _DATA.n_train,
+    n_eval: int = _DATA.n_eval,
+    kind_weights: dict = _DATA.kind_weights,
+    seed: int = 0,
+    # 1 · rollout estimation
+    base_model: str = "tiny",
+    k: int = _TRAIN.k,
+    temperature: float = _TRAIN.sampling.temperature,
+    max_new_tokens: int = _TRAIN.sampling.max_new_tokens,
+    rollout_shards: int = 1,
+    engine: str = "auto",
+    # 2 · target replacement
+    teacher_context: str = _TRAIN.teacher_context,
+    # 3 · OPD training
+    train_baseline: bool = True,
+    divergence: str = _TRAIN.divergence,
+    beta: float = _TRAIN.beta,
+    top_k: int = 0,
+    variant: str = _TRAIN.variant,
+    teacher: str = _TRAIN.teacher,
+    teacher_model: str = "",
+    ema_rate: float = _TRAIN.ema_rate,
+    p_source: str = _TRAIN.p_source,
+    steps: int = _TRAIN.steps,
+    prompts_per_step: int = _TRAIN.prompts_per_step,
+    lr: float = _TRAIN.lr,
+    train_options: dict = {},
+    # 4 · calibration evaluation
+    eval_seed: int = 1,
+    # 5 · model registration
+    model_name: str = RegisterConfig.model_fields["name"].default,
+    registry_dir: str = "",
+    # GPU pods (rollout estimation, training, evaluation)
+    accelerator_type: str = "nvidia.com/gpu",
+    accelerator_count: int = 1,
+    gpu_node_selector: dict = {},
+    gpu_tolerations: list = DEFAULT_GPU_TOLERATIONS,
+    gpu_cpu_request: str = "4",
+    gpu_memory_request: str = "32Gi",
+) -> NamedTuple("Outputs", evaluation=Dataset, registered=Model):
+    def gpu(t: dsl.PipelineTask) -> dsl.PipelineTask:
+        return _on_gpu(t, accelerator_type, accelerator_count, gpu_node_selector, gpu_tolerations,
+                       gpu_cpu_request, gpu_memory_request)
+
+    data = _on_cpu(data_preparation(task=task, train_source=train_source, eval_source=eval_source,
+                                    n_train=n_train, n_eval=n_eval, seed=seed, kind_weights=kind_weights))
+    data.set_retry(2)
+
+    shards = _on_cpu(rollout_shard_indices(num_shards=rollout_shards))
+    with dsl.ParallelFor(shards.output, name="rollout-shards") as shard_index:
+        shard = gpu(rollout_estimation(data=data.outputs["data"], task=task, base_model=base_model, k=k,
+                                       temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                                       engine=engine, shard_index=shard_index, num_shards=rollout_shards))
+        shard.set_retry(2, backoff_duration="60s")
+    merged = _on_cpu(merge_rollout_shards(shards=dsl.Collected(shard.outputs["rollouts"])))
+    merged.set_retry(2)
+
+    # The arms train side by side (one GPU pod each on a cluster) from the same rollouts.
+    arms = _on_cpu(training_arms(train_baseline=train_baseline))
+    with dsl.ParallelFor(arms.output, name="arms") as method:
+        targets = _on_cpu(target_replacement(data=data.outputs["data"], rollouts=merged.outputs["rollouts"],
+                                             task=task, base_model=base_model, method=method,
+                                             teacher_context=teacher_context))
+        targets.set_retry(2)
+        trained = gpu(opd_training(records=targets.outputs["records"], task=task, base_model=base_model,
+                                   method=method, teacher_context=teacher_context, divergence=divergence, beta=beta,
+                                   top_k=top_k, variant=variant, teacher=teacher, teacher_model=teacher_model,
+                                   ema_rate=ema_rate, p_source=p_source, steps=steps,
+                                   prompts_per_step=prompts_per_step, k=k, lr=lr, temperature=temperature,
+                                   max_new_tokens=max_new_tokens, seed=seed, train_options=train_options))
+        # Deterministic from its inputs, so a retry after a lost node repeats the same run.
+        trained.set_retry(1)
+
+    # Each consumer of the arms' models gets its own Collected: kfp 2.17 fails to compile a shared one.
+    evaluation = gpu(calibration_evaluation(data=data.outputs["data"], models=dsl.Collected(trained.outputs["model"]),
+                                            task=task, base_model=base_model, temperature=temperature,
+                                            max_new_tokens=max_new_tokens, seed=eval_seed, engine=engine))
+    evaluation.set_retry(2)
+
+    registration = _on_cpu(model_registration(models=dsl.Collected(trained.outputs["model"]),
+                                              evaluation=evaluation.outputs["evaluation"], data=data.outputs["data"],
+                                              rollouts=merged.outputs["rollouts"], model_name=model_name,
+                                              registry_dir=registry_dir, base_model=base_model))
+    # A registry write is a side effect: a cached "success" would skip it without registering anything.
+    registration.set_caching_options(False)
+    Outputs = NamedTuple("Outputs", evaluation=Dataset, registered=Model)
+    return Outputs(evaluation=evaluation.outputs["evaluation"], registered=registration.outputs["registered"])
