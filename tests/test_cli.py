@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -164,7 +165,7 @@ def test_unknown_model_folder(capsys, tmp_path, rollout_args, arithmetic_files):
 
 
 @pytest.mark.parametrize("command", ["run", "rollout", "targets", "train", "evaluate", "register", "metrics",
-                                     "pretrain-tiny", "prepare"])
+                                     "pretrain-tiny", "prepare", "compile", "submit", "schedule"])
 def test_every_command_has_help_with_an_example(capsys, command):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -195,3 +196,13 @@ def test_main_job_end_to_end_on_a_tiny_budget(capsys, tmp_path):
     table = (out / "comparison.md").read_text()
     assert all(arm in table for arm in ("base", "opd", "caopd"))
     assert not math.isnan(summary["arms"]["base"]["accuracy"])
+    # It ran as the Kubeflow pipeline, through kfp.local, with the pipeline root under --out.
+    [pipeline_run] = (out / "kfp").glob("caopd-*")
+    assert {"data-preparation", "merge-rollout-shards", "calibration-evaluation", "model-registration"} <= {
+        p.name for p in pipeline_run.iterdir()}
+    log = re.sub(r"\x1b\[[0-9;]*m", "", (out / "kfp" / "pipeline.log").read_text())  # kfp.local colours it
+    assert log.count("finished with status SUCCESS") >= 10
+    for arm in ("opd", "caopd"):
+        assert (out / f"train_{arm}" / "training_curves.png").stat().st_size > 0
+        assert json.loads((out / f"train_{arm}" / "model" / "caopd.json").read_text())["method"] == arm
+    assert Path(summary["registered"]["path"]).is_relative_to(out / "registry")

@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
 
-from caopd.errors import CaopdInputError
+from caopd.errors import CaopdInputError, CaopdServiceError
 
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT, EXIT_SERVICE = 2, 1
 
 
 # --- options from pydantic configs -------------------------------------------------------------
@@ -149,6 +149,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from caopd.pipelines import compile_pipeline
+
+    print(compile_pipeline(args.out))
+    return 0
+
+
+def _target(args: argparse.Namespace):
+    from caopd.pipelines import COMPILED_PIPELINE, PIPELINE_NAME
+    from caopd.submit import Target, parse_params, pipeline_parameters
+
+    spec = Path(args.pipeline_file) if args.pipeline_file else COMPILED_PIPELINE
+    return Target(spec_path=spec, pipeline_name=args.pipeline_name or PIPELINE_NAME, experiment=args.experiment,
+                  params=parse_params(args.param or [], pipeline_parameters(spec)))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from caopd.submit import read_token, submit
+
+    target = _target(args)
+    _print_json(submit(args.host, target, read_token(args.token_file), args.namespace))
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from caopd.submit import read_token, schedule
+
+    target = _target(args)
+    _print_json(schedule(args.host, target, args.cron, read_token(args.token_file), args.namespace, args.name))
+    return 0
+
+
+def _add_kfp_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", required=True, help="the KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE",
+                   help="a pipeline parameter (repeatable); typed and checked against the compiled spec")
+    p.add_argument("--experiment", default="caopd", help="KFP experiment (created if missing; default: caopd)")
+    p.add_argument("--pipeline-name", help="pipeline name in KFP (default: caopd)")
+    p.add_argument("--pipeline-file", help="compiled spec to upload (default: the packaged caopd_pipeline.yaml)")
+    p.add_argument("--namespace", help="profile namespace on a multi-user Kubeflow")
+    p.add_argument("--token-file", help="file holding the bearer token (default: $KFP_TOKEN, else the "
+                   "service-account token KFP mounts in pods); never pass the token itself")
+
+
 def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
     from caopd.models.pretrain import PretrainConfig, pretrain_tiny
 
@@ -216,6 +260,29 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--arm", default="caopd", help="which arm of the evaluation summary (default: caopd)")
         _add_model_options(p, config, skip=("metrics",) if name == "register" else ())
         p.set_defaults(func=func)
+    c = sub.add_parser("compile", help="write the compiled KFP pipeline spec (YAML)",
+                       description="Compile the pipeline to the YAML a KFP server or the Kubeflow UI uploads.",
+                       epilog="example:\n  caopd compile --out caopd_pipeline.yaml",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("--out", required=True, help="the YAML file to write")
+    c.set_defaults(func=cmd_compile)
+    s_ = sub.add_parser("submit", help="upload the pipeline (new version if changed) and start a run on KFP",
+                        description="Upload the compiled pipeline to a KFP server (a new version when the spec "
+                        "changed) and start a run.",
+                        epilog="example:\n  KFP_TOKEN=... caopd submit --host https://kubeflow.example.com/pipeline "
+                        "\\\n      --param base_model=Qwen/Qwen3-8B --param steps=500 --param accelerator_count=1",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_kfp_options(s_)
+    s_.set_defaults(func=cmd_submit)
+    r = sub.add_parser("schedule", help="create a recurring run of the pipeline on KFP",
+                       description="Upload the compiled pipeline (as submit does) and create a recurring run.",
+                       epilog="example (every Sunday 03:00):\n  caopd schedule --host https://kubeflow.example.com/"
+                       "pipeline --token-file /secrets/kfp-token \\\n      --cron '0 0 3 * * 0'",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_kfp_options(r)
+    r.add_argument("--cron", required=True, help="6 fields, seconds first: '0 0 3 * * 0' = Sundays at 03:00")
+    r.add_argument("--name", help="recurring run name (default: the pipeline name and the cron)")
+    r.set_defaults(func=cmd_schedule)
     m = sub.add_parser("metrics", help="calibration metrics of a predictions JSONL file",
                        description="Print accuracy, ECE, Brier, AUROC, SPR, mean confidence, overconfidence gap "
                        "and missing rate of FILE, one JSON object.",
@@ -242,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"caopd: error: {err}", file=sys.stderr)
     except ValidationError as err:
         print(f"caopd: error: {_one_line(err)}", file=sys.stderr)
+    except CaopdServiceError as err:
+        print(f"caopd: error: {err}", file=sys.stderr)
+        return EXIT_SERVICE
     return EXIT_BAD_INPUT
 
 

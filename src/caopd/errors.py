@@ -23,3 +23,10 @@ class CaopdInputError(ValueError):
             parts.append(f"field '{field}'")
         parts.append(message)
         super().__init__(": ".join(parts).replace("\n", " "))
+
+
+class CaopdServiceError(RuntimeError):
+    """A remote service (the KFP server, a registry) could not be reached or refused a request.
+
+    One line saying which service, what it answered and what to check; the CLI exits with code 1.
+    """

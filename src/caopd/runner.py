@@ -1,87 +1,170 @@
-"""The main job: base, plain OPD and CaOPD from one base model, evaluated on the same held-out prompts."""
+"""The main job: the Kubeflow pipeline itself, run on this machine through ``kfp.local``.
+
+Base, plain OPD and CaOPD from one base model, evaluated on the same held-out prompts — the same DAG and
+components a cluster runs, with every task a subprocess of the host Python and the pipeline root under
+``OUT/kfp``. Afterwards the evaluation and each arm's training output are copied to stable places under ``OUT``.
+"""
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import os
+import re
+import shutil
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from caopd.data import write_json, write_text
+from caopd.data import atomic_dir, read_json, write_json, write_text
 from caopd.distill.config import TrainConfig
+from caopd.errors import CaopdServiceError
 from caopd.metrics import METRIC_KEYS
 from caopd.report import comparison_table, print_comparison
-from caopd.rollout import SamplingConfig
-from caopd.stages.estimate import ESTIMATES, ROLLOUTS, RolloutConfig, run_rollout_estimation
-from caopd.stages.evaluate import EvaluateConfig, run_evaluation
-from caopd.stages.register import RegisterConfig, run_registration
-from caopd.stages.prepare import DEFAULT_KIND_WEIGHTS, DataConfig, run_data_preparation
-from caopd.stages.targets import RECORDS, TargetsConfig, run_target_replacement
-from caopd.stages.train import MODEL_DIR, TrainStageConfig, run_training
+from caopd.stages.prepare import DEFAULT_KIND_WEIGHTS
 
 ARMS = ("base", "opd", "caopd")
+# TrainConfig fields the pipeline takes as parameters of their own; the rest travel in `train_options`.
+_TRAIN_PARAMETERS = ("divergence", "beta", "top_k", "variant", "teacher", "teacher_model", "ema_rate", "p_source",
+                     "steps", "prompts_per_step", "lr")
+# Set per arm and from the shared settings by the pipeline itself.
+_TRAIN_SET_BY_PIPELINE = ("method", "teacher_context", "k", "seed", "sampling")
 
 
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field("tiny", description="base model")
-    seed: int = Field(0, description="seed of the data, the sampling and the training")
+    seed: int = Field(0, description="seed of the data, the rollouts and the training (evaluation uses seed + 1)")
     n_train: int = Field(2000, ge=1, description="training prompts (arithmetic)")
     n_eval: int = Field(2000, ge=1, description="held-out evaluation prompts (arithmetic); 2000 keeps the "
                         "accuracy standard error near one point")
     kind_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_KIND_WEIGHTS),
                                            description="arithmetic kind -> sampling weight of train and eval prompts")
     k: int = Field(8, ge=1, description="rollouts per prompt (K)")
+    rollout_shards: int = Field(1, ge=1, description="rollout-estimation shards (one pod each on a cluster)")
     teacher_context: Literal["demo", "correct_solution"] = Field(
         "demo", description="privileged context of the teacher: the gold demonstration or a verified correct rollout")
+    train_baseline: bool = Field(True, description="also train plain OPD (the baseline arm)")
     train: TrainConfig = Field(default_factory=TrainConfig, description="shared training settings of both arms")
     max_new_tokens: int = Field(24, ge=1, description="completion length limit")
     temperature: float = Field(1.0, ge=0.0, description="sampling temperature (rollouts, training, evaluation)")
+    cache: bool = Field(False, description="reuse tasks that already ran with the same inputs under this --out "
+                        "(kfp.local caching); off by default so that a changed library is never skipped")
+
+
+def pipeline_arguments(cfg: RunConfig, registry_dir: str) -> dict[str, Any]:
+    """The pipeline's parameters for this config (the rest keep the pipeline's own defaults)."""
+    train = cfg.train
+    defaults = TrainConfig()
+    options = {name: getattr(train, name) for name in type(train).model_fields
+               if name not in _TRAIN_PARAMETERS + _TRAIN_SET_BY_PIPELINE
+               and getattr(train, name) != getattr(defaults, name)}
+    return {
+        "n_train": cfg.n_train, "n_eval": cfg.n_eval, "kind_weights": cfg.kind_weights, "seed": cfg.seed,
+        "base_model": cfg.model, "k": cfg.k, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens,
+        "rollout_shards": cfg.rollout_shards,
+        "teacher_context": cfg.teacher_context,
+        "train_baseline": cfg.train_baseline,
+        **{name: getattr(train, name) for name in _TRAIN_PARAMETERS},
+        "top_k": train.top_k or 0, "teacher_model": train.teacher_model or "", "train_options": options,
+        "eval_seed": cfg.seed + 1,
+        "registry_dir": registry_dir,
+    }
+
+
+def task_environment(progress: bool, cpus: int | None = None) -> dict[str, str]:
+    """Environment for the task subprocesses (they inherit ours).
+
+    kfp.local runs up to two ParallelFor iterations at once (the two training arms); torch in each would
+    otherwise start one thread per core and the two would thrash, so each gets half the cores unless the
+    user set OMP_NUM_THREADS. tqdm reads TQDM_DISABLE.
+    """
+    env = {}
+    if "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (cpus or os.cpu_count() or 2) // 2))
+    if not progress:
+        env["TQDM_DISABLE"] = "1"
+    return env
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def run_pipeline_locally(arguments: dict[str, Any], pipeline_root: Path, cache: bool = False,
+                         progress: bool = True) -> Any:
+    """Run the compiled-for-cluster pipeline with kfp.local; returns its outputs (artifacts with local paths).
+
+    With progress on, the tasks' logs stream to the terminal; otherwise they go to ``pipeline_root/pipeline.log``.
+    """
+    from kfp import local
+
+    from caopd.pipelines import caopd_pipeline
+
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    log_path = pipeline_root / "pipeline.log"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
+               workspace_root=str(pipeline_root / "workspace"), enable_caching=cache)
+    with contextlib.ExitStack() as stack:
+        # kfp.local indents task logs by swapping builtins.print per task; two ParallelFor iterations in threads
+        # can restore each other's swap, leaving every later print in this process indented. Put it back.
+        stack.callback(setattr, builtins, "print", builtins.print)
+        stack.enter_context(warnings.catch_warnings())
+        # The components name the project's images; locally the host Python runs them (see TOOLCHAIN.md).
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*", category=UserWarning)
+        stack.enter_context(_environment(task_environment(progress)))
+        if not progress:  # kfp.local logs and streams task output to sys.stdout
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(log_path.open("w"))))
+        try:
+            return caopd_pipeline(**arguments).outputs
+        except RuntimeError as err:
+            where = "above" if progress else f"in {log_path}"
+            plain = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # kfp.local colours its messages
+            raise CaopdServiceError(f"the local pipeline run failed: {plain} (the failing task's log is {where})") \
+                from None
+
+
+def _copy_dir(source: str | Path, target: Path) -> None:
+    with atomic_dir(target) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
 
 
 def run_main_job(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    data = out / "data"
-    run_data_preparation(DataConfig(n_train=cfg.n_train, n_eval=cfg.n_eval, seed=cfg.seed,
-                                    kind_weights=cfg.kind_weights), data)
-    sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    estimate = run_rollout_estimation(RolloutConfig(model=cfg.model, data=str(data / "train.jsonl"), k=cfg.k,
-                                                    sampling=sampling), out / "rollouts", progress)
-    models = {"base": cfg.model}
-    trained = {}
-    for method in ("opd", "caopd"):
-        run_target_replacement(TargetsConfig(
-            method=method, teacher_context=cfg.teacher_context, data=str(data / "train.jsonl"),
-            rollouts=str(out / "rollouts" / ROLLOUTS), estimates=str(out / "rollouts" / ESTIMATES), model=cfg.model,
-        ), out / f"targets_{method}")
-        train_cfg = cfg.train.model_copy(update={"method": method, "k": cfg.k, "seed": cfg.seed,
-                                                 "teacher_context": cfg.teacher_context, "sampling": sampling})
-        if method == "opd" and train_cfg.variant == "decoupled":
-            train_cfg = train_cfg.model_copy(update={"variant": "faithful"})
-        trained[method] = run_training(TrainStageConfig(model=cfg.model, records=str(out / f"targets_{method}" / RECORDS),
-                                                        train=TrainConfig.model_validate(train_cfg.model_dump())),
-                                       out / f"train_{method}", progress)
-        models[method] = str(out / f"train_{method}" / MODEL_DIR)
-    evaluation = run_evaluation(EvaluateConfig(
-        models=models, data=str(data / "eval.jsonl"),
-        sampling=SamplingConfig(n=1, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                                seed=cfg.seed + 1)), out / "evaluation", progress)
-    arms = evaluation["arms"]
-    registered = run_registration(RegisterConfig(
-        model_dir=models["caopd"], registry_dir=str(out / "registry"), metrics=arms["caopd"],
-        lineage={"base_model": cfg.model, "train_data": str(data / "train.jsonl"),
-                 "rollout_outputs": estimate["outputs"], "training": trained["caopd"]["model_digest"]}))
-    summary = {"arms": {name: {k: arms[name][k] for k in METRIC_KEYS} for name in ARMS},
+    outputs = run_pipeline_locally(pipeline_arguments(cfg, str(out / "registry")), out / "kfp", cfg.cache,
+                                   progress)
+    _copy_dir(outputs["evaluation"].path, out / "evaluation")
+    evaluation = read_json(out / "evaluation" / "summary.json")
+    for arm in ("opd", "caopd"):
+        if arm in evaluation["arms"]:  # its model folder sits in the training output, beside the curves and log
+            _copy_dir(Path(evaluation["arms"][arm]["model"]).parent, out / f"train_{arm}")
+    registered = outputs["registered"].metadata
+    arms = [arm for arm in ARMS if arm in evaluation["arms"]]
+    summary = {"arms": {arm: {k: evaluation["arms"][arm][k] for k in METRIC_KEYS} for arm in arms},
                "config": cfg.model_dump(), "seconds": round(time.perf_counter() - start, 1),
-               "registered": {"name": registered["name"], "version": registered["version"]},
-               "plots": {name: f"evaluation/reliability_{name}.png" for name in ARMS},
-               "base_rollout_metrics": estimate["base_metrics"]}
+               "registered": {"name": registered["name"], "version": int(registered["version"]),
+                              "path": registered["path"]},
+               "plots": {arm: f"evaluation/reliability_{arm}.png" for arm in arms},
+               "pipeline_root": str(out / "kfp")}
     write_json(out / "summary.json", summary)
     write_text(out / "comparison.md", comparison_table(summary["arms"]) + "\n")
     if progress:
         print_comparison(summary["arms"])
     return summary
-

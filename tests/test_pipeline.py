@@ -1,0 +1,187 @@
+"""The compiled pipeline: committed spec = fresh compile, and every task's pod shape read from the spec."""
+
+import builtins
+import inspect
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from caopd.distill.config import TrainConfig
+from caopd.pipelines import COMPILED_PIPELINE, caopd_pipeline, compile_pipeline
+from caopd.stages.prepare import DataConfig
+
+GPU_STAGES = {"rollout-estimation", "opd-training", "calibration-evaluation"}
+CPU_STAGES = {"data-preparation", "rollout-shard-indices", "merge-rollout-shards", "training-arms",
+              "target-replacement", "model-registration"}
+GPU_PARAMETERS = {"accelerator_type", "accelerator_count", "gpu_cpu_request", "gpu_memory_request",
+                  "gpu_node_selector", "gpu_tolerations"}
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    path = compile_pipeline(tmp_path_factory.mktemp("compiled") / "caopd_pipeline.yaml")
+    pipeline, platform = yaml.safe_load_all(path.read_text())
+    return {"path": path, "pipeline": pipeline, "platform": platform}
+
+
+def _tasks(pipeline):
+    """(dag component name, task name, task) for every task in the root DAG and the sub-DAGs."""
+    dags = [("root", pipeline["root"])] + [(n, c) for n, c in pipeline["components"].items() if "dag" in c]
+    return [(dag, name, task) for dag, component in dags for name, task in component["dag"]["tasks"].items()]
+
+
+def _executor(pipeline, task):
+    return pipeline["components"][task["componentRef"]["name"]].get("executorLabel")
+
+
+def _bare(parameter):
+    return parameter.removeprefix("pipelinechannel--")
+
+
+def _param(name):
+    return f"{{{{$.inputs.parameters['pipelinechannel--{name}']}}}}"
+
+
+def test_committed_spec_is_a_fresh_compile(spec):
+    assert COMPILED_PIPELINE.read_bytes() == spec["path"].read_bytes(), (
+        "pipelines/caopd_pipeline.yaml is stale: run `caopd compile --out pipelines/caopd_pipeline.yaml`")
+
+
+def test_compiling_is_reproducible_across_processes(tmp_path):
+    # kfp prints dict defaults in protobuf-map order, which follows each process's hash seed.
+    for seed in ("1", "2"):
+        subprocess.run([sys.executable, "-c", "import sys; from caopd.pipelines import compile_pipeline; "
+                        "compile_pipeline(sys.argv[1])", str(tmp_path / f"{seed}.yaml")],
+                       check=True, env={**os.environ, "PYTHONHASHSEED": seed})
+    assert (tmp_path / "1.yaml").read_bytes() == (tmp_path / "2.yaml").read_bytes()
+
+
+def test_every_stage_is_a_named_component(spec):
+    names = {task["componentRef"]["name"].removeprefix("comp-") for _, _, task in _tasks(spec["pipeline"])
+             if _executor(spec["pipeline"], task)}
+    assert names == GPU_STAGES | CPU_STAGES
+
+
+def test_gpu_stages_take_accelerator_resources_and_pod_settings_from_parameters(spec):
+    pipeline, platform = spec["pipeline"], spec["platform"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    seen = set()
+    for _, name, task in _tasks(pipeline):
+        executor = _executor(pipeline, task)
+        stage = task["componentRef"]["name"].removeprefix("comp-")
+        if stage not in GPU_STAGES:
+            continue
+        seen.add(stage)
+        resources = pipeline["deploymentSpec"]["executors"][executor]["container"]["resources"]
+        assert resources["accelerator"] == {"resourceType": _param("accelerator_type"),
+                                            "resourceCount": _param("accelerator_count")}, name
+        assert resources["resourceCpuRequest"] == _param("gpu_cpu_request")
+        assert resources["resourceMemoryRequest"] == _param("gpu_memory_request")
+        pod = k8s[executor]
+        # A task at the root reads the pipeline parameter itself; one inside a sub-DAG reads its channel.
+        [toleration] = pod["tolerations"]
+        assert _bare(toleration["tolerationJson"]["componentInputParameter"]) == "gpu_tolerations", name
+        assert _bare(pod["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"]) == "gpu_node_selector"
+        assert pod["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi",
+                                          "volumeName": "dshm"}]
+    assert seen == GPU_STAGES
+
+
+def test_cpu_stages_request_no_gpu_and_no_gpu_pod_settings(spec):
+    pipeline = spec["pipeline"]
+    k8s = spec["platform"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    for _, name, task in _tasks(pipeline):
+        executor = _executor(pipeline, task)
+        if task["componentRef"]["name"].removeprefix("comp-") not in CPU_STAGES:
+            continue
+        resources = pipeline["deploymentSpec"]["executors"][executor]["container"]["resources"]
+        assert "accelerator" not in resources, name
+        assert (resources["resourceCpuRequest"], resources["resourceMemoryRequest"]) == ("1", "4Gi"), name
+        assert executor not in k8s, name  # no tolerations, node selector or shm for CPU pods
+        assert pipeline["deploymentSpec"]["executors"][executor]["container"]["image"].startswith(
+            "ghcr.io/caopd/caopd-cpu:")
+
+
+def test_sub_dags_receive_the_gpu_parameters_their_tasks_use(spec):
+    # kfp 2.17 does not pass resource parameters into a ParallelFor's DAG by itself; the run then fails
+    # with "parent pipeline input argument not found". Every DAG holding a GPU task must declare them and
+    # its parent task must pass them.
+    pipeline = spec["pipeline"]
+    for dag, name, task in _tasks(pipeline):
+        if task["componentRef"]["name"].removeprefix("comp-") not in GPU_STAGES or dag == "root":
+            continue
+        declared = set(pipeline["components"][dag]["inputDefinitions"]["parameters"])
+        assert {f"pipelinechannel--{p}" for p in GPU_PARAMETERS} <= declared, (dag, name)
+        parent = next(t for _, _, t in _tasks(pipeline) if t["componentRef"]["name"] == dag)
+        assert {f"pipelinechannel--{p}" for p in GPU_PARAMETERS} <= set(parent["inputs"]["parameters"])
+
+
+def test_caching_and_retries(spec):
+    by_stage = {}
+    for _, _, task in _tasks(spec["pipeline"]):
+        stage = task["componentRef"]["name"].removeprefix("comp-")
+        if stage in GPU_STAGES | CPU_STAGES:
+            by_stage[stage] = task
+    assert by_stage["model-registration"].get("cachingOptions", {}).get("enableCache", False) is False
+    assert "retryPolicy" not in by_stage["model-registration"]
+    for stage, task in by_stage.items():
+        if stage != "model-registration":
+            assert task["cachingOptions"]["enableCache"] is True, stage
+    for stage in ("data-preparation", "rollout-estimation", "merge-rollout-shards", "target-replacement",
+                  "opd-training", "calibration-evaluation"):
+        assert by_stage[stage]["retryPolicy"]["maxRetryCount"] >= 1, stage
+    assert by_stage["rollout-estimation"]["retryPolicy"]["backoffDuration"] == "60s"
+
+
+def test_rollouts_fan_out_and_arms_train_side_by_side(spec):
+    pipeline = spec["pipeline"]
+    loops = {dag: {t["componentRef"]["name"] for t in pipeline["components"][dag]["dag"]["tasks"].values()}
+             for dag, _, _ in _tasks(pipeline) if dag != "root"}
+    assert {"comp-rollout-estimation"} in loops.values()
+    assert {"comp-target-replacement", "comp-opd-training"} in loops.values()
+    inputs = {name: c.get("inputDefinitions", {}).get("artifacts", {}) for name, c in pipeline["components"].items()}
+    assert inputs["comp-merge-rollout-shards"]["shards"]["isArtifactList"] is True
+    assert inputs["comp-calibration-evaluation"]["models"]["isArtifactList"] is True
+    assert inputs["comp-model-registration"]["models"]["isArtifactList"] is True
+
+
+def test_pipeline_defaults_are_the_stage_configs_defaults(spec):
+    params = spec["pipeline"]["root"]["inputDefinitions"]["parameters"]
+    train, data = TrainConfig(), DataConfig()
+    for name in ("steps", "prompts_per_step", "lr", "k", "beta", "ema_rate", "divergence", "variant", "teacher",
+                 "p_source", "teacher_context"):
+        assert params[name]["defaultValue"] == getattr(train, name), name
+    for name in ("n_train", "n_eval", "kind_weights"):
+        assert params[name]["defaultValue"] == getattr(data, name), name
+    assert params["base_model"]["defaultValue"] == "tiny"
+
+
+def test_parameters_are_ordered_by_stage():
+    order = list(inspect.signature(caopd_pipeline.pipeline_func).parameters)
+    stages = [["task", "n_train", "seed"], ["base_model", "k", "rollout_shards"], ["teacher_context"],
+              ["train_baseline", "steps", "lr"], ["eval_seed"], ["model_name", "registry_dir"],
+              ["accelerator_type", "gpu_tolerations"]]
+    positions = [[order.index(name) for name in stage] for stage in stages]
+    assert all(max(a) < min(b) for a, b in zip(positions, positions[1:]))
+
+
+def test_local_run_fans_rollouts_out_and_can_skip_the_baseline(tmp_path):
+    from caopd.runner import RunConfig, run_main_job
+    from caopd.data import read_json
+
+    print_before = builtins.print
+    cfg = RunConfig.model_validate({"n_train": 10, "n_eval": 12, "k": 2, "rollout_shards": 2, "train_baseline": False,
+                                    "train": {"steps": 1, "prompts_per_step": 2}})
+    summary = run_main_job(cfg, tmp_path, progress=False)
+    assert set(summary["arms"]) == {"base", "caopd"}
+    [pipeline_run] = (tmp_path / "kfp").glob("caopd-*")
+    shards = sorted(p.name for p in pipeline_run.iterdir() if p.name.startswith("for-loop-1-iteration-"))
+    assert len(shards) == 2
+    merged = read_json(next(pipeline_run.glob("merge-rollout-shards/rollouts")) / "summary.json")
+    assert merged["n_prompts"] == 10 and len(merged["shards"]) == 2
+    assert not (tmp_path / "train_opd").exists()
+    # kfp.local patches print per task; with two iterations in threads the patch outlived its run.
+    assert builtins.print is print_before
