@@ -1,0 +1,85 @@
+"""Real servers on 127.0.0.1 for the tracking tests: an S3-compatible store (moto's server mode) and an MLflow
+tracking server (SQLite backend, artifacts written by the clients straight to the bucket with boto3)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+BUCKET = "caopd"
+# Distinctive values, so a test can grep for them anywhere they must not appear.
+S3_KEY_ID, S3_SECRET = "AKIACAOPDTESTKEY0001", "caopd-test-secret-5f1e0c2a9b7d"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait(url: str, process: subprocess.Popen, timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    process.kill()
+    raise RuntimeError(f"{url} did not answer within {timeout_s} s: {log.read_text()[-2000:]}")
+
+
+class Server:
+    def __init__(self, argv: list[str], health: str, env: dict[str, str], log: Path, timeout_s: float = 90) -> None:
+        self.argv, self.health, self.env, self.log, self.timeout_s = argv, health, env, log, timeout_s
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "Server":
+        handle = self.log.open("ab")
+        self.process = subprocess.Popen(self.argv, stdout=handle, stderr=subprocess.STDOUT, env=self.env,
+                                        start_new_session=True)
+        _wait(self.health, self.process, self.timeout_s, self.log)
+        return self
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    return {"AWS_ACCESS_KEY_ID": S3_KEY_ID, "AWS_SECRET_ACCESS_KEY": S3_SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+            "MLFLOW_S3_ENDPOINT_URL": endpoint}
+
+
+def start_s3(workdir: Path) -> tuple[Server, str]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = Server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], endpoint,
+                    {**os.environ, **s3_env(endpoint)}, workdir / "moto.log").start()
+    return server, endpoint
+
+
+def start_mlflow(workdir: Path, s3_endpoint: str, port: int | None = None) -> tuple[Server, str]:
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+    argv = [mlflow, "server", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+            "--default-artifact-root", f"s3://{BUCKET}/mlflow", "--no-serve-artifacts",
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    server = Server(argv, f"{url}/health", {**os.environ, **s3_env(s3_endpoint)}, workdir / "mlflow.log").start()
+    return server, url
