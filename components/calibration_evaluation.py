@@ -10,12 +10,14 @@ from caopd.components.images import GPU_IMAGE
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def calibration_evaluation(data: Input[Dataset], models: Input[List[Model]], task: str, base_model: str,
-                           temperature: float, max_new_tokens: int, seed: int, engine: str,
-                           evaluation: Output[Dataset], metrics: Output[Metrics], report: Output[HTML]):
+                           temperature: float, max_new_tokens: int, seed: int, engine: str, mlflow_settings: dict,
+                           pipeline_run_id: str, evaluation: Output[Dataset], metrics: Output[Metrics],
+                           report: Output[HTML]):
     from pathlib import Path
 
     from caopd.report import html_report
     from caopd.rollout import SamplingConfig
+    from caopd.stage_tracking import tracked, tracker_if_configured
     from caopd.stages.evaluate import EvaluateConfig, run_evaluation
     from caopd.stages.prepare import EVAL
     from caopd.stages.train import trained_arms
@@ -25,7 +27,9 @@ def calibration_evaluation(data: Input[Dataset], models: Input[List[Model]], tas
     cfg = EvaluateConfig(models=arms, task=task, data=str(Path(data.path) / EVAL), engine=engine,
                          sampling=SamplingConfig(n=1, temperature=temperature, max_new_tokens=max_new_tokens,
                                                  seed=seed))
-    summary = run_evaluation(cfg, evaluation.path)
+    tracker = tracker_if_configured(mlflow_settings, pipeline_run_id, Path(evaluation.path).parent / "mlflow")
+    summary = tracked(tracker, "calibration-evaluation", cfg, lambda: run_evaluation(cfg, evaluation.path),
+                      evaluation.path, inputs={"eval": (cfg.data, "evaluation")})
     for arm, values in summary["arms"].items():
         for key, value in values.items():
             if isinstance(value, (int, float)) and value == value:  # KFP metrics take no NaN (one-class AUROC)

@@ -18,14 +18,16 @@ def training_arms(train_baseline: bool) -> List[str]:
 def opd_training(records: Input[Dataset], task: str, base_model: str, method: str, teacher_context: str,
                  divergence: str, beta: float, top_k: int, variant: str, teacher: str, teacher_model: str,
                  ema_rate: float, p_source: str, steps: int, prompts_per_step: int, k: int, lr: float,
-                 temperature: float, max_new_tokens: int, seed: int, train_options: dict, model: Output[Model],
-                 training_report: Output[HTML]):
+                 temperature: float, max_new_tokens: int, seed: int, train_options: dict, mlflow_settings: dict,
+                 pipeline_run_id: str, model: Output[Model], training_report: Output[HTML]):
     import shutil
     from pathlib import Path
 
     from caopd.distill.checkpoints import checkpoint_root
     from caopd.distill.config import TrainConfig
     from caopd.report import html_report
+    from caopd.stage_tracking import tracked, tracker_if_configured
+    from caopd.tracking import TAG_METHOD
     from caopd.rollout import SamplingConfig
     from caopd.stages.targets import RECORDS
     from caopd.stages.train import CURVES, TrainStageConfig, run_training
@@ -39,7 +41,9 @@ def opd_training(records: Input[Dataset], task: str, base_model: str, method: st
                         prompts_per_step=prompts_per_step, k=k, lr=lr, seed=seed,
                         sampling=SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
     cfg = TrainStageConfig(model=base_model, task=task, records=str(Path(records.path) / RECORDS), train=train)
-    summary = run_training(cfg, model.path)
+    tracker = tracker_if_configured(mlflow_settings, pipeline_run_id, Path(model.path).parent / "mlflow")
+    summary = tracked(tracker, "opd-training", cfg, lambda: run_training(cfg, model.path), model.path,
+                      inputs={"records": (cfg.records, "training")}, tags={TAG_METHOD: method})
     # Resume state only matters inside this task; the artifact store keeps the final model, not N copies of it.
     shutil.rmtree(checkpoint_root(model.path), ignore_errors=True)
     model.metadata.update({"method": method, "steps": summary["steps"], "model_digest": summary["model_digest"],

@@ -18,8 +18,10 @@ def rollout_shard_indices(num_shards: int) -> List[int]:
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def rollout_estimation(data: Input[Dataset], task: str, base_model: str, k: int, temperature: float,
                        max_new_tokens: int, seed: int, engine: str, shard_index: int, num_shards: int,
-                       rollouts: Output[Dataset]):
+                       mlflow_settings: dict, pipeline_run_id: str, rollouts: Output[Dataset]):
     from pathlib import Path
+
+    from caopd.stage_tracking import tracked, tracker_if_configured
 
     from caopd.rollout import SamplingConfig
     from caopd.stages.estimate import RolloutConfig, run_rollout_estimation
@@ -28,7 +30,9 @@ def rollout_estimation(data: Input[Dataset], task: str, base_model: str, k: int,
     cfg = RolloutConfig(model=base_model, task=task, data=str(Path(data.path) / TRAIN), k=k, engine=engine,
                         sampling=SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed),
                         shard_index=shard_index, num_shards=num_shards)
-    summary = run_rollout_estimation(cfg, rollouts.path)
+    tracker = tracker_if_configured(mlflow_settings, pipeline_run_id, Path(rollouts.path).parent / "mlflow")
+    summary = tracked(tracker, "rollout-estimation", cfg, lambda: run_rollout_estimation(cfg, rollouts.path),
+                      rollouts.path, inputs={"train": (cfg.data, "training")})
     rollouts.metadata.update({"n_prompts": summary["n_prompts"], "skipped_too_long": summary["skipped_too_long"]})
 
 

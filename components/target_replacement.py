@@ -8,8 +8,12 @@ from caopd.components.images import CPU_IMAGE
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
 def target_replacement(data: Input[Dataset], rollouts: Input[Dataset], task: str, base_model: str,
-                       method: str, teacher_context: str, records: Output[Dataset]):
+                       method: str, teacher_context: str, mlflow_settings: dict, pipeline_run_id: str,
+                       records: Output[Dataset]):
     from pathlib import Path
+
+    from caopd.stage_tracking import tracked, tracker_if_configured
+    from caopd.tracking import TAG_METHOD
 
     from caopd.stages.estimate import ESTIMATES, ROLLOUTS
     from caopd.stages.prepare import TRAIN
@@ -18,6 +22,8 @@ def target_replacement(data: Input[Dataset], rollouts: Input[Dataset], task: str
     cfg = TargetsConfig(method=method, teacher_context=teacher_context, task=task, model=base_model,
                         data=str(Path(data.path) / TRAIN), rollouts=str(Path(rollouts.path) / ROLLOUTS),
                         estimates=str(Path(rollouts.path) / ESTIMATES))
-    summary = run_target_replacement(cfg, records.path)
+    tracker = tracker_if_configured(mlflow_settings, pipeline_run_id, Path(records.path).parent / "mlflow")
+    summary = tracked(tracker, "target-replacement", cfg, lambda: run_target_replacement(cfg, records.path),
+                      records.path, tags={TAG_METHOD: method})
     records.metadata.update({"method": method, "n_records": summary["n_records"],
                              "mean_target_confidence": summary["mean_target_confidence"]})

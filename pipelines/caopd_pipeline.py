@@ -90,7 +90,10 @@ def caopd_pipeline(
     eval_seed: int = 1,
     # 5 · model registration
     model_name: str = RegisterConfig.model_fields["name"].default,
-    registry_dir: str = "",
+    promotion_gates: dict = {},
+    # MLflow, for every stage: {"tracking_uri": ..., "experiment": ..., "artifact_root": "s3://..."}; empty =
+    # $MLFLOW_TRACKING_URI when the cluster injects it, else no tracking and a registry kept in the artifact store
+    mlflow_settings: dict = {},
     # GPU pods (rollout estimation, training, evaluation)
     accelerator_type: str = "nvidia.com/gpu",
     accelerator_count: int = 1,
@@ -103,15 +106,17 @@ def caopd_pipeline(
         return _on_gpu(t, accelerator_type, accelerator_count, gpu_node_selector, gpu_tolerations,
                        gpu_cpu_request, gpu_memory_request)
 
+    tracking = dict(mlflow_settings=mlflow_settings, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     data = _on_cpu(data_preparation(task=task, train_source=train_source, eval_source=eval_source,
-                                    n_train=n_train, n_eval=n_eval, seed=seed, kind_weights=kind_weights))
+                                    n_train=n_train, n_eval=n_eval, seed=seed, kind_weights=kind_weights, **tracking))
     data.set_retry(2)
 
     shards = _on_cpu(rollout_shard_indices(num_shards=rollout_shards))
     with dsl.ParallelFor(shards.output, name="rollout-shards") as shard_index:
         shard = gpu(rollout_estimation(data=data.outputs["data"], task=task, base_model=base_model, k=k,
                                        temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
-                                       engine=engine, shard_index=shard_index, num_shards=rollout_shards))
+                                       engine=engine, shard_index=shard_index, num_shards=rollout_shards,
+                                       **tracking))
         shard.set_retry(2, backoff_duration="60s")
     merged = _on_cpu(merge_rollout_shards(shards=dsl.Collected(shard.outputs["rollouts"])))
     merged.set_retry(2)
@@ -121,27 +126,28 @@ def caopd_pipeline(
     with dsl.ParallelFor(arms.output, name="arms") as method:
         targets = _on_cpu(target_replacement(data=data.outputs["data"], rollouts=merged.outputs["rollouts"],
                                              task=task, base_model=base_model, method=method,
-                                             teacher_context=teacher_context))
+                                             teacher_context=teacher_context, **tracking))
         targets.set_retry(2)
         trained = gpu(opd_training(records=targets.outputs["records"], task=task, base_model=base_model,
                                    method=method, teacher_context=teacher_context, divergence=divergence, beta=beta,
                                    top_k=top_k, variant=variant, teacher=teacher, teacher_model=teacher_model,
                                    ema_rate=ema_rate, p_source=p_source, steps=steps,
                                    prompts_per_step=prompts_per_step, k=k, lr=lr, temperature=temperature,
-                                   max_new_tokens=max_new_tokens, seed=seed, train_options=train_options))
+                                   max_new_tokens=max_new_tokens, seed=seed, train_options=train_options,
+                                   **tracking))
         # Deterministic from its inputs, so a retry after a lost node repeats the same run.
         trained.set_retry(1)
 
     # Each consumer of the arms' models gets its own Collected: kfp 2.17 fails to compile a shared one.
     evaluation = gpu(calibration_evaluation(data=data.outputs["data"], models=dsl.Collected(trained.outputs["model"]),
                                             task=task, base_model=base_model, temperature=temperature,
-                                            max_new_tokens=max_new_tokens, seed=eval_seed, engine=engine))
+                                            max_new_tokens=max_new_tokens, seed=eval_seed, engine=engine,
+                                            **tracking))
     evaluation.set_retry(2)
 
     registration = _on_cpu(model_registration(models=dsl.Collected(trained.outputs["model"]),
-                                              evaluation=evaluation.outputs["evaluation"], data=data.outputs["data"],
-                                              rollouts=merged.outputs["rollouts"], model_name=model_name,
-                                              registry_dir=registry_dir, base_model=base_model))
+                                              evaluation=evaluation.outputs["evaluation"], model_name=model_name,
+                                              base_model=base_model, promotion_gates=promotion_gates, **tracking))
     # A registry write is a side effect: a cached "success" would skip it without registering anything.
     registration.set_caching_options(False)
     Outputs = NamedTuple("Outputs", evaluation=Dataset, registered=Model)

@@ -165,7 +165,8 @@ def test_unknown_model_folder(capsys, tmp_path, rollout_args, arithmetic_files):
 
 
 @pytest.mark.parametrize("command", ["run", "rollout", "targets", "train", "evaluate", "register", "metrics",
-                                     "pretrain-tiny", "prepare", "compile", "submit", "schedule"])
+                                     "pretrain-tiny", "prepare", "compile", "submit", "schedule",
+                                     "promote", "lineage"])
 def test_every_command_has_help_with_an_example(capsys, command):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
@@ -205,4 +206,30 @@ def test_main_job_end_to_end_on_a_tiny_budget(capsys, tmp_path):
     for arm in ("opd", "caopd"):
         assert (out / f"train_{arm}" / "training_curves.png").stat().st_size > 0
         assert json.loads((out / f"train_{arm}" / "model" / "caopd.json").read_text())["method"] == arm
-    assert Path(summary["registered"]["path"]).is_relative_to(out / "registry")
+    # Every stage logged to the local MLflow store, and the model was registered there.
+    assert summary["registered"]["tracking_uri"] == f"sqlite:///{out.resolve() / 'mlflow' / 'mlflow.db'}"
+    assert Path(summary["registered"]["source"]).is_relative_to((out / "mlflow" / "artifacts").resolve())
+
+
+def test_register_promote_and_lineage_on_the_local_mlflow_store(capsys, tmp_path, tiny_model):
+    model_dir = tmp_path / "model"
+    tiny_model.model.save_pretrained(model_dir, safe_serialization=True)
+    tiny_model.tokenizer.save_pretrained(model_dir)
+    summary = tmp_path / "evaluation.json"
+    good = {"accuracy": 0.6, "ece": 0.1, "brier": 0.2, "auroc": 0.7, "spr": 0.6, "mean_confidence": 0.6,
+            "overconfidence_gap": 0.0, "missing_rate": 0.0}
+    summary.write_text(json.dumps({"arms": {"caopd": good}}))
+    store = ["--mlflow-dir", str(tmp_path / "mlflow")]
+    register = ["register", "--model-dir", str(model_dir), "--metrics", str(summary), "--pipeline-run-id", "p1", *store]
+    assert main(register) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["version"] == 1 and first["created"] and first["decision"]["passed"]
+    assert main(register) == 0  # the same pipeline run: the same version
+    assert json.loads(capsys.readouterr().out)["created"] is False
+    assert main(["promote", "caopd-tiny", "--to", "champion", *store]) == 0
+    assert json.loads(capsys.readouterr().out)["moved"] is True
+    assert main(["lineage", "caopd-tiny@champion", "--json", *store]) == 0
+    chain = json.loads(capsys.readouterr().out)
+    assert chain["version"]["aliases"] == ["champion"] and chain["version"]["metrics"]["ece"] == 0.1
+    assert main(["lineage", "caopd-tiny@nobody", *store]) == EXIT_BAD_INPUT
+    assert "has no version with alias 'nobody'" in capsys.readouterr().err

@@ -95,10 +95,29 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tracker(args: argparse.Namespace, required: bool = False):
+    """The MLflow tracker for a stage command: only with a tracking URI (flag or environment) unless required."""
+    from caopd.stage_tracking import tracker_if_configured
+
+    settings = {"tracking_uri": args.tracking_uri or "", "experiment": args.experiment,
+                "artifact_root": args.artifact_root or ""}
+    return tracker_if_configured(settings, args.pipeline_run_id or "", args.mlflow_dir, required=required)
+
+
+def _tracked(args: argparse.Namespace, stage: str, cfg: Any, run: Callable[[], dict], out: str, inputs=(),
+             tags=None) -> dict:
+    from caopd.stage_tracking import tracked
+
+    return tracked(_tracker(args), stage, cfg, run, out, inputs, tags)
+
+
 def cmd_rollout(args: argparse.Namespace) -> int:
     from caopd.stages.estimate import RolloutConfig, run_rollout_estimation
 
-    summary = run_rollout_estimation(_config_from_args(RolloutConfig, args), args.out, progress=not args.quiet)
+    cfg = _config_from_args(RolloutConfig, args)
+    summary = _tracked(args, "rollout-estimation", cfg,
+                       lambda: run_rollout_estimation(cfg, args.out, progress=not args.quiet), args.out,
+                       inputs={"train": (cfg.data, "training")})
     _print_json({"n_prompts": summary["n_prompts"], "skipped_too_long": summary["skipped_too_long"],
                  "base_metrics": summary["base_metrics"]})
     return 0
@@ -106,16 +125,22 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 def cmd_targets(args: argparse.Namespace) -> int:
     from caopd.stages.targets import TargetsConfig, run_target_replacement
+    from caopd.tracking import TAG_METHOD
 
-    summary = run_target_replacement(_config_from_args(TargetsConfig, args), args.out)
+    cfg = _config_from_args(TargetsConfig, args)
+    summary = _tracked(args, "target-replacement", cfg, lambda: run_target_replacement(cfg, args.out), args.out,
+                       tags={TAG_METHOD: cfg.method})
     _print_json({k: summary[k] for k in ("n_prompts", "n_records", "teacher_modes", "mean_target_confidence")})
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from caopd.stages.train import TrainStageConfig, run_training
+    from caopd.tracking import TAG_METHOD
 
-    summary = run_training(_config_from_args(TrainStageConfig, args), args.out, progress=not args.quiet)
+    cfg = _config_from_args(TrainStageConfig, args)
+    summary = _tracked(args, "opd-training", cfg, lambda: run_training(cfg, args.out, progress=not args.quiet),
+                       args.out, inputs={"records": (cfg.records, "training")}, tags={TAG_METHOD: cfg.train.method})
     _print_json({"steps": summary["steps"], "seconds": summary["seconds"], "final": summary["final"]})
     return 0
 
@@ -124,7 +149,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from caopd.report import print_comparison
     from caopd.stages.evaluate import EvaluateConfig, run_evaluation
 
-    summary = run_evaluation(_config_from_args(EvaluateConfig, args), args.out, progress=not args.quiet)
+    cfg = _config_from_args(EvaluateConfig, args)
+    summary = _tracked(args, "calibration-evaluation", cfg,
+                       lambda: run_evaluation(cfg, args.out, progress=not args.quiet), args.out,
+                       inputs={"eval": (cfg.data, "evaluation")})
     print_comparison(summary["arms"])
     return 0
 
@@ -136,8 +164,38 @@ def cmd_register(args: argparse.Namespace) -> int:
     if args.metrics:
         summary = json.loads(Path(args.metrics).read_text())
         metrics = summary["arms"][args.arm] if "arms" in summary else summary
-    record = run_registration(_config_from_args(RegisterConfig, args, metrics=metrics))
-    _print_json({k: record[k] for k in ("name", "version", "path", "created")})
+    cfg = _config_from_args(RegisterConfig, args, metrics=metrics)
+    record = run_registration(cfg, _tracker(args, required=True))
+    _print_json({k: record[k] for k in ("name", "version", "created", "source", "decision", "pipeline_run_id")})
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from caopd.gates import GateConfig
+    from caopd.registry import promote
+
+    tracker = _tracker(args, required=True)
+    gates = _config_from_args(GateConfig, args)
+    _print_json(promote(tracker.client, args.name, args.to, gates, args.version, tracker.uri))
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from caopd.registry import lineage
+
+    tracker = _tracker(args, required=True)
+    chain = lineage(tracker.client, args.reference, tracker.uri)
+    if args.json:
+        _print_json(chain)
+        return 0
+    print("datasets: " + ", ".join(f"{k} {v[:12]}" for k, v in chain["datasets"].items()))
+    print(f"base model: {chain['base_model']}")
+    for step in chain["runs"]:
+        shown = {k: round(v, 4) for k, v in step["metrics"].items() if not k.startswith(("base_", "opd_"))}
+        print(f"  -> {step['stage']} run {step['run_id']}: {dict(list(shown.items())[:8])}")
+    version = chain["version"]
+    print(f"  -> {version['name']} version {version['version']} {version['aliases']} {version['source']}: "
+          f"{ {k: round(v, 4) for k, v in version['metrics'].items()} }")
     return 0
 
 
@@ -181,6 +239,19 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+TRACKED_COMMANDS = ("prepare", "rollout", "targets", "train", "evaluate", "register")
+
+
+def _add_tracking_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI; stage commands "
+                   "track only when one is set)")
+    p.add_argument("--experiment", default="caopd", help="MLflow experiment (default: caopd)")
+    p.add_argument("--pipeline-run-id", help="groups the stage runs under one parent run (default: a new id)")
+    p.add_argument("--artifact-root", help="where a new experiment keeps artifacts, e.g. s3://bucket/caopd")
+    p.add_argument("--mlflow-dir", default="mlflow", help="local MLflow store (SQLite) when no tracking URI is set; "
+                   "registry commands use it (default: ./mlflow)")
+
+
 def _add_kfp_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", required=True, help="the KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")
     p.add_argument("--param", action="append", metavar="NAME=VALUE",
@@ -202,9 +273,12 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from caopd.stages.prepare import DataConfig, run_data_preparation
+    from caopd.stages.prepare import EVAL, TRAIN, DataConfig, run_data_preparation
 
-    summary = run_data_preparation(_config_from_args(DataConfig, args), args.out)
+    cfg = _config_from_args(DataConfig, args)
+    out = Path(args.out)
+    summary = _tracked(args, "data-preparation", cfg, lambda: run_data_preparation(cfg, out), args.out,
+                       inputs={"train": (out / TRAIN, "training"), "eval": (out / EVAL, "evaluation")})
     _print_json({k: summary[k] for k in ("n_train", "n_eval", "outputs")})
     return 0
 
@@ -244,6 +318,8 @@ def _commands() -> list[tuple[str, str, Callable, Any, str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from caopd.gates import GateConfig
+
     parser = argparse.ArgumentParser(prog="caopd", description="Calibration-Aware On-Policy Distillation.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -258,8 +334,29 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "register":
             p.add_argument("--metrics", help="an evaluation summary.json (or a metrics JSON) to record")
             p.add_argument("--arm", default="caopd", help="which arm of the evaluation summary (default: caopd)")
+        if name in TRACKED_COMMANDS:
+            _add_tracking_options(p)
         _add_model_options(p, config, skip=("metrics",) if name == "register" else ())
         p.set_defaults(func=func)
+    pr = sub.add_parser("promote", help="move an alias (champion) onto the challenger after checking the gates",
+                        description="Check the gates of the challenger (or --version) against the model holding "
+                        "the alias now, record the decision on the version, and move the alias if they pass.",
+                        epilog="example:\n  caopd promote caopd-tiny --to champion --tracking-uri http://mlflow:5000",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pr.add_argument("name", help="registered model name")
+    pr.add_argument("--to", default="champion", help="the alias to move (default: champion)")
+    pr.add_argument("--version", type=int, help="the version to promote (default: the challenger)")
+    _add_tracking_options(pr)
+    _add_model_options(pr, GateConfig, prefix="")
+    pr.set_defaults(func=cmd_promote)
+    li = sub.add_parser("lineage", help="datasets -> rollout -> training -> evaluation -> model version",
+                        description="Print the chain behind a model version, with the key metrics of each step.",
+                        epilog="examples:\n  caopd lineage caopd-tiny@champion\n  caopd lineage caopd-tiny/3 --json",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    li.add_argument("reference", help="NAME@ALIAS or NAME/VERSION")
+    li.add_argument("--json", action="store_true", help="print the chain as JSON")
+    _add_tracking_options(li)
+    li.set_defaults(func=cmd_lineage)
     c = sub.add_parser("compile", help="write the compiled KFP pipeline spec (YAML)",
                        description="Compile the pipeline to the YAML a KFP server or the Kubeflow UI uploads.",
                        epilog="example:\n  caopd compile --out caopd_pipeline.yaml",

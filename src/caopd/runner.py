@@ -56,7 +56,7 @@ class RunConfig(BaseModel):
                         "(kfp.local caching); off by default so that a changed library is never skipped")
 
 
-def pipeline_arguments(cfg: RunConfig, registry_dir: str) -> dict[str, Any]:
+def pipeline_arguments(cfg: RunConfig, mlflow_dir: Path) -> dict[str, Any]:
     """The pipeline's parameters for this config (the rest keep the pipeline's own defaults)."""
     train = cfg.train
     defaults = TrainConfig()
@@ -72,7 +72,9 @@ def pipeline_arguments(cfg: RunConfig, registry_dir: str) -> dict[str, Any]:
         **{name: getattr(train, name) for name in _TRAIN_PARAMETERS},
         "top_k": train.top_k or 0, "teacher_model": train.teacher_model or "", "train_options": options,
         "eval_seed": cfg.seed + 1,
-        "registry_dir": registry_dir,
+        # Every stage logs to one local MLflow store (SQLite), and the registry lives there too.
+        "mlflow_settings": {"tracking_uri": f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+                            "artifact_root": str(mlflow_dir / "artifacts"), "experiment": "caopd"},
     }
 
 
@@ -148,8 +150,8 @@ def run_main_job(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> 
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    outputs = run_pipeline_locally(pipeline_arguments(cfg, str(out / "registry")), out / "kfp", cfg.cache,
-                                   progress)
+    (out / "mlflow").mkdir(exist_ok=True)
+    outputs = run_pipeline_locally(pipeline_arguments(cfg, out / "mlflow"), out / "kfp", cfg.cache, progress)
     _copy_dir(outputs["evaluation"].path, out / "evaluation")
     evaluation = read_json(out / "evaluation" / "summary.json")
     for arm in ("opd", "caopd"):
@@ -160,7 +162,8 @@ def run_main_job(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> 
     summary = {"arms": {arm: {k: evaluation["arms"][arm][k] for k in METRIC_KEYS} for arm in arms},
                "config": cfg.model_dump(), "seconds": round(time.perf_counter() - start, 1),
                "registered": {"name": registered["name"], "version": int(registered["version"]),
-                              "path": registered["path"]},
+                              "source": registered["source"], "gates_passed": registered["gates_passed"],
+                              "tracking_uri": registered["tracking_uri"]},
                "plots": {arm: f"evaluation/reliability_{arm}.png" for arm in arms},
                "pipeline_root": str(out / "kfp")}
     write_json(out / "summary.json", summary)

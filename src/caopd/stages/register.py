@@ -1,23 +1,22 @@
-"""Stage 5 — model registration into a local registry folder (MLflow's registry comes with the tracking work).
+"""Stage 5 — model registration into the MLflow model registry (a local SQLite store unless a server is named).
 
-A version is a copy of the checkpoint plus a record of where it came from and how it scored.
-Registering the same weights again returns the existing version instead of adding a duplicate.
+The version points at the weights (uploaded straight to S3 when the artifact root is s3://), carries its
+lineage and metrics as tags, and gets the ``challenger`` alias when the gates pass against the champion.
+Registering again for the same pipeline run returns the existing version.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from caopd.data import atomic_dir, file_digest, write_json
 from caopd.errors import CaopdInputError
+from caopd.gates import GateConfig
+from caopd.metrics import METRIC_KEYS
 from caopd.models.loading import check_checkpoint_folder
-
-RECORD = "record.json"
+from caopd.tracking import Tracker, redact_uri
 
 
 class RegisterConfig(BaseModel):
@@ -25,29 +24,23 @@ class RegisterConfig(BaseModel):
 
     name: str = Field("caopd-tiny", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="registered model name")
     model_dir: str = Field(..., description="the trained checkpoint folder")
-    registry_dir: str = Field(..., description="the local registry root")
-    metrics: dict[str, Any] = Field(default_factory=dict, description="evaluation metrics of this model")
-    lineage: dict[str, Any] = Field(default_factory=dict, description="data digests, base model, stage summaries")
+    base_model: str = Field("tiny", description="the model it was post-trained from (a lineage tag)")
+    metrics: dict[str, Any] = Field(default_factory=dict, description="its evaluation metrics (the eight keys)")
+    gates: GateConfig = Field(default_factory=GateConfig, description="promotion gates against the champion")
 
 
-def run_registration(cfg: RegisterConfig) -> dict[str, Any]:
+def run_registration(cfg: RegisterConfig, tracker: Tracker) -> dict[str, Any]:
+    """Register the model in the tracker's registry, linked to the stage runs of the tracker's pipeline run."""
+    from caopd.stage_tracking import register_in_mlflow
+
     model_dir = Path(cfg.model_dir)
     if not model_dir.is_dir():
         raise CaopdInputError("checkpoint folder does not exist", file=str(model_dir))
     check_checkpoint_folder(model_dir)
-    digest = file_digest(model_dir)
-    root = Path(cfg.registry_dir) / cfg.name
-    root.mkdir(parents=True, exist_ok=True)
-    versions = sorted((p for p in root.iterdir() if p.name.startswith("v") and (p / RECORD).is_file()),
-                      key=lambda p: int(p.name[1:]))
-    for existing in versions:
-        record = json.loads((existing / RECORD).read_text())
-        if record["model_digest"] == digest:
-            return {**record, "created": False}
-    version = int(versions[-1].name[1:]) + 1 if versions else 1
-    record = {"name": cfg.name, "version": version, "model_digest": digest, "metrics": cfg.metrics,
-              "lineage": cfg.lineage, "path": str(root / f"v{version}" / "model")}
-    with atomic_dir(root / f"v{version}") as tmp:
-        shutil.copytree(model_dir, Path(tmp) / "model")
-        write_json(Path(tmp) / RECORD, record)
-    return {**record, "created": True}
+    missing = [k for k in ("accuracy", "ece", "brier") if k not in cfg.metrics]
+    if missing:
+        raise CaopdInputError(f"metrics lack {missing}; pass the evaluation summary", field="metrics")
+    metrics = {k: float(cfg.metrics[k]) for k in METRIC_KEYS if cfg.metrics.get(k) is not None}
+    result = register_in_mlflow(tracker, cfg.name, model_dir, metrics, cfg.base_model, cfg.gates,
+                                tracker.artifact_root)
+    return {**result, "tracking_uri": redact_uri(tracker.uri), "pipeline_run_id": tracker.pipeline_run_id}
