@@ -270,3 +270,22 @@ def test_the_run_kfp_injects_is_the_parent(tmp_path, monkeypatch):
     assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["caopd.pipeline_run_id"] == "kfp-7"
     assert run.data.params == {"n_train": "3"} and run.data.metrics == {"n_train": 3.0}
     assert client.get_experiment_by_name("ignored") is None
+
+
+def test_large_weights_go_up_in_parts_with_their_checksums(s3_client_env, tmp_path):
+    import json
+    import os
+
+    from caopd.storage import MANIFEST, MULTIPART_THRESHOLD, upload_folder
+
+    folder = tmp_path / "weights"
+    (folder / "shards").mkdir(parents=True)
+    (folder / "shards" / "model-00001.safetensors").write_bytes(os.urandom(MULTIPART_THRESHOLD + 1024))
+    (folder / "config.json").write_text("{}")
+    manifest = upload_folder(folder, f"s3://{BUCKET}/big/v1")
+    big = s3_client_env.head_object(Bucket=BUCKET, Key="big/v1/shards/model-00001.safetensors")
+    assert big["ETag"].strip('"').endswith("-2")  # a multipart upload's ETag counts its parts
+    assert big["Metadata"]["sha256"] == file_digest(folder / "shards" / "model-00001.safetensors")
+    stored = json.loads(s3_client_env.get_object(Bucket=BUCKET, Key=f"big/v1/{MANIFEST}")["Body"].read())
+    assert stored == manifest and set(stored["files"]) == {"config.json", "shards/model-00001.safetensors"}
+    assert stored["digest"] == file_digest(folder)
