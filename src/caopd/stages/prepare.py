@@ -45,7 +45,9 @@ class DataConfig(BaseModel):
             raise ValueError(f"unknown arithmetic kinds {unknown}; choose from {list(KINDS)}")
         if not value or any(w < 0 for w in value.values()) or sum(value.values()) <= 0:
             raise ValueError("weights must be non-negative with a positive sum")
-        return value
+        # The kinds in one fixed order: the draw follows the order, and a dict that crossed KFP (a protobuf
+        # Struct) arrives in a different key order in every process.
+        return {kind: float(value[kind]) for kind in KINDS if kind in value}
 
     @model_validator(mode="after")
     def _sources_for_other_tasks(self) -> "DataConfig":
