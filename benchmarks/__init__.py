@@ -1,0 +1,1 @@
+"""Benchmarks against named baselines, reported as ratios measured in one run: ``python -m benchmarks``."""

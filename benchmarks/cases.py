@@ -1,0 +1,191 @@
+"""The benchmark cases. Each returns a dict of raw timings; ``benchmarks.__main__`` runs each case in a process of
+its own (so peak memory is the case's own) and turns the timings into medians, ranges and ratios.
+
+Every timed figure is taken ``repeats`` times after one warm-up of the same work.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+class PeakRss:
+    """Peak resident memory of this process over a block, sampled every 10 ms (torch allocates outside Python,
+    so tracemalloc would not see it)."""
+
+    def __enter__(self) -> "PeakRss":
+        self.peak, self._stop = _rss(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _timed(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
+    fn()  # warm-up: allocator, thread pool, lazy imports
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return times, result
+
+
+def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:
+    """The measured fp32 matmul throughput of this machine with torch's threads: the ceiling for useful FLOPs."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    times, _ = _timed(lambda: torch.mm(a, b), repeats)
+    return 2 * size ** 3 / min(times) / 1e9
+
+
+def _prompts(n: int, seed: int = 0) -> tuple[Any, list[str], list[Any]]:
+    from caopd.models.loading import load_model
+    from caopd.tasks import get_task
+    from caopd.tasks.arithmetic import generate_rows
+    from caopd.templates import render_prompt
+
+    loaded = load_model("tiny")
+    task = get_task("arithmetic")
+    examples = [task.example_from_row(row, i) for i, row in enumerate(generate_rows(n, seed))]
+    return loaded, [render_prompt(loaded.tokenizer, e.prompt) for e in examples], examples
+
+
+# --- 1. rollouts --------------------------------------------------------------------------------------
+def rollout_case(n_prompts: int = 64, k: int = 8, max_new_tokens: int = 24, repeats: int = 5) -> dict[str, Any]:
+    """The project's engine against plain batched ``model.generate`` on the same prompts, K and sampling."""
+    from caopd.models.loading import encode_text
+    from caopd.rollout import SamplingConfig
+    from caopd.rollout.transformers_engine import TransformersEngine
+
+    loaded, prompts, _ = _prompts(n_prompts)
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    sampling = SamplingConfig(n=k, temperature=1.0, max_new_tokens=max_new_tokens, seed=0)
+    engine = TransformersEngine(model, tokenizer, max_batch_prompts=n_prompts)
+    ours_times, ours = _timed(lambda: engine.generate(prompts, sampling), repeats)
+    ours_tokens = sum(len(c.token_ids) for group in ours for c in group)
+
+    encoded = [encode_text(tokenizer, p) for p in prompts]
+    width = max(map(len, encoded))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded])  # left padding
+    mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(ids) for ids in encoded])[:, None]).long()
+
+    @torch.no_grad()
+    def plain_generate():
+        torch.manual_seed(0)
+        return model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0,
+                              top_k=0, num_return_sequences=k, max_new_tokens=max_new_tokens, use_cache=True,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+
+    base_times, generated = _timed(plain_generate, repeats)
+    new = generated[:, width:]
+    # A row's new tokens end at its EOS (inclusive); generate pads the rest.
+    is_eos = (new == tokenizer.eos_token_id).int()
+    ended = is_eos.cumsum(-1) - is_eos > 0
+    base_tokens = int((~ended).sum())
+    completions = n_prompts * k
+    return {"completions": completions, "ours_seconds": ours_times, "ours_new_tokens": ours_tokens,
+            "generate_seconds": base_times, "generate_new_tokens": base_tokens,
+            "setup": {"n_prompts": n_prompts, "k": k, "max_new_tokens": max_new_tokens, "model": "tiny"}}
+
+
+# --- 2. distillation training ------------------------------------------------------------------------
+def _flops_per_step(n_params: int, prompt_tokens: int, completion_tokens: int, n_sequences: int) -> dict[str, int]:
+    """Useful FLOPs of one step with the 2·N·tokens rule: sampling (each prompt once per prompt, each completion
+    token once), the teacher forward and the student forward + backward over prompt + completion tokens."""
+    seq_tokens = prompt_tokens + completion_tokens
+    sampling = 2 * n_params * (prompt_tokens // max(1, n_sequences) + completion_tokens)
+    return {"sampling": sampling, "teacher_forward": 2 * n_params * seq_tokens,
+            "student_forward_backward": 6 * n_params * seq_tokens,
+            "total": sampling + 8 * n_params * seq_tokens}
+
+
+def training_case(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24, repeats: int = 5,
+                  with_trl: bool = True) -> dict[str, Any]:
+    """One OPD/CaOPD step of the project (sampling, teacher scoring, loss, backward, optimizer) against
+    ``trl.DistillationTrainer`` on the same tiny model, prompts × K and completion length."""
+    from caopd.distill.config import TrainConfig
+    from caopd.distill.teachers import Teacher
+    from caopd.distill.trainer import TrainItem, Trainer
+    from caopd.rollout import SamplingConfig
+    from caopd.rollout.transformers_engine import TransformersEngine
+    from caopd.tasks import get_task
+
+    loaded, _, examples = _prompts(n_prompts * (repeats + 1))
+    cfg = TrainConfig(method="caopd", steps=repeats + 1, prompts_per_step=n_prompts, k=k, warmup_steps=0,
+                      micro_batch_size=n_prompts * k, sampling=SamplingConfig(max_new_tokens=max_new_tokens))
+    items = [TrainItem(e, 0.5, None) for e in examples]
+    student = loaded.model
+    teacher = Teacher("frozen", copy.deepcopy(student), cfg.ema_rate, None)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(cfg, student, loaded.tokenizer, loaded.template, get_task("arithmetic"), items,
+                          TransformersEngine(student, loaded.tokenizer), teacher, Path(out), progress=False)
+        records, step_times = [], []
+        with PeakRss() as memory:
+            for step in range(repeats + 1):
+                start = time.perf_counter()
+                records.append(trainer.train_step(step))
+                step_times.append(time.perf_counter() - start)
+    n_params = sum(p.numel() for p in student.parameters())
+    trained = [r["trained_tokens"] for r in records[1:]]
+    prompt_tokens = sum(len(trainer.prompt_ids[e.id]) for e in examples[:n_prompts]) * k
+    flops = _flops_per_step(n_params, prompt_tokens, int(sum(trained) / len(trained)), n_prompts * k)
+    result = {"ours_seconds": step_times[1:], "ours_trained_tokens": trained, "ours_peak_rss": memory.peak,
+              "n_params": n_params, "flops_per_step": flops, "matmul_peak_gflops": matmul_peak_gflops(),
+              "setup": {"n_prompts": n_prompts, "k": k, "max_new_tokens": max_new_tokens, "model": "tiny"}}
+    if with_trl:
+        from benchmarks.trl_baseline import measure_trl_steps
+
+        result["trl"] = {str(gc): measure_trl_steps(n_prompts=n_prompts, k=k, max_new_tokens=max_new_tokens,
+                                                    steps=repeats + 1, gradient_checkpointing=gc)
+                         for gc in (False, True)}
+    return result
+
+
+# --- 3. metrics ----------------------------------------------------------------------------------------
+def metrics_case(n: int = 1_000_000, repeats: int = 5) -> dict[str, Any]:
+    from caopd.metrics import calibration_metrics
+
+    rng = torch.Generator().manual_seed(0)
+    confidence = torch.rand(n, generator=rng, dtype=torch.float64).numpy()
+    correct = torch.rand(n, generator=rng, dtype=torch.float64).numpy() < confidence
+    confidence[::97] = float("nan")  # some missing confidences, as real predictions have
+    times, _ = _timed(lambda: calibration_metrics(confidence, correct), repeats)
+    return {"seconds": times, "n": n}
+
+
+# --- 4. the whole run -------------------------------------------------------------------------------------
+def run_case(args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``caopd run`` once on the defaults (five 5-minute runs would not fit the 15-minute budget)."""
+    import resource
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "caopd.cli", "run", "--out", out, "--quiet", *args], check=True)
+        seconds = time.perf_counter() - start
+    # ru_maxrss of children: the largest single task process (KiB on Linux).
+    return {"seconds": [seconds], "peak_rss_largest_task": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+            * 1024, "args": list(args)}
