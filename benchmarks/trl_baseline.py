@@ -23,10 +23,15 @@ How the setup maps onto TRL:
   (on by default), the lr schedule (constant here; the project warms up, which does not change the cost),
   ``shuffle_dataset``, ``use_cpu``.
 
+The teacher sees the same prompt as the student (DistillationTrainer has no privileged teacher context), and a
+frozen copy of the student matches it exactly, so the loss and the gradients are 0 here. The work per step (forward,
+backward, optimizer update) is the same as with a different teacher; only the numbers trained on are zeros.
+
 What is measured:
 
 - ``step_seconds``: wall time from ``on_step_begin`` to ``on_step_end`` of each optimizer step after the first one
-  (warm-up): generation, student and teacher forwards, loss, backward, clipping and the AdamW update.
+  (warm-up): generation, student and teacher forwards, loss, backward, clipping and the AdamW update. The mean
+  and median are given too; ``config.load_avg_1min`` (before, after) shows whether other work shared the cores.
 - ``trained_tokens``: TRL's own count of the tokens in the loss per step (``num_items_in_batch``, the sum of the
   completion mask: sampled tokens up to and including the first EOS), read from
   ``_generate_and_score_completions``. The project counts the same way (sampled ids + EOS when finished).
@@ -40,6 +45,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import statistics
 import tempfile
 import threading
 import time
@@ -130,6 +137,7 @@ def measure_trl_steps(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24,
     if steps < 2:
         raise ValueError("steps must be at least 2: the first step is warm-up and is not measured")
     torch.set_num_threads(2)
+    load_before = os.getloadavg()[0]  # other work on the 2 cores inflates and scatters step times
     loaded = load_model("tiny")
     tokenizer = loaded.tokenizer
     teacher = copy.deepcopy(loaded.model).eval().requires_grad_(False)
@@ -166,7 +174,8 @@ def measure_trl_steps(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24,
     measured_tokens = trainer.token_counts[1:]
     return {
         "step_seconds": timer.seconds[1:],
-        "mean_step_seconds": sum(timer.seconds[1:]) / len(timer.seconds[1:]),
+        "mean_step_seconds": statistics.fmean(timer.seconds[1:]),
+        "median_step_seconds": statistics.median(timer.seconds[1:]),
         "warmup_step_seconds": timer.seconds[0],
         "trained_tokens": measured_tokens,
         "trained_tokens_per_step": round(sum(measured_tokens) / len(measured_tokens)),
@@ -179,6 +188,7 @@ def measure_trl_steps(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24,
             "seed": seed, "beta": 0.0, "temperature": 1.0, "lr": LEARNING_RATE,
             "per_device_train_batch_size": per_device, "gradient_accumulation_steps": group // per_device,
             "threads": torch.get_num_threads(), "dtype": "float32", "device": "cpu", "use_vllm": False,
+            "load_avg_1min": [load_before, os.getloadavg()[0]],
         },
     }
 
