@@ -102,7 +102,8 @@ def markdown(result: dict) -> str:
         t = result["training"]
         if "speedup_vs_trl" in t:
             rows.append(f"| training step (trained tokens/s) | {t['ours_trained_tokens_per_s']:.0f} | "
-                        f"{t['trl_trained_tokens_per_s']:.0f} (TRL DistillationTrainer) | {t['speedup_vs_trl']:.2f}× |")
+                        f"{t['trl_trained_tokens_per_s']:.0f} (TRL DistillationTrainer) | "
+                        f"{t['speedup_vs_trl']:.2f}× |")
             rows.append(f"| training peak memory (MiB) | {t['ours_peak_rss'] / 2**20:.0f} | "
                         f"{t['trl_peak_rss'] / 2**20:.0f} | {t['peak_memory_ratio_vs_trl']:.2f}× |")
         rows.append(f"| training useful GFLOP/s | {t['useful_gflops']:.1f} | {t['matmul_peak_gflops']:.1f} (fp32 "

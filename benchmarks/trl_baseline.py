@@ -50,7 +50,6 @@ import statistics
 import tempfile
 import threading
 import time
-from typing import Any
 
 import psutil
 import torch
