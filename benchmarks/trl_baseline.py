@@ -35,7 +35,7 @@ What is measured:
 - ``trained_tokens``: TRL's own count of the tokens in the loss per step (``num_items_in_batch``, the sum of the
   completion mask: sampled tokens up to and including the first EOS), read from
   ``_generate_and_score_completions``. The project counts the same way (sampled ids + EOS when finished).
-- ``peak_memory_bytes``: the highest resident set size (psutil ``memory_info().rss``) seen by a background thread
+- ``peak_memory_bytes``: the highest resident set size (``/proc/self/statm``, the same sampler as the project's case) seen by a background thread
   sampling every 5 ms during the measured steps. This is process RSS, so it includes both models, the optimizer
   state, the Python heap and torch's CPU allocator caches. ``baseline_rss_bytes`` is the RSS just before the
   first measured step, so the growth during a step is ``peak - baseline``.
@@ -48,16 +48,15 @@ import json
 import os
 import statistics
 import tempfile
-import threading
 import time
 
-import psutil
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 from trl import DistillationConfig, DistillationTrainer
 
+from benchmarks.cases import PeakRss, rss_bytes
 from caopd.distill.config import TrainConfig
 from caopd.models.loading import load_model
 from caopd.tasks.arithmetic import generate_rows
@@ -65,39 +64,12 @@ from caopd.templates import render_prompt
 
 LEARNING_RATE = 1.5e-4
 MAX_GRAD_NORM = 1.0
-SAMPLE_INTERVAL_S = 0.005
-
-
-class RssSampler:
-    """Peak RSS while running, sampled from a daemon thread (sleep and torch ops release the GIL)."""
-
-    def __init__(self) -> None:
-        self._proc = psutil.Process()
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            self._stop.wait(SAMPLE_INTERVAL_S)
-
-    def start(self) -> None:
-        self.peak = self._proc.memory_info().rss
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
 class StepTimer(TrainerCallback):
     """Per-optimizer-step wall times and token counts; RSS sampling starts once the warm-up step is done."""
 
-    def __init__(self, sampler: RssSampler) -> None:
+    def __init__(self, sampler: PeakRss) -> None:
         self.sampler = sampler
         self.seconds: list[float] = []
         self.tokens: list[int] = []
@@ -106,7 +78,7 @@ class StepTimer(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == 1:  # first measured step: everything before it is warm-up
-            self.baseline_rss = psutil.Process().memory_info().rss
+            self.baseline_rss = rss_bytes()
             self.sampler.start()
         self._t0 = time.perf_counter()
 
@@ -158,7 +130,7 @@ def measure_trl_steps(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24,
             use_cpu=True, shuffle_dataset=False, seed=seed, data_seed=seed, dataloader_num_workers=0,
             save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=True,
         )
-        sampler = RssSampler()
+        sampler = PeakRss()
         timer = StepTimer(sampler)
         trainer = CountingDistillationTrainer(model=loaded.model, teacher_model=teacher, args=args,
                                               train_dataset=dataset, processing_class=tokenizer,
@@ -168,7 +140,8 @@ def measure_trl_steps(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24,
         try:
             trainer.train()
         finally:
-            sampler.stop()
+            if timer.baseline_rss:  # sampling started with the first measured step
+                sampler.stop()
 
     measured_tokens = trainer.token_counts[1:]
     return {
@@ -180,7 +153,7 @@ def measure_trl_steps(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24,
         "trained_tokens_per_step": round(sum(measured_tokens) / len(measured_tokens)),
         "peak_memory_bytes": sampler.peak,
         "baseline_rss_bytes": timer.baseline_rss,
-        "memory_method": f"psutil RSS sampled every {SAMPLE_INTERVAL_S * 1000:.0f} ms during the measured steps",
+        "memory_method": "process RSS (/proc/self/statm) sampled every 5 ms during the measured steps",
         "config": {
             "trainer": "trl.DistillationTrainer", "n_prompts": n_prompts, "k": k, "max_new_tokens": max_new_tokens,
             "steps": steps, "measured_steps": steps - 1, "gradient_checkpointing": gradient_checkpointing,
