@@ -117,14 +117,18 @@ def rollout_case(n_prompts: int = 64, k: int = 8, max_new_tokens: int = 24, repe
 
 
 # --- 2. distillation training ------------------------------------------------------------------------
-def _flops_per_step(n_params: int, prompt_tokens: int, completion_tokens: int, n_sequences: int) -> dict[str, int]:
-    """Useful FLOPs of one step with the 2·N·tokens rule: sampling (each prompt once per prompt, each completion
-    token once), the teacher forward and the student forward + backward over prompt + completion tokens."""
-    seq_tokens = prompt_tokens + completion_tokens
-    sampling = 2 * n_params * (prompt_tokens // max(1, n_sequences) + completion_tokens)
-    return {"sampling": sampling, "teacher_forward": 2 * n_params * seq_tokens,
-            "student_forward_backward": 6 * n_params * seq_tokens,
-            "total": sampling + 8 * n_params * seq_tokens}
+def flops_per_step(n_params: int, groups: list[Any]) -> dict[str, int]:
+    """Useful FLOPs of one step by the 2·N·tokens rule: each prompt once per group of K completions (in sampling,
+    in the teacher's forward under its longer privileged prompt, and in the student's forward + backward), each
+    completion token once in each."""
+    prompts = sum(len(g.prompt_ids) for g in groups)
+    teacher_prompts = sum(len(g.teacher_prompt_ids) for g in groups)
+    completions = sum(len(ids) for g in groups for ids in g.completion_ids)
+    parts = {"sampling": 2 * n_params * (prompts + completions),
+             "teacher_forward": 2 * n_params * (teacher_prompts + completions),
+             "student_forward_backward": 6 * n_params * (prompts + completions)}
+    return {**parts, "total": sum(parts.values()), "prompt_tokens": prompts, "teacher_prompt_tokens": teacher_prompts,
+            "completion_tokens": completions}
 
 
 def training_case(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24, repeats: int = 5,
@@ -139,13 +143,20 @@ def training_case(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24, rep
     from caopd.tasks import get_task
 
     loaded, _, examples = _prompts(n_prompts * (repeats + 1))
+    # The default micro-batch (64 sequences), which is also TRL's per-device batch in the baseline.
     cfg = TrainConfig(method="caopd", steps=repeats + 1, prompts_per_step=n_prompts, k=k, warmup_steps=0,
-                      micro_batch_size=n_prompts * k, sampling=SamplingConfig(max_new_tokens=max_new_tokens))
+                      sampling=SamplingConfig(max_new_tokens=max_new_tokens))
     items = [TrainItem(e, 0.5, None) for e in examples]
     student = loaded.model
     teacher = Teacher("frozen", copy.deepcopy(student), cfg.ema_rate, None)
+    class RecordingTrainer(Trainer):  # keeps each step's scored groups, to count the step's FLOPs
+        def loss_and_backward(self, groups):
+            steps_groups.append(groups)
+            return super().loss_and_backward(groups)
+
+    steps_groups: list[list[Any]] = []
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(cfg, student, loaded.tokenizer, loaded.template, get_task("arithmetic"), items,
+        trainer = RecordingTrainer(cfg, student, loaded.tokenizer, loaded.template, get_task("arithmetic"), items,
                           TransformersEngine(student, loaded.tokenizer), teacher, Path(out), progress=False)
         records, step_times = [], []
         with PeakRss() as memory:
@@ -155,8 +166,8 @@ def training_case(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24, rep
                 step_times.append(time.perf_counter() - start)
     n_params = sum(p.numel() for p in student.parameters())
     trained = [r["trained_tokens"] for r in records[1:]]
-    prompt_tokens = sum(len(trainer.prompt_ids[e.id]) for e in examples[:n_prompts]) * k
-    flops = _flops_per_step(n_params, prompt_tokens, int(sum(trained) / len(trained)), n_prompts * k)
+    measured = [flops_per_step(n_params, groups) for groups in steps_groups[1:]]
+    flops = {key: sum(m[key] for m in measured) // len(measured) for key in measured[0]}
     result = {"ours_seconds": step_times[1:], "ours_trained_tokens": trained, "ours_peak_rss": memory.peak,
               "n_params": n_params, "flops_per_step": flops, "matmul_peak_gflops": matmul_peak_gflops(),
               "setup": {"n_prompts": n_prompts, "k": k, "max_new_tokens": max_new_tokens, "model": "tiny"}}

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from caopd.distill.config import TrainConfig
 from caopd.distill.losses import token_cross_entropy, token_divergence
 from caopd.distill.teachers import Teacher
+from caopd.models.batching import completion_logits
 from caopd.models.loading import encode_text
 from caopd.protocol import CONFIDENCE_KEY, parse_confidence
 from caopd.rollout.base import RolloutEngine
@@ -39,10 +40,14 @@ class TrainItem:
 
 
 @dataclass
-class TokenSequence:
+class PromptGroup:
+    """The K training completions of one prompt, with the student's and the teacher's prompt ids: each prompt is
+    computed once per group in the loss forwards."""
+
     prompt_ids: list[int]
-    completion_ids: list[int]
-    confidence_mask: list[bool]  # completion tokens of the Confidence line (decoupled variant)
+    teacher_prompt_ids: list[int]
+    completion_ids: list[list[int]]
+    confidence_masks: list[list[bool]]  # completion tokens of the Confidence line (decoupled variant)
 
 
 def prompt_order(n_items: int, seed: int, step: int, batch: int) -> list[int]:
@@ -74,19 +79,18 @@ def completion_tokens(tokenizer: Any, text: str, sampled_ids: list[int] | None, 
     return enc["input_ids"] + [eos], mask + [True]
 
 
-def _pad_batch(seqs: Sequence[TokenSequence], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ids, mask, and the positions whose next token is a completion token."""
-    width = max(len(s.prompt_ids) + len(s.completion_ids) for s in seqs)
-    n = len(seqs)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attention = torch.zeros((n, width), dtype=torch.long)
-    predicts = torch.zeros((n, width), dtype=torch.bool)
-    for i, s in enumerate(seqs):
-        ids = s.prompt_ids + s.completion_ids
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention[i, : len(ids)] = 1
-        predicts[i, len(s.prompt_ids) - 1: len(ids) - 1] = True
-    return {"input_ids": input_ids, "attention_mask": attention, "predicts": predicts}
+def micro_batches(groups: Sequence[PromptGroup], max_sequences: int) -> list[list[PromptGroup]]:
+    """Whole prompt groups per micro-batch, up to ``max_sequences`` completions (at least one group)."""
+    batches: list[list[PromptGroup]] = []
+    size = 0
+    for group in groups:
+        if batches and size + len(group.completion_ids) <= max_sequences:
+            batches[-1].append(group)
+            size += len(group.completion_ids)
+        else:
+            batches.append([group])
+            size = len(group.completion_ids)
+    return batches
 
 
 class Trainer:
@@ -105,52 +109,51 @@ class Trainer:
     def lr_at(self, step: int) -> float:
         return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
 
-    def build_sequences(self, batch: list[TrainItem], rollouts) -> tuple[list[TokenSequence], list[TokenSequence], dict]:
+    def build_groups(self, batch: list[TrainItem], rollouts) -> tuple[list[PromptGroup], dict]:
         cfg = self.cfg
-        student_seqs, teacher_seqs = [], []
+        groups: list[PromptGroup] = []
         correct_all, stated, ps = [], [], []
-        for item, group in zip(batch, rollouts):
-            correct = [self.task.verify(item.example, c.text) for c in group]
+        for item, rollout_group in zip(batch, rollouts):
+            correct = [self.task.verify(item.example, c.text) for c in rollout_group]
             correct_all += correct
-            stated += [parse_confidence(c.text) for c in group]
+            stated += [parse_confidence(c.text) for c in rollout_group]
             p = empirical_confidence(correct) if cfg.p_source == "online" or item.p_offline is None \
                 else item.p_offline
             ps.append(p)
             # A correct rollout of this very step is the freshest verified solution; else the offline one.
-            fresh = next((c.text for c, ok in zip(group, correct) if ok), None)
+            fresh = next((c.text for c, ok in zip(rollout_group, correct) if ok), None)
             ctx = teacher_context(cfg.teacher_context, item.example.demonstration, fresh or item.correct_rollout,
                                   p, cfg.method)
             t_prompt = encode_text(self.tokenizer, render_prompt(
                 self.tokenizer, teacher_prompt(item.example.prompt, ctx, self.template)))
-            for c in group:
-                target = student_target(c.text, p, cfg.method)
-                ids, conf_mask = completion_tokens(self.tokenizer, target,
+            group = PromptGroup(self.prompt_ids[item.example.id], t_prompt, [], [])
+            for c in rollout_group:
+                ids, conf_mask = completion_tokens(self.tokenizer, student_target(c.text, p, cfg.method),
                                                    c.token_ids if cfg.method == "opd" else None, c.finished)
-                student_seqs.append(TokenSequence(self.prompt_ids[item.example.id], ids, conf_mask))
-                teacher_seqs.append(TokenSequence(t_prompt, ids, conf_mask))
+                group.completion_ids.append(ids)
+                group.confidence_masks.append(conf_mask)
+            groups.append(group)
         n_missing = sum(s is None for s in stated)
         stats = {"sample_accuracy": sum(correct_all) / len(correct_all), "mean_p": sum(ps) / len(ps),
                  "mean_stated_confidence": sum(s or 0.0 for s in stated) / len(stated),
                  "missing_rate": n_missing / len(stated)}
-        return student_seqs, teacher_seqs, stats
+        return groups, stats
 
-    def loss_and_backward(self, student_seqs: list[TokenSequence], teacher_seqs: list[TokenSequence]) -> dict[str, float]:
-        """Token-mean loss over the whole step, accumulated over micro-batches to bound memory."""
+    def loss_and_backward(self, groups: list[PromptGroup]) -> dict[str, float]:
+        """Token-mean loss over the whole step, accumulated over micro-batches of whole prompt groups to bound
+        memory; each prompt (student's and teacher's) is computed once for its K completions."""
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
-        weights = [[j >= cfg.skip_first_tokens for j in range(len(s.completion_ids))] for s in student_seqs]
-        n_tokens = max(1, sum(sum(w) for w in weights))
+        n_tokens = max(1, sum(max(0, len(ids) - cfg.skip_first_tokens) for g in groups for ids in g.completion_ids))
         total_div, total_ce = 0.0, 0.0
-        for lo in range(0, len(student_seqs), cfg.micro_batch_size):
-            s_part, t_part = student_seqs[lo: lo + cfg.micro_batch_size], teacher_seqs[lo: lo + cfg.micro_batch_size]
-            s_batch, t_batch = _pad_batch(s_part, pad), _pad_batch(t_part, pad)
+        for part in micro_batches(groups, cfg.micro_batch_size):
+            completions = [g.completion_ids for g in part]
             with torch.no_grad():
-                t_logits = self.teacher.model(input_ids=t_batch["input_ids"],
-                                              attention_mask=t_batch["attention_mask"]).logits[t_batch["predicts"]]
-            s_logits = self.student(input_ids=s_batch["input_ids"],
-                                    attention_mask=s_batch["attention_mask"]).logits[s_batch["predicts"]]
-            targets = torch.tensor([t for s in s_part for t in s.completion_ids])
-            conf = torch.tensor([m for s in s_part for m in s.confidence_mask], dtype=torch.bool)
-            counted = torch.tensor([w for ws in weights[lo: lo + cfg.micro_batch_size] for w in ws], dtype=torch.bool)
+                t_logits = completion_logits(self.teacher.model, [g.teacher_prompt_ids for g in part], completions, pad)
+            s_logits = completion_logits(self.student, [g.prompt_ids for g in part], completions, pad)
+            flat = [ids for g in part for ids in g.completion_ids]
+            targets = torch.tensor([t for ids in flat for t in ids])
+            conf = torch.tensor([m for g in part for mask in g.confidence_masks for m in mask], dtype=torch.bool)
+            counted = torch.tensor([j >= cfg.skip_first_tokens for ids in flat for j in range(len(ids))])
             div = token_divergence(s_logits, t_logits, cfg.divergence, cfg.beta, cfg.top_k)
             if cfg.variant == "decoupled":
                 div_part = (div * (counted & ~conf)).sum()
@@ -170,12 +173,12 @@ class Trainer:
         sampling = cfg.sampling.model_copy(update={"n": cfg.k, "seed": cfg.seed * 100_003 + step})
         self.student.eval()
         rollouts = self.engine.generate([render_prompt(self.tokenizer, it.example.prompt) for it in batch], sampling)
-        student_seqs, teacher_seqs, stats = self.build_sequences(batch, rollouts)
+        groups, stats = self.build_groups(batch, rollouts)
         self.student.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
         self.optimizer.zero_grad(set_to_none=True)
-        losses = self.loss_and_backward(student_seqs, teacher_seqs)
+        losses = self.loss_and_backward(groups)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient at step {step}; the last checkpoint is kept")

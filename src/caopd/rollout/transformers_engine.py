@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from caopd.models.batching import prefill
 from caopd.models.loading import encode_text
 from caopd.rollout.base import Completion, RolloutEngine, SamplingConfig
 
@@ -61,19 +62,11 @@ class TransformersEngine(RolloutEngine):
         model, device, k = self.model, self.device, sampling.n
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
-        width = max(len(ids) for ids in prompt_ids)
-        input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long, device=device)
-        mask = torch.zeros((len(prompt_ids), width), dtype=torch.long, device=device)
-        for row, ids in enumerate(prompt_ids):  # left padding: every prompt ends at the last column
-            input_ids[row, width - len(ids):] = torch.tensor(ids, device=device)
-            mask[row, width - len(ids):] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache, logits = out.cache, out.logits[:, -1]
+        cache, logits, mask, next_pos = prefill(model, prompt_ids, pad)
         # One prefill per prompt; its K samples share the cached prefix.
         cache.batch_repeat_interleave(k)
         logits, mask = logits.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
-        next_pos = positions[:, -1:].repeat_interleave(k, 0) + 1
+        next_pos = next_pos.repeat_interleave(k, 0)
         rows = torch.arange(len(prompt_ids) * k, device=device)  # which output row each batch row is
         tokens: list[list[int]] = [[] for _ in range(len(prompt_ids) * k)]
         finished = [False] * len(tokens)
