@@ -58,6 +58,22 @@ def _timed(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
     return times, result
 
 
+def _timed_alternating(ours: Callable[[], Any], baseline: Callable[[], Any], repeats: int,
+                       ) -> tuple[list[float], Any, list[float], Any]:
+    """Both sides warmed up, then timed in turn (ours, baseline, ours, ...), so drift on a shared machine hits both
+    alike rather than whichever side ran second."""
+    ours(), baseline()
+    ours_times, base_times, ours_result, base_result = [], [], None, None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        ours_result = ours()
+        ours_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        base_result = baseline()
+        base_times.append(time.perf_counter() - start)
+    return ours_times, ours_result, base_times, base_result
+
+
 def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:
     """The measured fp32 matmul throughput of this machine with torch's threads: the ceiling for useful FLOPs."""
     a, b = torch.randn(size, size), torch.randn(size, size)
@@ -78,7 +94,7 @@ def _prompts(n: int, seed: int = 0) -> tuple[Any, list[str], list[Any]]:
 
 
 # --- 1. rollouts --------------------------------------------------------------------------------------
-def rollout_case(n_prompts: int = 64, k: int = 8, max_new_tokens: int = 24, repeats: int = 5) -> dict[str, Any]:
+def rollout_case(n_prompts: int = 64, k: int = 8, max_new_tokens: int = 24, repeats: int = 9) -> dict[str, Any]:
     """The project's engine against plain batched ``model.generate`` on the same prompts, K and sampling."""
     from caopd.models.loading import encode_text
     from caopd.rollout import SamplingConfig
@@ -88,8 +104,6 @@ def rollout_case(n_prompts: int = 64, k: int = 8, max_new_tokens: int = 24, repe
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     sampling = SamplingConfig(n=k, temperature=1.0, max_new_tokens=max_new_tokens, seed=0)
     engine = TransformersEngine(model, tokenizer, max_batch_prompts=n_prompts)
-    ours_times, ours = _timed(lambda: engine.generate(prompts, sampling), repeats)
-    ours_tokens = sum(len(c.token_ids) for group in ours for c in group)
 
     encoded = [encode_text(tokenizer, p) for p in prompts]
     width = max(map(len, encoded))
@@ -104,7 +118,9 @@ def rollout_case(n_prompts: int = 64, k: int = 8, max_new_tokens: int = 24, repe
                               top_k=0, num_return_sequences=k, max_new_tokens=max_new_tokens, use_cache=True,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
 
-    base_times, generated = _timed(plain_generate, repeats)
+    ours_times, ours, base_times, generated = _timed_alternating(lambda: engine.generate(prompts, sampling),
+                                                                 plain_generate, repeats)
+    ours_tokens = sum(len(c.token_ids) for group in ours for c in group)
     new = generated[:, width:]
     # A row's new tokens end at its EOS (inclusive); generate pads the rest.
     is_eos = (new == tokenizer.eos_token_id).int()
