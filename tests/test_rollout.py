@@ -3,7 +3,7 @@
 import torch
 
 from caopd.rollout.base import SamplingConfig
-from caopd.rollout.transformers_engine import TransformersEngine, sample_next
+from caopd.rollout.transformers_engine import TransformersEngine, chunk_generator, sample_next
 
 PROMPTS = ["12*34=", "3+4=", "56*7=", "88+19="]
 
@@ -48,3 +48,22 @@ def test_sample_next_top_p_keeps_only_the_nucleus():
     draws = {int(sample_next(logits, 1.0, 0.5, g)) for _ in range(50)}
     assert draws == {0}
     assert int(sample_next(logits, 0.0, 1.0, None)) == 0
+
+
+def test_buckets_decoded_in_threads_give_the_completions_of_one_thread(tiny_model):
+    cfg = SamplingConfig(n=3, temperature=1.0, max_new_tokens=24, seed=11)
+    prompts = PROMPTS + ["7*8=", "123+456="]
+    threads_before = torch.get_num_threads()
+    one = TransformersEngine(tiny_model.model, tiny_model.tokenizer, max_batch_prompts=2, decode_threads=1)
+    three = TransformersEngine(tiny_model.model, tiny_model.tokenizer, max_batch_prompts=2, decode_threads=3)
+    sequential, threaded = one.generate(prompts, cfg), three.generate(prompts, cfg)
+    assert [[c.token_ids for c in g] for g in sequential] == [[c.token_ids for c in g] for g in threaded]
+    assert torch.get_num_threads() == threads_before  # the one-op-thread setting is undone
+
+
+def test_bucket_rngs_depend_on_seed_and_bucket_only():
+    def draw(seed, chunk):
+        return torch.rand(4, generator=chunk_generator(seed, chunk, torch.device("cpu"))).tolist()
+
+    assert draw(0, 1) == draw(0, 1)
+    assert len({tuple(draw(s, c)) for s in (0, 1) for c in (0, 1)}) == 4
