@@ -95,6 +95,20 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    from caopd.routing import RouteConfig, run_routing
+
+    small = {}
+    for spec in args.small:
+        name, sep, path = spec.partition("=")
+        small[name if sep else Path(spec).stem] = path if sep else spec
+    cfg = RouteConfig(small=small, large=args.large, large_accuracy=args.large_accuracy, small_cost=args.small_cost,
+                      large_cost=args.large_cost, target_accuracy=args.target_accuracy)
+    summary = run_routing(cfg, args.out)
+    _print_json({"large_accuracy": summary["large_accuracy"], "small": summary["small"], "out": args.out})
+    return 0
+
+
 def _tracker(args: argparse.Namespace, required: bool = False):
     """The MLflow tracker for a stage command: only with a tracking URI (flag or environment) unless required."""
     from caopd.stage_tracking import tracker_if_configured
@@ -388,6 +402,24 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("file")
     m.set_defaults(func=cmd_metrics)
+    ro = sub.add_parser("route", help="cascade routing: when to call the large model, from the small one's confidence",
+                        description="Sweep the confidence threshold below which a prompt goes to the large model; "
+                        "report accuracy against cost, the cheapest threshold reaching --target-accuracy and its "
+                        "saving against calling the large model on every prompt (routing.json, .md, .png).",
+                        epilog="example (the tiny default has no large model; state its accuracy):\n"
+                               "  caopd route --small caopd=runs/demo/evaluation/predictions_caopd.jsonl \\\n"
+                               "      --small opd=runs/demo/evaluation/predictions_opd.jsonl \\\n"
+                               "      --large-accuracy 0.95 --large-cost 10 --target-accuracy 0.85 --out runs/route",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ro.add_argument("--small", action="append", required=True, metavar="[NAME=]FILE",
+                    help="a small model's predictions JSONL (prompt_id, confidence, correct); repeat to compare")
+    ro.add_argument("--large", help="the large model's predictions JSONL on the same prompts")
+    ro.add_argument("--large-accuracy", type=float, help="the large model's accuracy, instead of its predictions")
+    ro.add_argument("--small-cost", type=float, default=1.0, help="cost of one small-model call (default 1)")
+    ro.add_argument("--large-cost", type=float, default=10.0, help="cost of one large-model call (default 10)")
+    ro.add_argument("--target-accuracy", type=float, required=True, help="the accuracy the cascade must reach")
+    ro.add_argument("--out", required=True, help="folder for routing.json, routing.md and routing.png")
+    ro.set_defaults(func=cmd_route)
     return parser
 
 

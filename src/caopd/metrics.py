@@ -142,7 +142,7 @@ def calibration_metrics(confidences: Sequence[float | None] | np.ndarray, correc
     }
 
 
-def _parse_prediction(record: dict, path: str, row: int) -> tuple[float, bool]:
+def parse_prediction(record: dict, path: str, row: int) -> tuple[float, bool]:
     for key in ("confidence", "correct"):
         if key not in record:
             raise CaopdInputError("missing (every line needs 'confidence' and 'correct')",
@@ -173,5 +173,5 @@ def load_predictions(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     records = read_jsonl(path)
     if not records:
         raise CaopdInputError("no predictions (the file is empty)", file=str(path))
-    parsed = [_parse_prediction(record, str(path), row) for row, record in enumerate(records)]
+    parsed = [parse_prediction(record, str(path), row) for row, record in enumerate(records)]
     return (np.asarray([c for c, _ in parsed], dtype=np.float64), np.asarray([y for _, y in parsed], dtype=bool))

@@ -198,3 +198,23 @@ def _format_value(value: object) -> str:
     if isinstance(value, float):
         return _format_metric(value)
     return str(value)
+
+
+def plot_routing(curves: Mapping[str, object], chosen: Mapping[str, Mapping[str, object]], target_accuracy: float,
+                 large_cost: float, large_accuracy: float, path: str | Path, title: str) -> Path:
+    """Cascade accuracy against mean cost per prompt, one curve per small model (``routing.RoutingCurve``), with
+    the cheapest point reaching the target marked and the always-large model as a star."""
+    fig = _new_figure(6.5, 4.5)
+    ax = fig.subplots()
+    for name, curve in curves.items():
+        (line,) = ax.plot(curve.cost, curve.accuracy, marker=".", markersize=3, linewidth=1.2, label=name)
+        point = chosen.get(name, {})
+        if point.get("reachable"):
+            ax.plot([point["cost_per_prompt"]], [point["accuracy"]], "o", color=line.get_color(), markersize=8,
+                    markerfacecolor="none", label=f"{name}: cost {point['cost_per_prompt']:.2f} at "
+                                                  f"≥ {target_accuracy:.2f}")
+    ax.plot([large_cost], [large_accuracy], "*", color="black", markersize=11, label="large model on every prompt")
+    ax.axhline(target_accuracy, color="grey", linestyle="--", linewidth=0.8)
+    ax.set(xlabel="mean cost per prompt (small model = 1 unit each call)", ylabel="accuracy", title=title)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save_png_atomic(fig, path)
