@@ -142,6 +142,56 @@ def calibration_metrics(confidences: Sequence[float | None] | np.ndarray, correc
     }
 
 
+def risk_coverage(confidences: Sequence[float | None] | np.ndarray, correct: Sequence[bool] | np.ndarray,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(coverage, selective risk) when answering the k most confident predictions, k = 1..n.
+
+    Tied confidences cannot be ordered, so within a tie the errors are spread evenly (the expectation over
+    every order of the tie): the curve does not depend on how a sort breaks ties.
+    """
+    conf, _, corr = validate_predictions(confidences, correct)
+    order = np.argsort(-conf, kind="stable")
+    conf, errors = conf[order], (~corr[order]).astype(np.float64)
+    n = conf.size
+    starts = np.flatnonzero(np.r_[True, conf[1:] != conf[:-1]])  # first position of each tie group
+    sizes = np.diff(np.r_[starts, n])
+    group_errors = np.add.reduceat(errors, starts)
+    before = np.r_[0.0, np.cumsum(group_errors)[:-1]]
+    group = np.repeat(np.arange(starts.size), sizes)
+    k = np.arange(1, n + 1)
+    expected_errors = before[group] + (k - starts[group]) * group_errors[group] / sizes[group]
+    return k / n, expected_errors / k
+
+
+def aurc(confidences: Sequence[float | None] | np.ndarray, correct: Sequence[bool] | np.ndarray) -> float:
+    """Area under the risk–coverage curve: the mean selective risk over k = 1..n (lower is better; a perfect
+    ranking of a model with error rate e gives about e + (1 − e)·ln(1 − e))."""
+    return float(risk_coverage(confidences, correct)[1].mean())
+
+
+def bootstrap_intervals(confidences: Sequence[float | None] | np.ndarray, correct: Sequence[bool] | np.ndarray,
+                        n_resamples: int = 1000, level: float = 0.95, seed: int = 0, n_bins: int = 10,
+                        ) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of every metric (``METRIC_KEYS`` and ``aurc``): resample the predictions
+    with replacement ``n_resamples`` times, recompute, take the central ``level`` of the values. Seeded."""
+    if n_resamples < 1 or not 0.0 < level < 1.0:
+        raise ValueError("n_resamples must be >= 1 and level in (0, 1)")
+    raw = np.asarray(confidences, dtype=np.float64)
+    conf, _, corr = validate_predictions(raw, correct)
+    rng = np.random.default_rng(seed)
+    keys = (*METRIC_KEYS, "aurc")
+    samples = {key: np.empty(n_resamples) for key in keys}
+    for r in range(n_resamples):
+        idx = rng.integers(0, conf.size, conf.size)
+        values = calibration_metrics(raw[idx], corr[idx], n_bins)
+        values["aurc"] = aurc(conf[idx], corr[idx])
+        for key in keys:
+            samples[key][r] = values[key]
+    tail = (1.0 - level) / 2 * 100
+    return {key: (float(np.nanpercentile(v, tail)), float(np.nanpercentile(v, 100 - tail)))
+            if not np.isnan(v).all() else (math.nan, math.nan) for key, v in samples.items()}
+
+
 def parse_prediction(record: dict, path: str, row: int) -> tuple[float, bool]:
     for key in ("confidence", "correct"):
         if key not in record:

@@ -20,7 +20,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from caopd.data import atomic_file
-from caopd.metrics import METRIC_KEYS, bin_indices, ece_from_bins, reliability_bins, validate_predictions
+from caopd.metrics import METRIC_KEYS, aurc, bin_indices, ece_from_bins, reliability_bins, risk_coverage, \
+    validate_predictions
 
 _CORRECT_COLOR, _INCORRECT_COLOR, _GAP_COLOR = "#4c72b0", "#dd8452", "#c44e52"
 
@@ -100,6 +101,33 @@ def plot_confidence_histogram(confidences: Sequence[float | None] | np.ndarray,
     ax.set(xlim=(0, 1), ylim=(0, max((n_correct + n_incorrect).max() * 1.35, 1)), xlabel="stated confidence",
            ylabel="count", title=title)
     return _save_png_atomic(fig, path)
+
+
+def plot_risk_coverage(arms: Mapping[str, tuple[Sequence[float | None] | np.ndarray, Sequence[bool] | np.ndarray]],
+                       path: str | Path, title: str) -> Path:
+    """Selective risk against coverage (answer only the most confident predictions), one curve per arm with its
+    AURC in the legend: a confidence that ranks well keeps the risk low at low coverage."""
+    fig = _new_figure(6.0, 4.2)
+    ax = fig.subplots()
+    for name, (confidences, correct) in arms.items():
+        coverage, risk = risk_coverage(confidences, correct)
+        ax.plot(coverage, risk, linewidth=1.4, label=f"{name} (AURC {aurc(confidences, correct):.3f})")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="coverage (share answered, most confident first)",
+           ylabel="selective risk (error rate of the answered)", title=title)
+    ax.legend(loc="upper left")
+    return _save_png_atomic(fig, path)
+
+
+def intervals_table(arms: Mapping[str, Mapping[str, object]]) -> str:
+    """Markdown table of each arm's bootstrap intervals (``arms[name]["intervals"][metric] = (low, high)``)."""
+    keys = [*METRIC_KEYS, "aurc"]
+    lines = ["| arm | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for name, metrics in arms.items():
+        intervals = metrics.get("intervals") or {}
+        cells = [f"{_format_metric(intervals[k][0])}–{_format_metric(intervals[k][1])}" if k in intervals else "n/a"
+                 for k in keys]
+        lines.append("| " + " | ".join([name.replace("|", "\\|"), *cells]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # Column headers for the terminal; the Markdown table uses the metric keys themselves.

@@ -8,9 +8,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from caopd.data import file_digest, load_examples, write_json, write_jsonl, write_text
-from caopd.metrics import calibration_metrics
+from caopd.metrics import aurc, bootstrap_intervals, calibration_metrics, load_predictions
 from caopd.models.loading import load_model
-from caopd.report import comparison_table, plot_confidence_histogram, plot_reliability_diagram
+from caopd.report import (comparison_table, intervals_table, plot_confidence_histogram, plot_reliability_diagram,
+                          plot_risk_coverage)
 from caopd.rollout import EngineName, SamplingConfig, make_engine
 from caopd.stages.common import context_length, fit_to_context, score_completions
 from caopd.tasks import get_task
@@ -30,6 +31,8 @@ class EvaluateConfig(BaseModel):
         description="decoding at test time; the default samples as rollout estimation does, so that the "
                     "confidence a model learned (its sampled success rate) is scored against the same policy")
     engine: EngineName = Field("auto", description="auto: vLLM on a GPU when installed, else transformers")
+    bootstrap_resamples: int = Field(1000, ge=0, description="resamples for the 95 % bootstrap interval of every "
+                                                             "metric (0: no intervals)")
 
     @field_validator("models")
     @classmethod
@@ -56,7 +59,10 @@ def evaluate_arm(name: str, model: str, cfg: EvaluateConfig, examples, out: Path
     confidences, correct = [r["confidence"] for r in rows], [r["correct"] for r in rows]
     plot_reliability_diagram(confidences, correct, out / f"reliability_{name}.png", title=f"{name}: reliability")
     plot_confidence_histogram(confidences, correct, out / f"confidence_{name}.png", title=f"{name}: confidence")
-    return {**calibration_metrics(confidences, correct), "skipped_too_long": len(skipped), "model": model}
+    result = {**calibration_metrics(confidences, correct), "aurc": aurc(confidences, correct)}
+    if cfg.bootstrap_resamples:
+        result["intervals"] = bootstrap_intervals(confidences, correct, cfg.bootstrap_resamples, seed=cfg.sampling.seed)
+    return {**result, "skipped_too_long": len(skipped), "model": model}
 
 
 def run_evaluation(cfg: EvaluateConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
@@ -64,7 +70,12 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: str | Path, progress: bool = Tr
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     arms = {name: evaluate_arm(name, model, cfg, examples, out, progress) for name, model in cfg.models.items()}
-    write_text(out / REPORT, "# Calibration evaluation\n\n" + comparison_table(arms) + "\n")
+    plot_risk_coverage({name: load_predictions(out / f"predictions_{name}.jsonl") for name in arms},
+                       out / "risk_coverage.png", title="risk–coverage")
+    report = "# Calibration evaluation\n\n" + comparison_table(arms) + "\n"
+    if cfg.bootstrap_resamples:
+        report += "\n95 % bootstrap intervals:\n\n" + intervals_table(arms) + "\n"
+    write_text(out / REPORT, report)
     summary = {"stage": "calibration-evaluation", "config": cfg.model_dump(), "data_digest": file_digest(cfg.data),
                "arms": arms}
     write_json(out / SUMMARY, summary)

@@ -1,0 +1,64 @@
+"""Risk–coverage, AURC and bootstrap intervals pinned on hand-computed cases; the evaluation report carries them."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from caopd.metrics import METRIC_KEYS, aurc, bootstrap_intervals, risk_coverage
+from caopd.report import intervals_table
+
+
+def test_risk_coverage_and_aurc_by_hand():
+    # most confident first: right (risk 0/1), wrong (1/2), right (1/3)
+    coverage, risk = risk_coverage([0.7, 0.9, 0.8], [True, True, False])
+    np.testing.assert_allclose(coverage, [1 / 3, 2 / 3, 1.0])
+    np.testing.assert_allclose(risk, [0.0, 0.5, 1 / 3])
+    assert aurc([0.7, 0.9, 0.8], [True, True, False]) == pytest.approx((0 + 0.5 + 1 / 3) / 3)
+
+
+def test_tied_confidences_spread_their_errors_whatever_the_order():
+    # one tie of two (one right, one wrong) after a sure right answer: expected errors 0, 0.5, 1 at k = 1, 2, 3
+    for correct in ([True, True, False], [True, False, True]):
+        _, risk = risk_coverage([0.9, 0.4, 0.4], correct)
+        np.testing.assert_allclose(risk, [0.0, 0.25, 1 / 3])
+    assert aurc([0.5, 0.5], [True, False]) == pytest.approx(0.5)
+    assert aurc([None, 0.3], [False, True]) == pytest.approx(0.25)  # missing counts as 0.0: least confident
+
+
+def test_bootstrap_intervals_on_hand_cases():
+    # identical predictions: every resample is the same, so every interval is a point
+    same = bootstrap_intervals([0.8] * 5, [True] * 5, n_resamples=200)
+    assert same["accuracy"] == (1.0, 1.0) and same["ece"] == pytest.approx((0.2, 0.2))
+    assert same["brier"] == pytest.approx((0.04, 0.04)) and math.isnan(same["auroc"][0])  # one class: no AUROC
+    # two predictions, one right: resampled accuracy is 0, 1/2 or 1 with odds 1:2:1, so the central 95 % spans [0, 1]
+    two = bootstrap_intervals([0.2, 0.9], [False, True], n_resamples=2000, seed=3)
+    assert two["accuracy"] == (0.0, 1.0) and two["missing_rate"] == (0.0, 0.0)
+    assert set(two) == {*METRIC_KEYS, "aurc"}
+    # seeded: the same seed gives the same intervals
+    rng = np.random.default_rng(0)
+    conf, correct = rng.random(300), rng.random(300) < 0.6
+    assert bootstrap_intervals(conf, correct, 100, seed=1) == bootstrap_intervals(conf, correct, 100, seed=1)
+    point = float(np.mean(correct))
+    low, high = bootstrap_intervals(conf, correct, 300, seed=1)["accuracy"]
+    assert low < point < high and high - low < 0.15
+
+
+def test_intervals_table_shows_low_and_high_per_metric():
+    table = intervals_table({"caopd": {"intervals": {"ece": (0.1, 0.25)}}})
+    assert "aurc" in table.splitlines()[0] and "| caopd | n/a | 0.100–0.250 |" in table
+
+
+def test_evaluation_report_has_aurc_intervals_and_the_risk_coverage_plot(tmp_path, arithmetic_files):
+    from caopd.stages.evaluate import EvaluateConfig, run_evaluation
+
+    _, evaluation = arithmetic_files
+    cfg = EvaluateConfig(models={"base": "tiny"}, data=str(evaluation), bootstrap_resamples=50)
+    summary = run_evaluation(cfg, tmp_path / "eval", progress=False)
+    arm = summary["arms"]["base"]
+    assert 0.0 <= arm["aurc"] <= 1.0
+    assert arm["intervals"]["accuracy"][0] <= arm["accuracy"] <= arm["intervals"]["accuracy"][1]
+    assert (tmp_path / "eval" / "risk_coverage.png").stat().st_size > 0
+    assert "95 % bootstrap intervals" in (tmp_path / "eval" / "report.md").read_text()
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["arms"]["base"]["intervals"]
