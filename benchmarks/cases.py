@@ -103,7 +103,7 @@ def rollout_case(n_prompts: int = 64, k: int = 8, max_new_tokens: int = 24, repe
     loaded, prompts, _ = _prompts(n_prompts)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     sampling = SamplingConfig(n=k, temperature=1.0, max_new_tokens=max_new_tokens, seed=0)
-    engine = TransformersEngine(model, tokenizer)  # its defaults: length buckets of 32 prompts, decoded side by side
+    engine = TransformersEngine(model, tokenizer, max_batch_prompts=n_prompts)  # one batch, as generate gets
 
     encoded = [encode_text(tokenizer, p) for p in prompts]
     width = max(map(len, encoded))

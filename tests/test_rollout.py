@@ -50,17 +50,6 @@ def test_sample_next_top_p_keeps_only_the_nucleus():
     assert int(sample_next(logits, 0.0, 1.0, None)) == 0
 
 
-def test_buckets_decoded_in_threads_give_the_completions_of_one_thread(tiny_model):
-    cfg = SamplingConfig(n=3, temperature=1.0, max_new_tokens=24, seed=11)
-    prompts = PROMPTS + ["7*8=", "123+456="]
-    threads_before = torch.get_num_threads()
-    one = TransformersEngine(tiny_model.model, tiny_model.tokenizer, max_batch_prompts=2, decode_threads=1)
-    three = TransformersEngine(tiny_model.model, tiny_model.tokenizer, max_batch_prompts=2, decode_threads=3)
-    sequential, threaded = one.generate(prompts, cfg), three.generate(prompts, cfg)
-    assert [[c.token_ids for c in g] for g in sequential] == [[c.token_ids for c in g] for g in threaded]
-    assert torch.get_num_threads() == threads_before  # the one-op-thread setting is undone
-
-
 def test_bucket_rngs_depend_on_seed_and_bucket_only():
     def draw(seed, chunk):
         return torch.rand(4, generator=chunk_generator(seed, chunk, torch.device("cpu"))).tolist()

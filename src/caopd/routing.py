@@ -183,10 +183,10 @@ def run_routing(cfg: RouteConfig, out_dir: str | Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     plot_routing(curves, chosen, cfg.target_accuracy, cfg.large_cost, large_accuracy, out / "routing.png",
                  title=f"cascade routing on stated confidence (large model {cfg.large_cost:g}× the cost)")
-    summary = {"config": cfg.model_dump(), "large_accuracy": large_accuracy, "small": chosen,
-               "curves": {name: {"threshold": [None if math.isinf(t) else float(t) for t in c.thresholds], "accuracy": c.accuracy.tolist(),
-                                 "cost": c.cost.tolist(), "escalated": c.escalated.tolist()}
-                          for name, c in curves.items()}}
+    curve_points = {name: {"threshold": [None if math.isinf(t) else float(t) for t in c.thresholds],
+                           "accuracy": c.accuracy.tolist(), "cost": c.cost.tolist(), "escalated": c.escalated.tolist()}
+                    for name, c in curves.items()}
+    summary = {"config": cfg.model_dump(), "large_accuracy": large_accuracy, "small": chosen, "curves": curve_points}
     write_json(out / "routing.json", summary)
     write_text(out / "routing.md", routing_table(chosen, cfg.target_accuracy, cfg.large_cost))
     return summary

@@ -100,7 +100,7 @@ class Trainer:
         self.cfg, self.student, self.tokenizer, self.template = cfg, student, tokenizer, template
         self.task, self.items, self.engine, self.teacher = task, items, engine, teacher
         self.out_dir, self.progress = out_dir, progress
-        # fused: one kernel for all parameters instead of a loop of small ops per tensor (7.5 → 1.7 ms on the tiny model)
+        # fused: one kernel for all parameters, not a loop of small ops per tensor (7.5 → 1.7 ms, tiny model)
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         self.prompt_ids = {it.example.id: encode_text(tokenizer, render_prompt(tokenizer, it.example.prompt))
                            for it in items}
@@ -154,7 +154,8 @@ class Trainer:
             flat = [ids for g in part for ids in g.completion_ids]
             targets = torch.tensor([t for ids in flat for t in ids])
             conf = torch.tensor([m for g in part for mask in g.confidence_masks for m in mask], dtype=torch.bool)
-            counted = torch.tensor([j >= cfg.skip_first_tokens for ids in flat for j in range(len(ids))])
+            counted = torch.tensor([j >= cfg.skip_first_tokens for ids in flat for j in range(len(ids))],
+                                   dtype=torch.bool)
             div = token_divergence(s_logits, t_logits, cfg.divergence, cfg.beta, cfg.top_k)
             if cfg.variant == "decoupled":
                 div_part = (div * (counted & ~conf)).sum()

@@ -1,13 +1,10 @@
 """Batched sampling with transformers models: KV cache, one prefill per prompt shared by its K samples,
-finished rows dropped from the batch, prompts bucketed by length, and on CPU length buckets decoded side by side
-in threads."""
+finished rows dropped from the batch, prompts bucketed by length."""
 
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,38 +30,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
 
 
 def chunk_generator(seed: int, chunk: int, device: torch.device) -> torch.Generator:
-    """The sampling RNG of one length bucket: a function of the seed and the bucket alone, so the completions do not
-    depend on which thread decodes which bucket, or in what order."""
+    """The sampling RNG of one length bucket: a function of the seed and the bucket alone, so a bucket's completions
+    do not depend on the buckets decoded before it (or on their order)."""
     state = int(np.random.SeedSequence([seed, chunk]).generate_state(1, dtype=np.uint64)[0])
     return torch.Generator(device=device).manual_seed(state)
 
 
-@contextmanager
-def single_op_threads(active: bool) -> Iterator[None]:
-    """One intra-op thread per decoding thread while several decode (the threads would otherwise contend for
-    the same cores); restored afterwards."""
-    before = torch.get_num_threads()
-    if active:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if active:
-            torch.set_num_threads(before)
-
-
 class TransformersEngine(RolloutEngine):
-    """``decode_threads`` length buckets are decoded at once on CPU (default: torch's thread count; 1 on GPUs).
-    A decoding step of a small model is hundreds of small kernels plus Python, which one core keeps up with
-    as well as two, so buckets in parallel threads use the cores that a single decoding loop leaves idle."""
-
-    def __init__(self, model: Any, tokenizer: Any, max_batch_prompts: int = 32,
-                 decode_threads: int | None = None) -> None:
+    def __init__(self, model: Any, tokenizer: Any, max_batch_prompts: int = 32) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_prompts = max_batch_prompts
-        if decode_threads is None:
-            decode_threads = torch.get_num_threads() if self.device.type == "cpu" else 1
-        self.decode_threads = max(1, decode_threads)
 
     @property
     def device(self) -> torch.device:
@@ -75,17 +50,12 @@ class TransformersEngine(RolloutEngine):
         encoded = [encode_text(self.tokenizer, p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # length buckets: less padding
         chunks = [order[lo: lo + self.max_batch_prompts] for lo in range(0, len(order), self.max_batch_prompts)]
-        threads = min(self.decode_threads, len(chunks))
-
-        def decode(index: int) -> list[Completion]:
-            return self._generate_chunk([encoded[i] for i in chunks[index]], sampling,
-                                        chunk_generator(sampling.seed, index, self.device))
-
         results: list[list[Completion]] = [[] for _ in prompts]
         start, new_tokens = time.perf_counter(), 0
-        with tqdm(total=len(prompts) * sampling.n, desc="rollouts", unit="completion", disable=not progress) as bar, \
-                single_op_threads(threads > 1), ThreadPoolExecutor(max_workers=threads) as pool:
-            for chunk, completions in zip(chunks, pool.map(decode, range(len(chunks)))):
+        with tqdm(total=len(prompts) * sampling.n, desc="rollouts", unit="completion", disable=not progress) as bar:
+            for index, chunk in enumerate(chunks):
+                completions = self._generate_chunk([encoded[i] for i in chunk], sampling,
+                                                   chunk_generator(sampling.seed, index, self.device))
                 for j, i in enumerate(chunk):
                     results[i] = completions[j * sampling.n: (j + 1) * sampling.n]
                 new_tokens += sum(len(c.token_ids) for c in completions)
@@ -93,7 +63,7 @@ class TransformersEngine(RolloutEngine):
                 bar.set_postfix(new_tok_s=f"{new_tokens / (time.perf_counter() - start):.0f}")
         return results
 
-    @torch.inference_mode()  # per thread; lighter than no_grad: no version counters on the many decode tensors
+    @torch.inference_mode()  # lighter than no_grad: no version counters on the many small decode tensors
     def _generate_chunk(self, prompt_ids: list[list[int]], sampling: SamplingConfig,
                         generator: torch.Generator) -> list[Completion]:
         model, device, k = self.model, self.device, sampling.n
