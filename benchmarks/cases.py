@@ -165,6 +165,7 @@ def training_case(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24, rep
     items = [TrainItem(e, 0.5, None) for e in examples]
     student = loaded.model
     teacher = Teacher("frozen", copy.deepcopy(student), cfg.ema_rate, None)
+
     class RecordingTrainer(Trainer):  # keeps each step's scored groups, to count the step's FLOPs
         def loss_and_backward(self, groups):
             steps_groups.append(groups)
@@ -173,7 +174,7 @@ def training_case(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24, rep
     steps_groups: list[list[Any]] = []
     with tempfile.TemporaryDirectory() as out:
         trainer = RecordingTrainer(cfg, student, loaded.tokenizer, loaded.template, get_task("arithmetic"), items,
-                          TransformersEngine(student, loaded.tokenizer), teacher, Path(out), progress=False)
+                                   TransformersEngine(student, loaded.tokenizer), teacher, Path(out), progress=False)
         records, step_times = [], []
         with PeakRss() as memory:
             for step in range(repeats + 1):

@@ -37,7 +37,7 @@ def chunk_generator(seed: int, chunk: int, device: torch.device) -> torch.Genera
 
 
 class TransformersEngine(RolloutEngine):
-    def __init__(self, model: Any, tokenizer: Any, max_batch_prompts: int = 32) -> None:
+    def __init__(self, model: Any, tokenizer: Any, max_batch_prompts: int = 64) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_prompts = max_batch_prompts
 
