@@ -19,20 +19,26 @@ def calibration_evaluation(data: Input[Dataset], models: Input[List[Model]], tas
     from caopd.rollout import SamplingConfig
     from caopd.stage_tracking import tracked, tracker_if_configured
     from caopd.stages.evaluate import EvaluateConfig, run_evaluation
-    from caopd.stages.prepare import EVAL
+    from caopd.stages.prepare import EVAL, OOD
     from caopd.stages.train import trained_arms
 
     trained = trained_arms([model.path for model in models])
     arms = {"base": base_model, **{m: str(trained[m]) for m in ("opd", "caopd") if m in trained}}
+    ood = Path(data.path) / OOD  # written by data-preparation when the run holds kinds out of training
     cfg = EvaluateConfig(models=arms, task=task, data=str(Path(data.path) / EVAL), engine=engine,
+                         extra_data={"ood": str(ood)} if ood.is_file() else {},
                          sampling=SamplingConfig(n=1, temperature=temperature, max_new_tokens=max_new_tokens,
                                                  seed=seed))
     tracker = tracker_if_configured(mlflow_settings, pipeline_run_id, Path(evaluation.path).parent / "mlflow")
     summary = tracked(tracker, "calibration-evaluation", cfg, lambda: run_evaluation(cfg, evaluation.path),
-                      evaluation.path, inputs={"eval": (cfg.data, "evaluation")})
-    for arm, values in summary["arms"].items():
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and value == value:  # KFP metrics take no NaN (one-class AUROC)
-                metrics.log_metric(f"{arm}_{key}", value)
+                      evaluation.path, inputs={"eval": (cfg.data, "evaluation"),
+                                               **{name: (path, "evaluation") for name, path in cfg.extra_data.items()}})
+    scored = {"": summary["arms"], **{f"{name}_": s["arms"] for name, s in summary["sets"].items()}}
+    for prefix, arm_metrics in scored.items():
+        for arm, values in arm_metrics.items():
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and value == value:  # KFP metrics take no NaN (one-class AUROC)
+                    metrics.log_metric(f"{prefix}{arm}_{key}", value)
     Path(report.path).write_text(html_report("Calibration evaluation", sorted(Path(evaluation.path).glob("*.png")),
-                                             arms=summary["arms"]))
+                                             arms=summary["arms"],
+                                             other_sets={n: s["arms"] for n, s in summary["sets"].items()}))

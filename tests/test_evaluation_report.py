@@ -62,3 +62,21 @@ def test_evaluation_report_has_aurc_intervals_and_the_risk_coverage_plot(tmp_pat
     assert (tmp_path / "eval" / "risk_coverage.png").stat().st_size > 0
     assert "95 % bootstrap intervals" in (tmp_path / "eval" / "report.md").read_text()
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["arms"]["base"]["intervals"]
+
+
+def test_extra_prompt_sets_are_scored_and_reported_beside_the_in_domain_one(tmp_path):
+    from caopd.data import write_jsonl
+    from caopd.stages.evaluate import EvaluateConfig, run_evaluation
+    from caopd.tasks.arithmetic import generate_rows
+
+    write_jsonl(tmp_path / "eval.jsonl", generate_rows(5, 1, ["add_2x1"], id_prefix="eval"))
+    write_jsonl(tmp_path / "ood.jsonl", generate_rows(4, 2, ["mul_2x2"], id_prefix="ood"))
+    cfg = EvaluateConfig(models={"base": "tiny"}, data=str(tmp_path / "eval.jsonl"),
+                         extra_data={"ood": str(tmp_path / "ood.jsonl")}, bootstrap_resamples=20)
+    summary = run_evaluation(cfg, tmp_path / "out", progress=False)
+    assert summary["arms"]["base"]["n"] == 5 and summary["sets"]["ood"]["arms"]["base"]["n"] == 4
+    kinds = {json.loads(line)["kind"] for line in (tmp_path / "out" / "predictions_base_ood.jsonl").open()}
+    assert kinds == {"mul_2x2"}
+    assert (tmp_path / "out" / "risk_coverage_ood.png").stat().st_size > 0
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## in-domain" in report and "## ood" in report and "accuracy (ood)" in report

@@ -2,6 +2,7 @@
 
 import builtins
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -156,6 +157,7 @@ def test_pipeline_defaults_are_the_stage_configs_defaults(spec):
         assert params[name]["defaultValue"] == getattr(train, name), name
     for name in ("n_train", "n_eval", "kind_weights"):
         assert params[name]["defaultValue"] == getattr(data, name), name
+    assert params["ood_kinds"].get("defaultValue", []) == data.ood_kinds == []
     assert params["base_model"]["defaultValue"] == "tiny"
 
 
@@ -168,15 +170,17 @@ def test_parameters_are_ordered_by_stage():
     assert all(max(a) < min(b) for a, b in zip(positions, positions[1:]))
 
 
-def test_local_run_fans_rollouts_out_and_can_skip_the_baseline(tmp_path):
+def test_local_run_fans_rollouts_out_skips_the_baseline_and_scores_held_out_kinds(tmp_path):
     from caopd.runner import RunConfig, run_main_job
     from caopd.data import read_json
 
     print_before = builtins.print
     cfg = RunConfig.model_validate({"n_train": 10, "n_eval": 12, "k": 2, "rollout_shards": 2, "train_baseline": False,
-                                    "train": {"steps": 1, "prompts_per_step": 2}})
+                                    "ood_kinds": ["mul_2x2"], "train": {"steps": 1, "prompts_per_step": 2}})
     summary = run_main_job(cfg, tmp_path, progress=False)
-    assert set(summary["arms"]) == {"base", "caopd"}
+    assert set(summary["arms"]) == set(summary["ood"]) == {"base", "caopd"}
+    ood_kinds = {json.loads(line)["kind"] for line in (tmp_path / "evaluation" / "predictions_caopd_ood.jsonl").open()}
+    assert ood_kinds == {"mul_2x2"} and "ood:" in (tmp_path / "comparison.md").read_text()
     [pipeline_run] = (tmp_path / "kfp").glob("caopd-*")
     shards = sorted(p.name for p in pipeline_run.iterdir() if p.name.startswith("for-loop-1-iteration-"))
     assert len(shards) == 2

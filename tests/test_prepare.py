@@ -1,4 +1,7 @@
-"""Data preparation: the same config gives the same prompts, whatever order its kind weights arrive in."""
+"""Data preparation: the same config gives the same prompts, whatever order its kind weights arrive in; kinds held
+out for the out-of-distribution set never reach training."""
+
+import pytest
 
 from caopd.stages.prepare import DEFAULT_KIND_WEIGHTS, TRAIN, DataConfig, run_data_preparation
 
@@ -9,3 +12,27 @@ def test_kind_weight_order_does_not_change_the_data(tmp_path):
     for name, weights in (("a", DEFAULT_KIND_WEIGHTS), ("b", shuffled)):
         run_data_preparation(DataConfig(n_train=50, n_eval=5, kind_weights=weights), tmp_path / name)
     assert (tmp_path / "a" / TRAIN).read_bytes() == (tmp_path / "b" / TRAIN).read_bytes()
+
+
+def test_ood_kinds_are_held_out_of_training_and_scored_apart(tmp_path):
+    from caopd.data import read_jsonl
+    from caopd.stages.prepare import OOD, TRAIN
+
+    summary = run_data_preparation(DataConfig(n_train=60, n_eval=30, ood_kinds=["mul_2x2", "add_1x1"]), tmp_path)
+    train_kinds = {row["kind"] for row in read_jsonl(tmp_path / TRAIN)}
+    eval_kinds = {row["kind"] for row in read_jsonl(tmp_path / "eval.jsonl")}
+    ood_rows = read_jsonl(tmp_path / OOD)
+    assert summary["n_ood"] == len(ood_rows) == 30
+    assert {row["kind"] for row in ood_rows} == {"add_1x1", "mul_2x2"}
+    assert not (train_kinds | eval_kinds) & {"add_1x1", "mul_2x2"}
+    assert not {row["id"] for row in ood_rows} & {row["id"] for row in read_jsonl(tmp_path / TRAIN)}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"ood_kinds": ["div_9x9"]}, "unknown arithmetic kinds"),
+    ({"ood_kinds": ["add_1x1"], "kind_weights": {"add_1x1": 1.0}}, "leave no kind"),
+    ({"ood_kinds": ["add_1x1"], "train_source": "t.jsonl", "eval_source": "e.jsonl"}, "--extra-data"),
+])
+def test_bad_ood_settings_are_refused_up_front(bad, message):
+    with pytest.raises(ValueError, match=message):
+        DataConfig(**bad)

@@ -195,9 +195,11 @@ def plot_training_curves(log: Sequence[Mapping[str, float]], path: str | Path, t
 
 
 def html_report(title: str, images: Sequence[str | Path] = (), arms: Mapping[str, Mapping[str, float]] | None = None,
-                values: Mapping[str, object] | None = None) -> str:
-    """A self-contained HTML page (the KFP UI renders HTML artifacts): a metric table per arm, or a key/value
-    table, then the plots embedded as base64 PNGs so the page needs no other file."""
+                values: Mapping[str, object] | None = None,
+                other_sets: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None) -> str:
+    """A self-contained HTML page (the KFP UI renders HTML artifacts): a metric table per arm (and one per other
+    prompt set, such as OOD), or a key/value table, then the plots embedded as base64 PNGs so the page needs no
+    other file."""
     import base64
     import html
 
@@ -205,9 +207,12 @@ def html_report(title: str, images: Sequence[str | Path] = (), arms: Mapping[str
              "<style>body{font-family:sans-serif}table{border-collapse:collapse}"
              "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}</style></head><body>",
              f"<h2>{html.escape(title)}</h2>"]
-    if arms:
+    tables = ({"in-domain" if other_sets else "": arms} if arms else {}) | dict(other_sets or {})
+    for heading, table_arms in tables.items():
+        if heading:
+            parts.append(f"<h3>{html.escape(heading)}</h3>")
         parts.append("<table><tr><th>arm</th>" + "".join(f"<th>{k}</th>" for k in METRIC_KEYS) + "</tr>")
-        for name, *cells in _comparison_rows(arms):
+        for name, *cells in _comparison_rows(table_arms):
             parts.append(f"<tr><th>{html.escape(name)}</th>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
         parts.append("</table>")
     if values:

@@ -44,6 +44,8 @@ class RunConfig(BaseModel):
                         "accuracy standard error near one point")
     kind_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_KIND_WEIGHTS),
                                            description="arithmetic kind -> sampling weight of train and eval prompts")
+    ood_kinds: list[str] = Field(default_factory=list, description="arithmetic kinds held out of training and scored "
+                                 "as an out-of-distribution set beside the in-domain one (e.g. mul_2x2)")
     k: int = Field(8, ge=1, description="rollouts per prompt (K)")
     rollout_shards: int = Field(1, ge=1, description="rollout-estimation shards (one pod each on a cluster)")
     teacher_context: Literal["demo", "correct_solution"] = Field(
@@ -64,7 +66,8 @@ def pipeline_arguments(cfg: RunConfig, mlflow_dir: Path) -> dict[str, Any]:
                if name not in _TRAIN_PARAMETERS + _TRAIN_SET_BY_PIPELINE
                and getattr(train, name) != getattr(defaults, name)}
     return {
-        "n_train": cfg.n_train, "n_eval": cfg.n_eval, "kind_weights": cfg.kind_weights, "seed": cfg.seed,
+        "n_train": cfg.n_train, "n_eval": cfg.n_eval, "kind_weights": cfg.kind_weights, "ood_kinds": cfg.ood_kinds,
+        "seed": cfg.seed,
         "base_model": cfg.model, "k": cfg.k, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens,
         "rollout_shards": cfg.rollout_shards,
         "teacher_context": cfg.teacher_context,
@@ -166,8 +169,12 @@ def run_main_job(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> 
                               "tracking_uri": registered["tracking_uri"]},
                "plots": {arm: f"evaluation/reliability_{arm}.png" for arm in arms},
                "pipeline_root": str(out / "kfp")}
+    comparison = comparison_table(summary["arms"]) + "\n"
+    for set_name, scored in evaluation.get("sets", {}).items():  # the OOD set when kinds were held out
+        summary[set_name] = {arm: {k: scored["arms"][arm][k] for k in METRIC_KEYS} for arm in arms}
+        comparison += f"\n{set_name}:\n\n" + comparison_table(summary[set_name]) + "\n"
     write_json(out / "summary.json", summary)
-    write_text(out / "comparison.md", comparison_table(summary["arms"]) + "\n")
+    write_text(out / "comparison.md", comparison)
     if progress:
         print_comparison(summary["arms"])
     return summary

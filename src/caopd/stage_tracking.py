@@ -26,6 +26,9 @@ def log_outputs(stage_run: Any, stage: str, summary: Mapping[str, Any], out_dir:
         stage_run.log_metrics(summary["base_metrics"], prefix="base_rollouts_")
     for arm, metrics in (summary.get("arms") or {}).items():
         stage_run.log_metrics(metrics, prefix=f"{arm}_")
+    for set_name, scored in (summary.get("sets") or {}).items():  # e.g. the OOD set: ood_caopd_ece
+        for arm, metrics in scored["arms"].items():
+            stage_run.log_metrics(metrics, prefix=f"{set_name}_{arm}_")
     if (out / "train_log.jsonl").is_file():
         stage_run.log_history(read_jsonl(out / "train_log.jsonl"))
     stage_run.log_artifacts(sorted(out.glob("*.png")) + sorted(out.glob("*.md")) + sorted(out.glob("summary.json")))

@@ -26,6 +26,8 @@ class EvaluateConfig(BaseModel):
     models: dict[str, str] = Field(..., description="arm name -> model ('tiny', a folder or a hub id)")
     task: str = Field("arithmetic", description="task name")
     data: str = Field(..., description="held-out prompts: a load_from_disk folder, .jsonl or .parquet")
+    extra_data: dict[str, str] = Field(default_factory=dict, description="other prompt sets scored beside `data`, "
+                                       "name -> file (e.g. ood -> prompts of kinds never trained on)")
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(n=1, temperature=1.0, max_new_tokens=24, seed=1234),
         description="decoding at test time; the default samples as rollout estimation does, so that the "
@@ -34,49 +36,87 @@ class EvaluateConfig(BaseModel):
     bootstrap_resamples: int = Field(1000, ge=0, description="resamples for the 95 % bootstrap interval of every "
                                                              "metric (0: no intervals)")
 
-    @field_validator("models")
+    @field_validator("models", "extra_data")
     @classmethod
-    def _names(cls, value: dict[str, str]) -> dict[str, str]:
-        if not value:
+    def _names(cls, value: dict[str, str], info) -> dict[str, str]:
+        if info.field_name == "models" and not value:
             raise ValueError("at least one model to evaluate")
         bad = [name for name in value if not name.replace("_", "").replace("-", "").isalnum()]
         if bad:
-            raise ValueError(f"arm names must be letters, digits, '-' or '_': {bad}")
+            raise ValueError(f"names must be letters, digits, '-' or '_': {bad}")
         return value
 
 
-def evaluate_arm(name: str, model: str, cfg: EvaluateConfig, examples, out: Path, progress: bool) -> dict[str, Any]:
-    loaded = load_model(model, progress=progress)
+def _suffix(set_name: str | None) -> str:
+    return "" if set_name is None else f"_{set_name}"
+
+
+def evaluate_on(loaded, name: str, set_name: str | None, cfg: EvaluateConfig, examples, source: str, out: Path,
+                progress: bool) -> dict[str, Any]:
+    """One arm on one prompt set: predictions, plots and metrics (files end in ``_<set>`` for an extra set)."""
     kept, skipped = fit_to_context(examples, loaded.tokenizer, context_length(loaded.model),
-                                   cfg.sampling.max_new_tokens, source=cfg.data)
+                                   cfg.sampling.max_new_tokens, source=source)
     outputs = make_engine(loaded, cfg.engine).generate(
         [render_prompt(loaded.tokenizer, e.prompt) for e in kept], cfg.sampling, progress)
     rows = score_completions(get_task(cfg.task), kept, outputs)
     kinds = {e.id: e.meta.get("kind", "") for e in kept}
     for row in rows:
         row["kind"] = kinds[row["prompt_id"]]
-    write_jsonl(out / f"predictions_{name}.jsonl", rows)
+    tag = f"{name}{_suffix(set_name)}"
+    write_jsonl(out / f"predictions_{tag}.jsonl", rows)
     confidences, correct = [r["confidence"] for r in rows], [r["correct"] for r in rows]
-    plot_reliability_diagram(confidences, correct, out / f"reliability_{name}.png", title=f"{name}: reliability")
-    plot_confidence_histogram(confidences, correct, out / f"confidence_{name}.png", title=f"{name}: confidence")
+    plot_reliability_diagram(confidences, correct, out / f"reliability_{tag}.png", title=f"{tag}: reliability")
+    plot_confidence_histogram(confidences, correct, out / f"confidence_{tag}.png", title=f"{tag}: confidence")
     result = {**calibration_metrics(confidences, correct), "aurc": aurc(confidences, correct)}
     if cfg.bootstrap_resamples:
         result["intervals"] = bootstrap_intervals(confidences, correct, cfg.bootstrap_resamples, seed=cfg.sampling.seed)
-    return {**result, "skipped_too_long": len(skipped), "model": model}
+    return {**result, "skipped_too_long": len(skipped)}
+
+
+def _report_section(title: str, arms: dict[str, Any], with_intervals: bool) -> str:
+    section = f"## {title}\n\n" + comparison_table(arms) + "\n"
+    if with_intervals:
+        section += "95 % bootstrap intervals:\n\n" + intervals_table(arms) + "\n"
+    return section
 
 
 def run_evaluation(cfg: EvaluateConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
-    examples = load_examples(cfg.data, get_task(cfg.task))
+    task = get_task(cfg.task)
+    prompt_sets = {None: (cfg.data, load_examples(cfg.data, task)),
+                   **{name: (path, load_examples(path, task)) for name, path in cfg.extra_data.items()}}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    arms = {name: evaluate_arm(name, model, cfg, examples, out, progress) for name, model in cfg.models.items()}
-    plot_risk_coverage({name: load_predictions(out / f"predictions_{name}.jsonl") for name in arms},
-                       out / "risk_coverage.png", title="risk–coverage")
-    report = "# Calibration evaluation\n\n" + comparison_table(arms) + "\n"
-    if cfg.bootstrap_resamples:
-        report += "\n95 % bootstrap intervals:\n\n" + intervals_table(arms) + "\n"
+    results: dict[str | None, dict[str, Any]] = {set_name: {} for set_name in prompt_sets}
+    for name, model in cfg.models.items():
+        loaded = load_model(model, progress=progress)
+        for set_name, (source, examples) in prompt_sets.items():
+            results[set_name][name] = {**evaluate_on(loaded, name, set_name, cfg, examples, source, out, progress),
+                                       "model": model}
+    report = "# Calibration evaluation\n\n"
+    for set_name, arms in results.items():
+        suffix = _suffix(set_name)
+        plot_risk_coverage({name: load_predictions(out / f"predictions_{name}{suffix}.jsonl") for name in arms},
+                           out / f"risk_coverage{suffix}.png", title=f"risk–coverage{suffix.replace('_', ': ')}")
+        report += _report_section("in-domain" if set_name is None else set_name, arms, bool(cfg.bootstrap_resamples))
+    if cfg.extra_data:
+        report += side_by_side(results)
     write_text(out / REPORT, report)
     summary = {"stage": "calibration-evaluation", "config": cfg.model_dump(), "data_digest": file_digest(cfg.data),
-               "arms": arms}
+               "arms": results[None],
+               "sets": {name: {"arms": results[name], "data_digest": file_digest(path)}
+                        for name, path in cfg.extra_data.items()}}
     write_json(out / SUMMARY, summary)
     return summary
+
+
+def side_by_side(results: dict[str | None, dict[str, Any]]) -> str:
+    """Each arm's key metrics on every set, in one table: how far its calibration carries off its training
+    distribution."""
+    keys = ("accuracy", "ece", "auroc", "overconfidence_gap")
+    names = ["in-domain" if s is None else s for s in results]
+    lines = ["## Side by side", "", "| arm | " + " | ".join(f"{k} ({n})" for k in keys for n in names) + " |",
+             "|---|" + "---:|" * (len(keys) * len(names))]
+    for arm in results[None]:
+        cells = [f"{results[s][arm][k]:.3f}" for k in keys for s in results]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

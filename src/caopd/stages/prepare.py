@@ -15,7 +15,7 @@ from caopd.data import load_rows, write_json, write_jsonl
 from caopd.tasks import get_task
 from caopd.tasks.arithmetic import KINDS, generate_rows
 
-TRAIN, EVAL, SUMMARY = "train.jsonl", "eval.jsonl", "summary.json"
+TRAIN, EVAL, OOD, SUMMARY = "train.jsonl", "eval.jsonl", "ood.jsonl", "summary.json"
 
 # Weighted towards the mid-difficulty kinds, where the tiny base model's per-prompt success spreads out:
 # that spread is what P carries and what calibration is scored on.
@@ -36,6 +36,17 @@ class DataConfig(BaseModel):
     seed: int = Field(0, description="seed of the synthetic problems (eval uses seed + 10000)")
     kind_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_KIND_WEIGHTS),
                                            description="arithmetic kind -> sampling weight of synthetic prompts")
+    ood_kinds: list[str] = Field(default_factory=list, description="arithmetic kinds kept out of training and of the "
+                                 "in-domain eval set, scored as a separate out-of-distribution set (ood.jsonl, "
+                                 "n_eval prompts); empty = no OOD set")
+
+    @field_validator("ood_kinds")
+    @classmethod
+    def _known_ood_kinds(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(KINDS))
+        if unknown:
+            raise ValueError(f"unknown arithmetic kinds {unknown}; choose from {list(KINDS)}")
+        return [kind for kind in KINDS if kind in value]  # one fixed order, duplicates dropped
 
     @field_validator("kind_weights")
     @classmethod
@@ -54,7 +65,17 @@ class DataConfig(BaseModel):
         get_task(self.task)  # an unknown task fails here, naming the known ones
         if self.task != "arithmetic" and not (self.train_source and self.eval_source):
             raise ValueError(f"task {self.task!r} has no synthetic generator: give train_source and eval_source")
+        if self.ood_kinds:
+            if self.train_source or self.eval_source:
+                raise ValueError("ood_kinds splits the synthetic arithmetic kinds; with your own datasets, evaluate "
+                                 "another set with `caopd evaluate --extra-data NAME=FILE`")
+            if not sum(self.in_domain_weights().values()) > 0:
+                raise ValueError(f"ood_kinds {self.ood_kinds} leave no kind with a positive weight to train on")
         return self
+
+    def in_domain_weights(self) -> dict[str, float]:
+        """The kind weights of the training and in-domain eval prompts: ``kind_weights`` without ``ood_kinds``."""
+        return {kind: w for kind, w in self.kind_weights.items() if kind not in self.ood_kinds}
 
 
 def _rows(cfg: DataConfig, source: str, n: int, seed: int, prefix: str) -> list[dict[str, Any]]:
@@ -62,7 +83,16 @@ def _rows(cfg: DataConfig, source: str, n: int, seed: int, prefix: str) -> list[
         rows = load_rows(source)
         get_task(cfg.task).examples_from_rows(rows, source=source)  # validate now, not three stages later
         return rows
-    return generate_rows(n, seed, list(cfg.kind_weights), list(cfg.kind_weights.values()), id_prefix=prefix)
+    weights = cfg.in_domain_weights()
+    return generate_rows(n, seed, list(weights), list(weights.values()), id_prefix=prefix)
+
+
+def _ood_rows(cfg: DataConfig) -> list[dict[str, Any]]:
+    """The held-out kinds, weighted as in ``kind_weights`` (equally where it gives them no positive weight)."""
+    weights = [cfg.kind_weights.get(kind, 0.0) for kind in cfg.ood_kinds]
+    if not sum(weights) > 0:
+        weights = [1.0] * len(cfg.ood_kinds)
+    return generate_rows(cfg.n_eval, cfg.seed + 20_000, cfg.ood_kinds, weights, id_prefix="ood")
 
 
 def run_data_preparation(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
@@ -72,6 +102,10 @@ def run_data_preparation(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]
     summary = {"stage": "data-preparation", "config": cfg.model_dump(), "n_train": len(train),
                "n_eval": len(evaluation),
                "outputs": {TRAIN: write_jsonl(out / TRAIN, train), EVAL: write_jsonl(out / EVAL, evaluation)}}
+    if cfg.ood_kinds:
+        ood = _ood_rows(cfg)
+        summary["n_ood"] = len(ood)
+        summary["outputs"][OOD] = write_jsonl(out / OOD, ood)
     write_json(out / SUMMARY, summary)
     return summary
 
