@@ -165,7 +165,7 @@ def test_unknown_model_folder(capsys, tmp_path, rollout_args, arithmetic_files):
 
 
 @pytest.mark.parametrize("command", ["run", "rollout", "targets", "train", "evaluate", "register", "metrics",
-                                     "pretrain-tiny", "prepare", "compile", "submit", "schedule", "route",
+                                     "pretrain-tiny", "prepare", "compile", "submit", "schedule", "route", "continual",
                                      "promote", "lineage"])
 def test_every_command_has_help_with_an_example(capsys, command):
     with pytest.raises(SystemExit) as exit_info:

@@ -297,7 +297,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_continual(args: argparse.Namespace) -> int:
+    from caopd.continual import ContinualConfig, forgetting_table, run_continual
+
+    summary = run_continual(_config_from_args(ContinualConfig, args), args.out)
+    print(forgetting_table(summary["forgetting"]), end="")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def _commands() -> list[tuple[str, str, Callable, Any, str]]:
+    from caopd.continual import ContinualConfig
     from caopd.models.pretrain import PretrainConfig
     from caopd.runner import RunConfig
     from caopd.stages.estimate import RolloutConfig
@@ -326,6 +336,9 @@ def _commands() -> list[tuple[str, str, Callable, Any, str]]:
         ("register", "stage 5: register a trained model in a local registry", cmd_register, RegisterConfig,
          "example:\n  caopd register --model-dir runs/train/model --registry-dir runs/registry \\\n"
          "      --metrics runs/eval/summary.json --arm caopd"),
+        ("continual", "calibration forgetting: train on task A, then on task B; ECE on A before and after",
+         cmd_continual, ContinualConfig, "examples:\n  caopd continual --out runs/continual\n"
+         "  caopd continual --out runs/continual --task-a-kinds add_2x1 add_2x2 --task-b-kinds mul_2x1 mul_2x2"),
         ("pretrain-tiny", "regenerate the packaged tiny base model (deterministic)", cmd_pretrain_tiny,
          PretrainConfig, "example:\n  caopd pretrain-tiny --out tiny_checkpoint"),
     ]
