@@ -212,16 +212,22 @@ def parse_prediction(record: dict, path: str, row: int) -> tuple[float, bool]:
     return float(confidence), correct
 
 
+def read_prediction_records(path: str | Path) -> list[dict]:
+    """The records of a predictions JSONL file; an empty file is an error naming it."""
+    from caopd.data import read_jsonl  # data imports pyarrow; keep `import caopd.metrics` light
+
+    records = read_jsonl(path)
+    if not records:
+        raise CaopdInputError("no predictions (the file is empty)", file=str(path))
+    return records
+
+
 def load_predictions(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a predictions JSONL file: one ``{"confidence": float | null, "correct": bool}`` per line.
 
     Returns (confidences with NaN for missing, correct as bool). Blank lines are skipped; other keys are
     ignored. Bad input raises ``CaopdInputError`` naming the file, the row and the field.
     """
-    from caopd.data import read_jsonl  # data imports pyarrow; keep `import caopd.metrics` light
-
-    records = read_jsonl(path)
-    if not records:
-        raise CaopdInputError("no predictions (the file is empty)", file=str(path))
+    records = read_prediction_records(path)
     parsed = [parse_prediction(record, str(path), row) for row, record in enumerate(records)]
     return (np.asarray([c for c, _ in parsed], dtype=np.float64), np.asarray([y for _, y in parsed], dtype=bool))

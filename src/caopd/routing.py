@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from caopd.errors import CaopdInputError
-from caopd.metrics import parse_prediction, validate_predictions
+from caopd.metrics import parse_prediction, read_prediction_records, validate_predictions
 from caopd.protocol import parse_confidence
 
 
@@ -101,13 +101,8 @@ class ConfidenceRouter:
 def load_keyed_predictions(path: str | Path) -> dict[str, tuple[float, bool]]:
     """A predictions JSONL (the evaluation stage's ``predictions_<arm>.jsonl``) keyed by ``prompt_id``; errors name
     the file, row and field."""
-    from caopd.data import read_jsonl
-
-    records = read_jsonl(path)
-    if not records:
-        raise CaopdInputError("no predictions (the file is empty)", file=str(path))
     keyed: dict[str, tuple[float, bool]] = {}
-    for row, record in enumerate(records):
+    for row, record in enumerate(read_prediction_records(path)):
         if "prompt_id" not in record:
             raise CaopdInputError("missing (routing joins the two models on it)", file=str(path), row=row,
                                   field="prompt_id")
