@@ -14,8 +14,9 @@ from caopd.rollout.base import SamplingConfig
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["opd", "caopd"] = Field("caopd", description="opd: plain on-policy distillation (baseline); "
-                                            "caopd: calibration-aware targets")
+    method: Literal["opd", "caopd", "rlcr"] = Field(
+        "caopd", description="opd: plain on-policy distillation (baseline); caopd: calibration-aware targets; "
+        "rlcr: the RL baseline, policy gradient on correctness − (confidence − correctness)², no teacher")
     teacher_context: Literal["demo", "correct_solution"] = Field(
         "demo", description="privileged context: the gold demonstration, or a verified correct rollout (SDPO)")
     divergence: Divergence = Field("forward_kl", description="per-token divergence: forward_kl = KL(teacher‖student), "
@@ -54,6 +55,9 @@ class TrainConfig(BaseModel):
             raise ValueError("teacher='separate' needs teacher_model (a folder or hub id with the same tokenizer)")
         if self.teacher != "separate" and self.teacher_model:
             raise ValueError("teacher_model is only used with teacher='separate'")
+        if self.method == "rlcr" and (self.teacher != "frozen" or self.variant != "faithful" or self.top_k):
+            raise ValueError("method='rlcr' has no teacher and no divergence: leave teacher, variant and top_k at "
+                             "their defaults")
         if self.variant == "decoupled" and self.method != "caopd":
             raise ValueError("variant='decoupled' trains towards the replaced confidence: it needs method='caopd'")
         return self

@@ -3,7 +3,8 @@
 Each step: sample K rollouts per prompt from the live student, verify them, estimate P from the step's
 own group (or take the offline estimate), apply the target edits, score the (edited) completions with
 the teacher under its privileged context, and minimise a per-token divergence on the student's own
-samples. Checkpoints hold everything needed to resume bit-for-bit: weights, optimizer, step (the data
+samples. The RLCR baseline shares the loop up to the loss: it scores each sample with its calibration reward
+and takes a policy-gradient step instead (caopd.distill.rlcr). Checkpoints hold everything needed to resume bit-for-bit: weights, optimizer, step (the data
 order and the sampling seed of every step are functions of the seed and the step).
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from caopd.distill.config import TrainConfig
 from caopd.distill.losses import token_cross_entropy, token_divergence
+from caopd.distill.rlcr import group_advantages, policy_gradient_terms, rlcr_reward
 from caopd.distill.teachers import Teacher
 from caopd.models.batching import completion_logits
 from caopd.models.loading import encode_text
@@ -45,9 +47,10 @@ class PromptGroup:
     computed once per group in the loss forwards."""
 
     prompt_ids: list[int]
-    teacher_prompt_ids: list[int]
+    teacher_prompt_ids: list[int]  # empty for RLCR, which has no teacher
     completion_ids: list[list[int]]
     confidence_masks: list[list[bool]]  # completion tokens of the Confidence line (decoupled variant)
+    advantages: list[float] = field(default_factory=list)  # RLCR: one per completion
 
 
 def prompt_order(n_items: int, seed: int, step: int, batch: int) -> list[int]:
@@ -113,14 +116,22 @@ class Trainer:
     def build_groups(self, batch: list[TrainItem], rollouts) -> tuple[list[PromptGroup], dict]:
         cfg = self.cfg
         groups: list[PromptGroup] = []
-        correct_all, stated, ps = [], [], []
+        correct_all, stated, ps, rewards_all = [], [], [], []
         for item, rollout_group in zip(batch, rollouts):
             correct = [self.task.verify(item.example, c.text) for c in rollout_group]
+            confidences = [parse_confidence(c.text) for c in rollout_group]
             correct_all += correct
-            stated += [parse_confidence(c.text) for c in rollout_group]
+            stated += confidences
             p = empirical_confidence(correct) if cfg.p_source == "online" or item.p_offline is None \
                 else item.p_offline
             ps.append(p)
+            if cfg.method == "rlcr":
+                rewards = [rlcr_reward(ok, q) for ok, q in zip(correct, confidences)]
+                rewards_all += rewards
+                ids = [completion_tokens(self.tokenizer, c.text, c.token_ids, c.finished)[0] for c in rollout_group]
+                groups.append(PromptGroup(self.prompt_ids[item.example.id], [], ids, [[False] * len(i) for i in ids],
+                                          group_advantages(rewards)))
+                continue
             # A correct rollout of this very step is the freshest verified solution; else the offline one.
             fresh = next((c.text for c, ok in zip(rollout_group, correct) if ok), None)
             ctx = teacher_context(cfg.teacher_context, item.example.demonstration, fresh or item.correct_rollout,
@@ -138,6 +149,8 @@ class Trainer:
         stats = {"sample_accuracy": sum(correct_all) / len(correct_all), "mean_p": sum(ps) / len(ps),
                  "mean_stated_confidence": sum(s or 0.0 for s in stated) / len(stated),
                  "missing_rate": n_missing / len(stated)}
+        if rewards_all:
+            stats["mean_reward"] = sum(rewards_all) / len(rewards_all)
         return groups, stats
 
     def loss_and_backward(self, groups: list[PromptGroup]) -> dict[str, float]:
@@ -148,14 +161,14 @@ class Trainer:
         total_div, total_ce = 0.0, 0.0
         for part in micro_batches(groups, cfg.micro_batch_size):
             completions = [g.completion_ids for g in part]
-            with torch.no_grad():
-                t_logits = completion_logits(self.teacher.model, [g.teacher_prompt_ids for g in part], completions, pad)
             s_logits = completion_logits(self.student, [g.prompt_ids for g in part], completions, pad)
             flat = [ids for g in part for ids in g.completion_ids]
             targets = torch.tensor([t for ids in flat for t in ids])
             conf = torch.tensor([m for g in part for mask in g.confidence_masks for m in mask], dtype=torch.bool)
             counted = torch.tensor([j >= cfg.skip_first_tokens for ids in flat for j in range(len(ids))],
                                    dtype=torch.bool)
+            with torch.no_grad():
+                t_logits = completion_logits(self.teacher.model, [g.teacher_prompt_ids for g in part], completions, pad)
             div = token_divergence(s_logits, t_logits, cfg.divergence, cfg.beta, cfg.top_k)
             if cfg.variant == "decoupled":
                 div_part = (div * (counted & ~conf)).sum()
@@ -169,6 +182,24 @@ class Trainer:
         return {"loss": total_div + total_ce, "divergence": total_div, "confidence_ce": total_ce,
                 "trained_tokens": n_tokens}
 
+    def policy_gradient_and_backward(self, groups: list[PromptGroup]) -> dict[str, float]:
+        """RLCR: token-mean −advantage · log π over the step, in micro-batches of whole groups; no teacher."""
+        cfg, pad = self.cfg, self.tokenizer.pad_token_id
+        n_tokens = max(1, sum(max(0, len(ids) - cfg.skip_first_tokens) for g in groups for ids in g.completion_ids))
+        total = 0.0
+        for part in micro_batches(groups, cfg.micro_batch_size):
+            logits = completion_logits(self.student, [g.prompt_ids for g in part], [g.completion_ids for g in part],
+                                       pad)
+            flat = [(ids, a) for g in part for ids, a in zip(g.completion_ids, g.advantages)]
+            targets = torch.tensor([t for ids, _ in flat for t in ids])
+            advantages = torch.tensor([a for ids, a in flat for _ in ids])
+            counted = torch.tensor([j >= cfg.skip_first_tokens for ids, _ in flat for j in range(len(ids))],
+                                   dtype=torch.bool)
+            loss = (policy_gradient_terms(logits, targets, advantages) * counted).sum() / n_tokens
+            loss.backward()
+            total += loss.item()
+        return {"loss": total, "policy_loss": total, "trained_tokens": n_tokens}
+
     def train_step(self, step: int) -> dict[str, Any]:
         cfg = self.cfg
         batch = [self.items[i] for i in prompt_order(len(self.items), cfg.seed, step, cfg.prompts_per_step)]
@@ -180,7 +211,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
         self.optimizer.zero_grad(set_to_none=True)
-        losses = self.loss_and_backward(groups)
+        losses = self.policy_gradient_and_backward(groups) if cfg.method == "rlcr" else self.loss_and_backward(groups)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient at step {step}; the last checkpoint is kept")

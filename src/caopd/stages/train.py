@@ -1,4 +1,4 @@
-"""Stage 3 — on-policy distillation training (OPD or CaOPD) from the training records."""
+"""Stage 3 — on-policy distillation training (OPD or CaOPD; or the RLCR baseline) from the training records."""
 
 from __future__ import annotations
 
@@ -76,7 +76,9 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
         other = load_model(cfg.train.teacher_model, progress=progress)
         check_same_tokenizer(loaded.tokenizer, other.tokenizer, cfg.train.teacher_model)
         separate = other.model
-    teacher = Teacher(cfg.train.teacher, loaded.model, cfg.train.ema_rate, separate)
+    # RLCR has no teacher: the "student" kind aliases the student, so no copy is made and nothing extra saved.
+    kind = "student" if cfg.train.method == "rlcr" else cfg.train.teacher
+    teacher = Teacher(kind, loaded.model, cfg.train.ema_rate, separate)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg.train, loaded.model, loaded.tokenizer, loaded.template, task, items,
