@@ -41,7 +41,7 @@ def _add_model_options(parser: argparse.ArgumentParser, model: type[BaseModel], 
         if origin is dict:
             parser.add_argument(flag, dest=f"cfg:{dest}", nargs="+", metavar="NAME=VALUE", help=help_text)
         elif origin is list:
-            parser.add_argument(flag, dest=f"cfg:{dest}", nargs="+", help=help_text)
+            parser.add_argument(flag, dest=f"cfg:{dest}", nargs="+", metavar=name.upper(), help=help_text)
         else:
             parser.add_argument(flag, dest=f"cfg:{dest}", metavar=name.upper(), help=help_text)
 
@@ -306,7 +306,18 @@ def cmd_continual(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from caopd.compare import CompareConfig, paper_table, run_compare
+
+    summary = run_compare(_config_from_args(CompareConfig, args), args.out, progress=not args.quiet)
+    for set_name, arms in summary["sets"].items():
+        print(f"{set_name}:\n{paper_table(arms)}")
+    print(f"report: {Path(args.out) / 'report.md'} ({summary['seconds']:.0f} s)")
+    return 0
+
+
 def _commands() -> list[tuple[str, str, Callable, Any, str]]:
+    from caopd.compare import CompareConfig
     from caopd.continual import ContinualConfig
     from caopd.models.pretrain import PretrainConfig
     from caopd.runner import RunConfig
@@ -336,6 +347,10 @@ def _commands() -> list[tuple[str, str, Callable, Any, str]]:
         ("register", "stage 5: register a trained model in a local registry", cmd_register, RegisterConfig,
          "example:\n  caopd register --model-dir runs/train/model --registry-dir runs/registry \\\n"
          "      --metrics runs/eval/summary.json --arm caopd"),
+        ("compare", "baselines in one command: base, OPD (SDFT- and SDPO-style teachers), CaOPD in both teacher "
+         "modes and RLCR, in-domain and OOD, with bootstrap intervals", cmd_compare, CompareConfig,
+         "examples:\n  caopd compare --out runs/compare\n"
+         "  caopd compare --out runs/compare --arms opd_demo caopd_demo rlcr --ood-kinds mul_2x2"),
         ("continual", "calibration forgetting: train on task A, then on task B; ECE on A before and after",
          cmd_continual, ContinualConfig, "examples:\n  caopd continual --out runs/continual\n"
          "  caopd continual --out runs/continual --task-a-kinds add_2x1 add_2x2 --task-b-kinds mul_2x1 mul_2x2"),

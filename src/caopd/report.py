@@ -251,3 +251,27 @@ def plot_routing(curves: Mapping[str, object], chosen: Mapping[str, Mapping[str,
     ax.set(xlabel="mean cost per prompt (small model = 1 unit each call)", ylabel="accuracy", title=title)
     ax.legend(loc="lower right", fontsize=8)
     return _save_png_atomic(fig, path)
+
+
+def plot_compare(sets: Mapping[str, Mapping[str, Mapping[str, object]]], path: str | Path) -> Path:
+    """Accuracy against ECE per arm, one panel per prompt set, with the bootstrap intervals as error bars: the
+    lower right is calibrated and accurate. ``sets[set][arm]`` holds the metrics and their ``intervals``."""
+    fig = _new_figure(5.2 * len(sets), 4.4)
+    axes = np.atleast_1d(fig.subplots(1, len(sets)))
+    for ax, (set_name, arms) in zip(axes, sets.items()):
+        for name, metrics in arms.items():
+            ece, acc = float(metrics["ece"]), float(metrics["accuracy"])
+            intervals = metrics.get("intervals") or {}
+
+            def err(key: str, value: float) -> list[list[float]] | None:
+                if key not in intervals:
+                    return None
+                low, high = intervals[key]
+                return [[max(0.0, value - low)], [max(0.0, high - value)]]
+
+            ax.errorbar([ece], [acc], xerr=err("ece", ece), yerr=err("accuracy", acc), fmt="o", capsize=3,
+                        label=name)
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="ECE (lower is better)", ylabel="accuracy",
+               title=set_name.replace("_", "-"))
+    axes[0].legend(loc="lower left", fontsize=8)  # the colour cycle gives each arm one colour in every panel
+    return _save_png_atomic(fig, path)

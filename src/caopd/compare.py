@@ -1,0 +1,180 @@
+"""Baselines in one command: every method the paper compares, from the same base model, data and rollouts.
+
+Arms: the base model; plain OPD with the demonstration teacher (SDFT-style) and with the verified-correct-solution
+teacher (SDPO-style); CaOPD in both teacher modes; and RLCR, the RL route to calibration (reward = correctness −
+Brier). Every step is a stage function; the rollouts of the base model are estimated once and shared, each arm's
+targets and training are its own, and one evaluation scores all of them on the in-domain prompts and, when kinds
+are held out, on the out-of-distribution ones — with bootstrap intervals — into the paper-style table.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from caopd.data import write_json, write_text
+from caopd.distill.config import TrainConfig
+from caopd.metrics import METRIC_KEYS
+from caopd.rollout import SamplingConfig
+from caopd.stages.estimate import ESTIMATES, ROLLOUTS, RolloutConfig, run_rollout_estimation
+from caopd.stages.evaluate import EvaluateConfig, run_evaluation
+from caopd.stages.prepare import DEFAULT_KIND_WEIGHTS, EVAL, OOD, TRAIN, DataConfig, run_data_preparation
+from caopd.stages.targets import RECORDS, TargetsConfig, run_target_replacement
+from caopd.stages.train import MODEL_DIR, TrainStageConfig, run_training
+
+ArmName = Literal["opd_demo", "opd_solution", "caopd_demo", "caopd_solution", "rlcr"]
+# arm -> (training method, teacher context of its targets, what it stands for in the paper's table)
+ARMS: dict[str, tuple[str, str, str]] = {
+    "opd_demo": ("opd", "demo", "OPD, demonstration teacher (SDFT-style)"),
+    "opd_solution": ("opd", "correct_solution", "OPD, correct-solution teacher (SDPO-style)"),
+    "caopd_demo": ("caopd", "demo", "CaOPD, demonstration teacher"),
+    "caopd_solution": ("caopd", "correct_solution", "CaOPD, correct-solution teacher"),
+    "rlcr": ("rlcr", "demo", "RLCR: policy gradient on correctness − Brier"),
+}
+BASE_DESCRIPTION = "base model, untrained"
+TABLE_KEYS = ("accuracy", "ece", "brier", "auroc", "spr", "overconfidence_gap")
+
+
+class CompareConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("tiny", description="the base model every arm starts from")
+    arms: list[ArmName] = Field(default_factory=lambda: list(ARMS), description="trained arms (the base model is "
+                                "always scored): " + ", ".join(ARMS))
+    n_train: int = Field(2000, ge=1, description="training prompts (arithmetic)")
+    n_eval: int = Field(2000, ge=1, description="held-out prompts, in-domain and per OOD set")
+    kind_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_KIND_WEIGHTS),
+                                           description="arithmetic kind -> sampling weight")
+    ood_kinds: list[str] = Field(default_factory=lambda: ["add_2x2"], description="arithmetic kinds kept out of "
+                                 "training and scored as the OOD set; empty = in-domain only")
+    k: int = Field(8, ge=1, description="rollouts per prompt (K), for P and during training")
+    seed: int = Field(0, description="seed of the data, rollouts and training (evaluation uses seed + 1)")
+    train: TrainConfig = Field(default_factory=TrainConfig,
+                               description="training settings shared by every arm (method and teacher context are "
+                               "set per arm)")
+    bootstrap_resamples: int = Field(1000, ge=0, description="resamples for the 95 % interval of every metric")
+
+    @field_validator("arms")
+    @classmethod
+    def _some_arms(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(f"at least one arm to train; choose from {list(ARMS)}")
+        return [arm for arm in ARMS if arm in value]  # the table's order, duplicates dropped
+
+    @model_validator(mode="after")
+    def _valid_data_settings(self) -> "CompareConfig":
+        try:  # checked here, before any work, by the data stage's own config
+            self.data_config()
+        except ValidationError as err:
+            raise ValueError(err.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        return self
+
+    def data_config(self) -> DataConfig:
+        return DataConfig(n_train=self.n_train, n_eval=self.n_eval, seed=self.seed, kind_weights=self.kind_weights,
+                          ood_kinds=self.ood_kinds)
+
+
+def _targets(cfg: CompareConfig, data: Path, rollouts: Path, method: str, context: str, out: Path) -> str:
+    folder = out / f"targets_{method}_{context}"
+    if not (folder / RECORDS).is_file():
+        run_target_replacement(TargetsConfig(method=method, teacher_context=context, data=str(data / TRAIN),
+                                             model=cfg.model, rollouts=str(rollouts / ROLLOUTS),
+                                             estimates=str(rollouts / ESTIMATES)), folder)
+    return str(folder / RECORDS)
+
+
+def run_compare(cfg: CompareConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    data = out / "data"
+    run_data_preparation(cfg.data_config(), data)
+    sampling = cfg.train.sampling.model_copy(update={"seed": cfg.seed})
+    run_rollout_estimation(RolloutConfig(model=cfg.model, data=str(data / TRAIN), k=cfg.k, sampling=sampling),
+                           out / "rollouts", progress=progress)
+    models, seconds = {"base": cfg.model}, {}
+    for arm in cfg.arms:
+        method, context, _ = ARMS[arm]
+        # RLCR reads only the prompts and answers of the records; the targets' edits do not reach it.
+        records = _targets(cfg, data, out / "rollouts", "opd" if method == "rlcr" else method, context, out)
+        train = cfg.train.model_copy(update={"method": method, "teacher_context": context, "k": cfg.k,
+                                             "seed": cfg.seed})
+        summary = run_training(TrainStageConfig(model=cfg.model, records=records, train=train), out / f"train_{arm}",
+                               progress=progress)
+        models[arm], seconds[arm] = str(out / f"train_{arm}" / MODEL_DIR), summary["seconds"]
+    ood = {"ood": str(data / OOD)} if cfg.ood_kinds else {}
+    evaluation = run_evaluation(
+        EvaluateConfig(models=models, data=str(data / EVAL), extra_data=ood,
+                       sampling=SamplingConfig(n=1, max_new_tokens=cfg.train.sampling.max_new_tokens,
+                                               seed=cfg.seed + 1),
+                       bootstrap_resamples=cfg.bootstrap_resamples),
+        out / "evaluation", progress=progress)
+    sets = {"in_domain": evaluation["arms"], **{name: s["arms"] for name, s in evaluation["sets"].items()}}
+    results = {set_name: {arm: {**{k: m[k] for k in (*METRIC_KEYS, "aurc")}, "intervals": m.get("intervals", {})}
+                          for arm, m in arms.items()} for set_name, arms in sets.items()}
+    summary = {"config": cfg.model_dump(), "sets": results, "checks": acceptance_checks(results),
+               "training_seconds": seconds, "seconds": round(time.perf_counter() - start, 1)}
+    write_json(out / "summary.json", summary)
+    write_text(out / "report.md", compare_report(results, summary["checks"], cfg))
+    from caopd.report import plot_compare
+
+    plot_compare(results, out / "compare.png")
+    return summary
+
+
+def acceptance_checks(results: dict[str, dict[str, dict[str, Any]]], max_accuracy_drop: float = 0.03,
+                      ) -> dict[str, dict[str, Any]]:
+    """Per CaOPD arm: is its ECE below every OPD arm's on every set, and how far is its accuracy from the best OPD
+    arm's in-domain (the paper's claims)? Empty when the run trained no CaOPD or no OPD arm."""
+    in_domain = results["in_domain"]
+    opd = [arm for arm in in_domain if arm in ARMS and ARMS[arm][0] == "opd"]
+    caopd = [arm for arm in in_domain if arm in ARMS and ARMS[arm][0] == "caopd"]
+    if not opd:
+        return {}
+    best_opd = max(in_domain[arm]["accuracy"] for arm in opd)
+    checks = {}
+    for arm in caopd:
+        ece_below = {set_name: all(arms[arm]["ece"] < arms[o]["ece"] for o in opd) for set_name, arms in results.items()}
+        gap = in_domain[arm]["accuracy"] - best_opd
+        checks[arm] = {"ece_below_every_opd_arm": ece_below, "accuracy_minus_best_opd": round(gap, 4),
+                       "accuracy_within": gap >= -max_accuracy_drop}
+    return checks
+
+
+def _with_interval(metrics: dict[str, Any], key: str) -> str:
+    value = metrics[key]
+    if value is None or value != value:
+        return "n/a"
+    low_high = metrics.get("intervals", {}).get(key)
+    return f"{value:.3f} ({low_high[0]:.3f}–{low_high[1]:.3f})" if low_high else f"{value:.3f}"
+
+
+def paper_table(arms: dict[str, dict[str, Any]]) -> str:
+    """One row per arm, the paper's metrics with their 95 % bootstrap interval in brackets."""
+    lines = ["| arm | method | " + " | ".join(TABLE_KEYS) + " |", "|---|---|" + "---:|" * len(TABLE_KEYS)]
+    for arm, metrics in arms.items():
+        what = ARMS[arm][2] if arm in ARMS else BASE_DESCRIPTION
+        lines.append(f"| {arm} | {what} | " + " | ".join(_with_interval(metrics, k) for k in TABLE_KEYS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_report(results: dict[str, dict[str, dict[str, Any]]], checks: dict[str, dict[str, Any]],
+                   cfg: CompareConfig) -> str:
+    text = ("# Baselines from one base model\n\n"
+            f"Base `{cfg.model}`, {cfg.n_train} training prompts, K = {cfg.k}, {cfg.train.steps} steps of "
+            f"{cfg.train.prompts_per_step} prompts, lr {cfg.train.lr:g}, seed {cfg.seed}; {cfg.n_eval} held-out "
+            "prompts per set. Brackets: 95 % bootstrap intervals.\n\n")
+    for set_name, arms in results.items():
+        title = "In-domain" if set_name == "in_domain" else f"Out of distribution ({', '.join(cfg.ood_kinds)})"
+        text += f"## {title}\n\n" + paper_table(arms) + "\n"
+    if checks:
+        text += "## The paper's claims, checked\n\n| CaOPD arm | " + " | ".join(
+            f"ECE below every OPD arm ({s})" for s in results) + " | accuracy − best OPD |\n"
+        text += "|---|" + "---|" * len(results) + "---:|\n"
+        for arm, check in checks.items():
+            cells = ["yes" if check["ece_below_every_opd_arm"][s] else "no" for s in results]
+            text += f"| {arm} | " + " | ".join(cells) + f" | {check['accuracy_minus_best_opd']:+.3f} |\n"
+    return text
