@@ -19,14 +19,14 @@ def calibration_evaluation(data: Input[Dataset], models: Input[List[Model]], tas
     from caopd.rollout import SamplingConfig
     from caopd.stage_tracking import tracked, tracker_if_configured
     from caopd.stages.evaluate import EvaluateConfig, run_evaluation
-    from caopd.stages.prepare import EVAL, OOD
+    from caopd.stages.prepare import EVAL, ood_set
     from caopd.stages.train import trained_arms
 
     trained = trained_arms([model.path for model in models])
     arms = {"base": base_model, **{m: str(trained[m]) for m in ("opd", "caopd") if m in trained}}
-    ood = Path(data.path) / OOD  # written by data-preparation when the run holds kinds out of training
+    ood = ood_set(data.path)  # held-out kinds, or an OOD set of the user's own in any task
     cfg = EvaluateConfig(models=arms, task=task, data=str(Path(data.path) / EVAL), engine=engine,
-                         extra_data={"ood": str(ood)} if ood.is_file() else {},
+                         extra_data={"ood": ood[0]} if ood else {}, extra_tasks={"ood": ood[1]} if ood else {},
                          sampling=SamplingConfig(n=1, temperature=temperature, max_new_tokens=max_new_tokens,
                                                  seed=seed))
     tracker = tracker_if_configured(mlflow_settings, pipeline_run_id, Path(evaluation.path).parent / "mlflow")

@@ -63,6 +63,8 @@ def caopd_pipeline(
     n_eval: int = _DATA.n_eval,
     kind_weights: dict = _DATA.kind_weights,
     ood_kinds: list = _DATA.ood_kinds,
+    ood_source: str = "",
+    ood_task: str = "",
     seed: int = 0,
     # 1 · rollout estimation
     base_model: str = "tiny",
@@ -110,7 +112,7 @@ def caopd_pipeline(
     tracking = dict(mlflow_settings=mlflow_settings, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     data = _on_cpu(data_preparation(task=task, train_source=train_source, eval_source=eval_source,
                                     n_train=n_train, n_eval=n_eval, seed=seed, kind_weights=kind_weights,
-                                    ood_kinds=ood_kinds, **tracking))
+                                    ood_kinds=ood_kinds, ood_source=ood_source, ood_task=ood_task, **tracking))
     data.set_retry(2)
 
     shards = _on_cpu(rollout_shard_indices(num_shards=rollout_shards))

@@ -80,3 +80,34 @@ def test_extra_prompt_sets_are_scored_and_reported_beside_the_in_domain_one(tmp_
     assert (tmp_path / "out" / "risk_coverage_ood.png").stat().st_size > 0
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## in-domain" in report and "## ood" in report and "accuracy (ood)" in report
+
+
+def test_an_extra_set_of_another_task_is_verified_by_its_own_task(tmp_path):
+    from caopd.data import write_jsonl
+    from caopd.stages.evaluate import EvaluateConfig, run_evaluation
+    from caopd.tasks.arithmetic import generate_rows
+
+    write_jsonl(tmp_path / "eval.jsonl", generate_rows(6, 1, ["add_1x1"], id_prefix="eval"))
+    # multiple choice: the arithmetic model answers digits, never an <answer> tag, so none of it verifies
+    write_jsonl(tmp_path / "mcq.jsonl", [{"id": f"q{i}", "prompt": [{"role": "user", "content": f"{i}+1="}],
+                                          "answer": "B"} for i in range(4)])
+    cfg = EvaluateConfig(models={"base": "tiny"}, data=str(tmp_path / "eval.jsonl"),
+                         extra_data={"chem": str(tmp_path / "mcq.jsonl")}, extra_tasks={"chem": "mcq"},
+                         bootstrap_resamples=0)
+    summary = run_evaluation(cfg, tmp_path / "out", progress=False)
+    assert summary["sets"]["chem"]["task"] == "mcq"
+    in_domain = [json.loads(line) for line in (tmp_path / "out" / "predictions_base.jsonl").open()]
+    chem = [json.loads(line) for line in (tmp_path / "out" / "predictions_base_chem.jsonl").open()]
+    assert len(chem) == 4 and all(row["answer"] is None and not row["correct"] for row in chem)
+    assert any(row["answer"] is not None for row in in_domain)  # the arithmetic verifier reads the same model
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"extra_tasks": {"chem": "mcq"}}, "extra_data does not give"),
+    ({"extra_data": {"chem": "c.jsonl"}, "extra_tasks": {"chem": "poetry"}}, "unknown task"),
+])
+def test_bad_extra_tasks_are_refused(bad, message):
+    from caopd.stages.evaluate import EvaluateConfig
+
+    with pytest.raises(ValueError, match=message):
+        EvaluateConfig(models={"base": "tiny"}, data="e.jsonl", **bad)

@@ -36,3 +36,38 @@ def test_ood_kinds_are_held_out_of_training_and_scored_apart(tmp_path):
 def test_bad_ood_settings_are_refused_up_front(bad, message):
     with pytest.raises(ValueError, match=message):
         DataConfig(**bad)
+
+
+CHEMISTRY_ROWS = __import__("pathlib").Path(__file__).with_name("fixtures") / "sciknoweval_chemistry_rows.jsonl"
+
+
+def test_an_ood_set_of_another_task_is_validated_by_that_task(tmp_path):
+    from caopd.data import read_jsonl
+    from caopd.stages.prepare import OOD, ood_set
+
+    summary = run_data_preparation(DataConfig(n_train=10, n_eval=5, ood_source=str(CHEMISTRY_ROWS),
+                                              ood_task="mcq"), tmp_path / "cross")
+    assert summary["n_ood"] == len(read_jsonl(tmp_path / "cross" / OOD)) == 6
+    assert ood_set(tmp_path / "cross") == (str(tmp_path / "cross" / OOD), "mcq")
+    run_data_preparation(DataConfig(n_train=10, n_eval=5, ood_kinds=["mul_2x2"]), tmp_path / "kinds")
+    assert ood_set(tmp_path / "kinds") == (str(tmp_path / "kinds" / OOD), "arithmetic")
+    run_data_preparation(DataConfig(n_train=10, n_eval=5), tmp_path / "none")
+    assert ood_set(tmp_path / "none") is None
+
+
+def test_an_ood_set_that_its_task_cannot_read_names_file_row_and_field(tmp_path):
+    from caopd.errors import CaopdInputError
+
+    with pytest.raises(CaopdInputError, match=r"sciknoweval_chemistry_rows\.jsonl.*row 0.*prompt"):
+        run_data_preparation(DataConfig(n_train=10, n_eval=5, ood_source=str(CHEMISTRY_ROWS)), tmp_path / "d")
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"ood_task": "mcq"}, "give ood_source too"),
+    ({"ood_source": "o.jsonl", "ood_task": "poetry"}, "unknown task"),
+    ({"ood_source": "o.jsonl", "ood_kinds": ["add_1x1"]}, "not both"),
+])
+def test_bad_ood_source_settings_are_refused_up_front(bad, message):
+    with pytest.raises(ValueError, match=message):
+        DataConfig(**bad)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from caopd.data import file_digest, load_examples, write_json, write_jsonl, write_text
 from caopd.metrics import aurc, bootstrap_intervals, calibration_metrics, load_predictions
@@ -28,6 +28,8 @@ class EvaluateConfig(BaseModel):
     data: str = Field(..., description="held-out prompts: a load_from_disk folder, .jsonl or .parquet")
     extra_data: dict[str, str] = Field(default_factory=dict, description="other prompt sets scored beside `data`, "
                                        "name -> file (e.g. ood -> prompts of kinds never trained on)")
+    extra_tasks: dict[str, str] = Field(default_factory=dict, description="the task of an extra set when it is not "
+                                        "`task`, name -> task (e.g. chemistry -> mcq after training on tooluse)")
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(n=1, temperature=1.0, max_new_tokens=24, seed=1234),
         description="decoding at test time; the default samples as rollout estimation does, so that the "
@@ -46,6 +48,18 @@ class EvaluateConfig(BaseModel):
             raise ValueError(f"names must be letters, digits, '-' or '_': {bad}")
         return value
 
+    @model_validator(mode="after")
+    def _known_set_tasks(self) -> "EvaluateConfig":
+        unknown = sorted(set(self.extra_tasks) - set(self.extra_data))
+        if unknown:
+            raise ValueError(f"extra_tasks names sets that extra_data does not give: {unknown}")
+        for task in {self.task, *self.extra_tasks.values()}:
+            get_task(task)  # an unknown task fails here, naming the known ones
+        return self
+
+    def task_of(self, set_name: str | None) -> str:
+        return self.extra_tasks.get(set_name, self.task) if set_name is not None else self.task
+
 
 def _suffix(set_name: str | None) -> str:
     return "" if set_name is None else f"_{set_name}"
@@ -58,7 +72,7 @@ def evaluate_on(loaded, name: str, set_name: str | None, cfg: EvaluateConfig, ex
                                    cfg.sampling.max_new_tokens, source=source)
     outputs = make_engine(loaded, cfg.engine).generate(
         [render_prompt(loaded.tokenizer, e.prompt) for e in kept], cfg.sampling, progress)
-    rows = score_completions(get_task(cfg.task), kept, outputs)
+    rows = score_completions(get_task(cfg.task_of(set_name)), kept, outputs)
     kinds = {e.id: e.meta.get("kind", "") for e in kept}
     for row in rows:
         row["kind"] = kinds[row["prompt_id"]]
@@ -81,9 +95,9 @@ def _report_section(title: str, arms: dict[str, Any], with_intervals: bool) -> s
 
 
 def run_evaluation(cfg: EvaluateConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
-    task = get_task(cfg.task)
-    prompt_sets = {None: (cfg.data, load_examples(cfg.data, task)),
-                   **{name: (path, load_examples(path, task)) for name, path in cfg.extra_data.items()}}
+    prompt_sets = {None: (cfg.data, load_examples(cfg.data, get_task(cfg.task))),
+                   **{name: (path, load_examples(path, get_task(cfg.task_of(name))))
+                      for name, path in cfg.extra_data.items()}}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str | None, dict[str, Any]] = {set_name: {} for set_name in prompt_sets}
@@ -103,7 +117,7 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: str | Path, progress: bool = Tr
     write_text(out / REPORT, report)
     summary = {"stage": "calibration-evaluation", "config": cfg.model_dump(), "data_digest": file_digest(cfg.data),
                "arms": results[None],
-               "sets": {name: {"arms": results[name], "data_digest": file_digest(path)}
+               "sets": {name: {"arms": results[name], "data_digest": file_digest(path), "task": cfg.task_of(name)}
                         for name, path in cfg.extra_data.items()}}
     write_json(out / SUMMARY, summary)
     return summary

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from caopd.data import load_rows, write_json, write_jsonl
+from caopd.data import load_rows, read_json, write_json, write_jsonl
 from caopd.tasks import get_task
 from caopd.tasks.arithmetic import KINDS, generate_rows
 
@@ -39,6 +39,10 @@ class DataConfig(BaseModel):
     ood_kinds: list[str] = Field(default_factory=list, description="arithmetic kinds kept out of training and of the "
                                  "in-domain eval set, scored as a separate out-of-distribution set (ood.jsonl, "
                                  "n_eval prompts); empty = no OOD set")
+    ood_source: str = Field("", description="an out-of-distribution prompt set of your own, in any task (a "
+                            "load_from_disk folder, .jsonl or .parquet), validated and copied to ood.jsonl")
+    ood_task: str = Field("", description="the task of ood_source when it differs from `task` (e.g. mcq for "
+                          "chemistry after training on tooluse); empty = `task`")
 
     @field_validator("ood_kinds")
     @classmethod
@@ -65,6 +69,12 @@ class DataConfig(BaseModel):
         get_task(self.task)  # an unknown task fails here, naming the known ones
         if self.task != "arithmetic" and not (self.train_source and self.eval_source):
             raise ValueError(f"task {self.task!r} has no synthetic generator: give train_source and eval_source")
+        if self.ood_task:
+            get_task(self.ood_task)
+            if not self.ood_source:
+                raise ValueError("ood_task names the task of ood_source: give ood_source too")
+        if self.ood_source and self.ood_kinds:
+            raise ValueError("give either ood_kinds (held-out arithmetic kinds) or ood_source (your own set), not both")
         if self.ood_kinds:
             if self.train_source or self.eval_source:
                 raise ValueError("ood_kinds splits the synthetic arithmetic kinds; with your own datasets, evaluate "
@@ -88,7 +98,12 @@ def _rows(cfg: DataConfig, source: str, n: int, seed: int, prefix: str) -> list[
 
 
 def _ood_rows(cfg: DataConfig) -> list[dict[str, Any]]:
-    """The held-out kinds, weighted as in ``kind_weights`` (equally where it gives them no positive weight)."""
+    """Your OOD set, validated by its task; or the held-out kinds, weighted as in ``kind_weights`` (equally where
+    it gives them no positive weight)."""
+    if cfg.ood_source:
+        rows = load_rows(cfg.ood_source)
+        get_task(cfg.ood_task or cfg.task).examples_from_rows(rows, source=cfg.ood_source)
+        return rows
     weights = [cfg.kind_weights.get(kind, 0.0) for kind in cfg.ood_kinds]
     if not sum(weights) > 0:
         weights = [1.0] * len(cfg.ood_kinds)
@@ -96,16 +111,26 @@ def _ood_rows(cfg: DataConfig) -> list[dict[str, Any]]:
 
 
 def run_data_preparation(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
+    # Every set is read and validated before the first file is written: a bad row leaves nothing behind.
     train = _rows(cfg, cfg.train_source, cfg.n_train, cfg.seed, "train")
     evaluation = _rows(cfg, cfg.eval_source, cfg.n_eval, cfg.seed + 10_000, "eval")
+    ood = _ood_rows(cfg) if cfg.ood_kinds or cfg.ood_source else None
     out = Path(out_dir)
     summary = {"stage": "data-preparation", "config": cfg.model_dump(), "n_train": len(train),
                "n_eval": len(evaluation),
                "outputs": {TRAIN: write_jsonl(out / TRAIN, train), EVAL: write_jsonl(out / EVAL, evaluation)}}
-    if cfg.ood_kinds:
-        ood = _ood_rows(cfg)
+    if ood is not None:
         summary["n_ood"] = len(ood)
         summary["outputs"][OOD] = write_jsonl(out / OOD, ood)
     write_json(out / SUMMARY, summary)
     return summary
 
+
+
+def ood_set(data_dir: str | Path) -> tuple[str, str] | None:
+    """The prepared OOD set of a data folder and the task that verifies it, or None when the run has none."""
+    folder = Path(data_dir)
+    if not (folder / OOD).is_file():
+        return None
+    config = read_json(folder / SUMMARY)["config"]
+    return str(folder / OOD), config.get("ood_task") or config["task"]
