@@ -2,7 +2,8 @@
 
 data-preparation → rollout-estimation (ParallelFor over shards) → merge-rollout-shards →
 target-replacement → opd-training (ParallelFor over the arms: CaOPD, and plain OPD as the optional baseline) →
-calibration-evaluation → model-registration (never cached).
+calibration-evaluation → model-registration (never cached). With ``continual_kinds`` (task B), each arm then
+continues on task B from its model and is scored on task A before and after (the calibration-forgetting check).
 
 Parameters are ordered by stage; their defaults run the tiny default model end to end. The GPU stages
 (rollouts, training, evaluation) take their accelerator, node selector and tolerations from parameters, so one
@@ -15,9 +16,9 @@ from typing import NamedTuple
 from kfp import dsl, kubernetes
 from kfp.dsl import Dataset, Model
 
-from caopd.components import (calibration_evaluation, data_preparation, merge_rollout_shards, model_registration,
-                              opd_training, rollout_estimation, rollout_shard_indices, target_replacement,
-                              training_arms)
+from caopd.components import (calibration_evaluation, continual_distillation, continual_enabled, continual_evaluation,
+                              data_preparation, merge_rollout_shards, model_registration, opd_training,
+                              rollout_estimation, rollout_shard_indices, target_replacement, training_arms)
 from caopd.distill.config import TrainConfig
 from caopd.stages.prepare import DataConfig
 from caopd.stages.register import RegisterConfig
@@ -65,6 +66,7 @@ def caopd_pipeline(
     ood_kinds: list = _DATA.ood_kinds,
     ood_source: str = "",
     ood_task: str = "",
+    continual_kinds: list = _DATA.continual_kinds,
     seed: int = 0,
     # 1 · rollout estimation
     base_model: str = "tiny",
@@ -112,7 +114,8 @@ def caopd_pipeline(
     tracking = dict(mlflow_settings=mlflow_settings, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     data = _on_cpu(data_preparation(task=task, train_source=train_source, eval_source=eval_source,
                                     n_train=n_train, n_eval=n_eval, seed=seed, kind_weights=kind_weights,
-                                    ood_kinds=ood_kinds, ood_source=ood_source, ood_task=ood_task, **tracking))
+                                    ood_kinds=ood_kinds, ood_source=ood_source, ood_task=ood_task,
+                                    continual_kinds=continual_kinds, **tracking))
     data.set_retry(2)
 
     shards = _on_cpu(rollout_shard_indices(num_shards=rollout_shards))
@@ -127,6 +130,7 @@ def caopd_pipeline(
 
     # The arms train side by side (one GPU pod each on a cluster) from the same rollouts.
     arms = _on_cpu(training_arms(train_baseline=train_baseline))
+    continual = _on_cpu(continual_enabled(continual_kinds=continual_kinds))
     with dsl.ParallelFor(arms.output, name="arms") as method:
         targets = _on_cpu(target_replacement(data=data.outputs["data"], rollouts=merged.outputs["rollouts"],
                                              task=task, base_model=base_model, method=method,
@@ -141,6 +145,16 @@ def caopd_pipeline(
                                    **tracking))
         # Deterministic from its inputs, so a retry after a lost node repeats the same run.
         trained.set_retry(1)
+        # Nothing outside this branch reads its outputs: a skipped branch must leave no dangling input behind.
+        with dsl.If(continual.output == True, name="continual"):  # noqa: E712 (a KFP condition, not Python's)
+            on_b = gpu(continual_distillation(data=data.outputs["data"], model=trained.outputs["model"], task=task,
+                                              engine=engine, **tracking))
+            on_b.set_retry(1)
+            forgetting = gpu(continual_evaluation(data=data.outputs["data"], model=trained.outputs["model"],
+                                                  continual_model=on_b.outputs["continual_model"], task=task,
+                                                  temperature=temperature, max_new_tokens=max_new_tokens,
+                                                  seed=eval_seed, engine=engine, **tracking))
+            forgetting.set_retry(2)
 
     # Each consumer of the arms' models gets its own Collected: kfp 2.17 fails to compile a shared one.
     evaluation = gpu(calibration_evaluation(data=data.outputs["data"], models=dsl.Collected(trained.outputs["model"]),

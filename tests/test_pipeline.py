@@ -14,9 +14,10 @@ from caopd.distill.config import TrainConfig
 from caopd.pipelines import COMPILED_PIPELINE, caopd_pipeline, compile_pipeline
 from caopd.stages.prepare import DataConfig
 
-GPU_STAGES = {"rollout-estimation", "opd-training", "calibration-evaluation"}
+GPU_STAGES = {"rollout-estimation", "opd-training", "calibration-evaluation", "continual-distillation",
+              "continual-evaluation"}
 CPU_STAGES = {"data-preparation", "rollout-shard-indices", "merge-rollout-shards", "training-arms",
-              "target-replacement", "model-registration"}
+              "target-replacement", "model-registration", "continual-enabled"}
 GPU_PARAMETERS = {"accelerator_type", "accelerator_count", "gpu_cpu_request", "gpu_memory_request",
                   "gpu_node_selector", "gpu_tolerations"}
 
@@ -132,7 +133,7 @@ def test_caching_and_retries(spec):
         if stage != "model-registration":
             assert task["cachingOptions"]["enableCache"] is True, stage
     for stage in ("data-preparation", "rollout-estimation", "merge-rollout-shards", "target-replacement",
-                  "opd-training", "calibration-evaluation"):
+                  "opd-training", "calibration-evaluation", "continual-distillation", "continual-evaluation"):
         assert by_stage[stage]["retryPolicy"]["maxRetryCount"] >= 1, stage
     assert by_stage["rollout-estimation"]["retryPolicy"]["backoffDuration"] == "60s"
 
@@ -142,7 +143,11 @@ def test_rollouts_fan_out_and_arms_train_side_by_side(spec):
     loops = {dag: {t["componentRef"]["name"] for t in pipeline["components"][dag]["dag"]["tasks"].values()}
              for dag, _, _ in _tasks(pipeline) if dag != "root"}
     assert {"comp-rollout-estimation"} in loops.values()
-    assert {"comp-target-replacement", "comp-opd-training"} in loops.values()
+    [arms_loop] = [tasks for tasks in loops.values() if "comp-opd-training" in tasks]
+    assert {"comp-target-replacement", "comp-opd-training"} < arms_loop
+    # the calibration-forgetting branch runs per arm, under a condition inside the arms' loop
+    [branch] = [name for name in arms_loop if name.startswith("comp-condition")]
+    assert loops[branch] == {"comp-continual-distillation", "comp-continual-evaluation"}
     inputs = {name: c.get("inputDefinitions", {}).get("artifacts", {}) for name, c in pipeline["components"].items()}
     assert inputs["comp-merge-rollout-shards"]["shards"]["isArtifactList"] is True
     assert inputs["comp-calibration-evaluation"]["models"]["isArtifactList"] is True
@@ -158,34 +163,49 @@ def test_pipeline_defaults_are_the_stage_configs_defaults(spec):
     for name in ("n_train", "n_eval", "kind_weights"):
         assert params[name]["defaultValue"] == getattr(data, name), name
     assert params["ood_kinds"].get("defaultValue", []) == data.ood_kinds == []
+    assert params["continual_kinds"].get("defaultValue", []) == data.continual_kinds == []
     assert params["base_model"]["defaultValue"] == "tiny"
 
 
 def test_parameters_are_ordered_by_stage():
     order = list(inspect.signature(caopd_pipeline.pipeline_func).parameters)
-    stages = [["task", "n_train", "seed"], ["base_model", "k", "rollout_shards"], ["teacher_context"],
+    stages = [["task", "n_train", "ood_kinds", "continual_kinds", "seed"], ["base_model", "k", "rollout_shards"], ["teacher_context"],
               ["train_baseline", "steps", "lr"], ["eval_seed"], ["model_name", "promotion_gates"], ["mlflow_settings"],
               ["accelerator_type", "gpu_tolerations"]]
     positions = [[order.index(name) for name in stage] for stage in stages]
     assert all(max(a) < min(b) for a, b in zip(positions, positions[1:]))
 
 
-def test_local_run_fans_rollouts_out_skips_the_baseline_and_scores_held_out_kinds(tmp_path):
+def test_local_run_fans_rollouts_out_skips_the_baseline_scores_held_out_kinds_and_continues_on_task_b(tmp_path):
     from caopd.runner import RunConfig, run_main_job
     from caopd.data import read_json
 
     print_before = builtins.print
     cfg = RunConfig.model_validate({"n_train": 10, "n_eval": 12, "k": 2, "rollout_shards": 2, "train_baseline": False,
-                                    "ood_kinds": ["mul_2x2"], "train": {"steps": 1, "prompts_per_step": 2}})
+                                    "ood_kinds": ["mul_2x2"], "continual_kinds": ["add_1x1", "mul_1x1"],
+                                    "train": {"steps": 1, "prompts_per_step": 2}})
     summary = run_main_job(cfg, tmp_path, progress=False)
     assert set(summary["arms"]) == set(summary["ood"]) == {"base", "caopd"}
     ood_kinds = {json.loads(line)["kind"] for line in (tmp_path / "evaluation" / "predictions_caopd_ood.jsonl").open()}
     assert ood_kinds == {"mul_2x2"} and "ood:" in (tmp_path / "comparison.md").read_text()
+    # task B: kept out of task A, trained on from the arm's model, and task A scored before and after it
+    [forgetting] = summary["continual"].values()
+    assert set(summary["continual"]) == {"caopd"}
+    assert set(forgetting) == {"ece_a_before", "ece_a_after", "accuracy_a_before", "accuracy_a_after", "ece_b_after"}
+    assert forgetting["ece_a_before"] == summary["arms"]["caopd"]["ece"]  # same model, prompts and seed
+    assert "calibration forgetting" in (tmp_path / "comparison.md").read_text()
     [pipeline_run] = (tmp_path / "kfp").glob("caopd-*")
     shards = sorted(p.name for p in pipeline_run.iterdir() if p.name.startswith("for-loop-1-iteration-"))
     assert len(shards) == 2
     merged = read_json(next(pipeline_run.glob("merge-rollout-shards/rollouts")) / "summary.json")
     assert merged["n_prompts"] == 10 and len(merged["shards"]) == 2
     assert not (tmp_path / "train_opd").exists()
+    data_dir = next(pipeline_run.glob("data-preparation/data"))
+    task_a = {json.loads(line)["kind"] for name in ("train.jsonl", "eval.jsonl") for line in (data_dir / name).open()}
+    task_b = {json.loads(line)["kind"] for line in (data_dir / "continual_train.jsonl").open()}
+    assert task_b == {"add_1x1", "mul_1x1"} and not task_a & (task_b | {"mul_2x2"})
+    [on_b] = pipeline_run.glob("**/continual-distillation/continual_model")
+    trained_from = read_json(on_b / "train" / "summary.json")["config"]["model"]
+    assert trained_from == str(next(pipeline_run.glob("**/opd-training/model")) / "model")
     # kfp.local patches print per task; with two iterations in threads the patch outlived its run.
     assert builtins.print is print_before

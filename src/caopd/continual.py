@@ -3,7 +3,9 @@
 
 On the tiny default, A and B are disjoint sets of arithmetic kinds. Every step is a stage function (prepare,
 rollout estimation, target replacement, training, evaluation); the second training starts from the first one's
-model, with rollouts and P re-estimated by that model on B.
+model, with rollouts and P re-estimated by that model on B. `caopd continual` runs the whole check here; the
+pipeline runs the same task-B step (``run_continual_step``) and scoring (``evaluate_forgetting``) per arm when
+``continual_kinds`` is set.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from caopd.data import write_json, write_text
 from caopd.distill.config import TrainConfig
 from caopd.metrics import METRIC_KEYS
 from caopd.report import comparison_table
-from caopd.rollout import SamplingConfig
+from caopd.rollout import EngineName, SamplingConfig
 from caopd.stages.estimate import ESTIMATES, ROLLOUTS, RolloutConfig, run_rollout_estimation
 from caopd.stages.evaluate import EvaluateConfig, run_evaluation
 from caopd.stages.prepare import DEFAULT_KIND_WEIGHTS, EVAL, TRAIN, DataConfig, run_data_preparation
 from caopd.stages.targets import RECORDS, TargetsConfig, run_target_replacement
 from caopd.stages.train import MODEL_DIR, TrainStageConfig, run_training
 from caopd.tasks.arithmetic import KINDS
+
+FORGETTING = "forgetting.json"
 
 
 class ContinualConfig(BaseModel):
@@ -59,18 +63,62 @@ def _weights(kinds: list[str]) -> dict[str, float]:
     return {kind: DEFAULT_KIND_WEIGHTS.get(kind, 1.0) for kind in kinds}
 
 
-def distil(cfg: ContinualConfig, start_model: str, data: Path, method: str, out: Path) -> str:
-    """Rollouts of ``start_model`` on ``data``, the method's targets, and training from it: the trained model."""
-    sampling = SamplingConfig(max_new_tokens=cfg.train.sampling.max_new_tokens, seed=cfg.seed)
-    run_rollout_estimation(RolloutConfig(model=start_model, data=str(data / TRAIN), k=cfg.k, sampling=sampling),
-                           out / "rollouts", progress=False)
-    run_target_replacement(TargetsConfig(method=method, data=str(data / TRAIN), model=start_model,
-                                         rollouts=str(out / "rollouts" / ROLLOUTS),
+class ContinualStepConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    start_model: str = Field(..., description="the model trained on task A (a folder), where task B starts")
+    data: str = Field(..., description="task B's training prompts")
+    task: str = Field("arithmetic", description="task B's verifier")
+    train: TrainConfig = Field(..., description="the training settings (the pipeline reuses task A's)")
+    engine: EngineName = Field("auto", description="rollout engine of the P estimation on task B")
+
+
+def run_continual_step(cfg: ContinualStepConfig, out_dir: str | Path, progress: bool = False) -> dict[str, Any]:
+    """Task B from task A's model: its rollouts and P on B, the method's targets, and training from it. The model
+    lands in ``out_dir/train/model``."""
+    out = Path(out_dir)
+    train = cfg.train
+    sampling = train.sampling.model_copy(update={"seed": train.seed})
+    rollouts = run_rollout_estimation(RolloutConfig(model=cfg.start_model, task=cfg.task, data=cfg.data, k=train.k,
+                                                    sampling=sampling, engine=cfg.engine),
+                                      out / "rollouts", progress=progress)
+    # RLCR reads only the prompts and answers of the records; the targets' edits do not reach it.
+    run_target_replacement(TargetsConfig(method="opd" if train.method == "rlcr" else train.method,
+                                         teacher_context=train.teacher_context, task=cfg.task, data=cfg.data,
+                                         model=cfg.start_model, rollouts=str(out / "rollouts" / ROLLOUTS),
                                          estimates=str(out / "rollouts" / ESTIMATES)), out / "targets")
+    trained = run_training(TrainStageConfig(model=cfg.start_model, task=cfg.task,
+                                            records=str(out / "targets" / RECORDS), train=train),
+                           out / "train", progress=progress)
+    return {"stage": "continual-distillation", "config": cfg.model_dump(), "model": str(out / "train" / MODEL_DIR),
+            "n_prompts": rollouts["n_prompts"], "steps": trained["steps"], "final": trained["final"],
+            "seconds": trained["seconds"], "model_digest": trained["model_digest"]}
+
+
+def distil(cfg: ContinualConfig, start_model: str, data: Path, method: str, out: Path) -> str:
+    """One training of the CLI check: ``method`` on ``data``'s training prompts, from ``start_model``."""
     train = cfg.train.model_copy(update={"method": method, "k": cfg.k, "seed": cfg.seed})
-    run_training(TrainStageConfig(model=start_model, records=str(out / "targets" / RECORDS), train=train),
-                 out / "train", progress=False)
-    return str(out / "train" / MODEL_DIR)
+    return run_continual_step(ContinualStepConfig(start_model=start_model, data=str(data / TRAIN), train=train),
+                              out)["model"]
+
+
+def evaluate_forgetting(models: dict[str, str], methods: list[str], eval_a: str, eval_b: str,
+                        sampling: SamplingConfig, out_dir: str | Path, engine: EngineName = "auto",
+                        progress: bool = False) -> dict[str, Any]:
+    """Score ``models`` (``<method>_after_a`` and ``<method>_after_b`` per method, any others beside) on task A and
+    task B; the forgetting of each method, also written to ``forgetting.json``."""
+    evaluation = run_evaluation(EvaluateConfig(models=models, data=eval_a, extra_data={"task_b": eval_b},
+                                               sampling=sampling, engine=engine), out_dir, progress=progress)
+    on_a = {arm: {k: m[k] for k in METRIC_KEYS} for arm, m in evaluation["arms"].items()}
+    on_b = {arm: {k: m[k] for k in METRIC_KEYS} for arm, m in evaluation["sets"]["task_b"]["arms"].items()}
+    forgetting = {method: {"ece_a_before": on_a[f"{method}_after_a"]["ece"],
+                           "ece_a_after": on_a[f"{method}_after_b"]["ece"],
+                           "accuracy_a_before": on_a[f"{method}_after_a"]["accuracy"],
+                           "accuracy_a_after": on_a[f"{method}_after_b"]["accuracy"],
+                           "ece_b_after": on_b[f"{method}_after_b"]["ece"]} for method in methods}
+    result = {"task_a": on_a, "task_b": on_b, "forgetting": forgetting}
+    write_json(Path(out_dir) / FORGETTING, result)
+    return result
 
 
 def run_continual(cfg: ContinualConfig, out_dir: str | Path) -> dict[str, Any]:
@@ -85,16 +133,9 @@ def run_continual(cfg: ContinualConfig, out_dir: str | Path) -> dict[str, Any]:
         models[f"{method}_after_a"] = after_a
         models[f"{method}_after_b"] = distil(cfg, after_a, data["b"], method, out / method / "after_b")
     sampling = SamplingConfig(n=1, max_new_tokens=cfg.train.sampling.max_new_tokens, seed=cfg.seed + 1)
-    evaluation = run_evaluation(EvaluateConfig(models=models, data=str(data["a"] / EVAL),
-                                               extra_data={"task_b": str(data["b"] / EVAL)}, sampling=sampling),
-                                out / "evaluation", progress=False)
-    on_a = {arm: {k: m[k] for k in METRIC_KEYS} for arm, m in evaluation["arms"].items()}
-    on_b = {arm: {k: m[k] for k in METRIC_KEYS} for arm, m in evaluation["sets"]["task_b"]["arms"].items()}
-    forgetting = {method: {"ece_a_before": on_a[f"{method}_after_a"]["ece"],
-                           "ece_a_after": on_a[f"{method}_after_b"]["ece"],
-                           "accuracy_a_before": on_a[f"{method}_after_a"]["accuracy"],
-                           "accuracy_a_after": on_a[f"{method}_after_b"]["accuracy"],
-                           "ece_b_after": on_b[f"{method}_after_b"]["ece"]} for method in cfg.methods}
+    scored = evaluate_forgetting(models, list(cfg.methods), str(data["a"] / EVAL), str(data["b"] / EVAL), sampling,
+                                 out / "evaluation")
+    on_a, on_b, forgetting = scored["task_a"], scored["task_b"], scored["forgetting"]
     summary = {"config": cfg.model_dump(), "task_a": on_a, "task_b": on_b, "forgetting": forgetting}
     write_json(out / "summary.json", summary)
     write_text(out / "report.md", forgetting_table(forgetting) + "\nTask A, every model:\n\n" + comparison_table(on_a)

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from caopd.continual import FORGETTING, forgetting_table
 from caopd.data import atomic_dir, read_json, write_json, write_text
 from caopd.distill.config import TrainConfig
 from caopd.errors import CaopdServiceError
@@ -46,6 +47,9 @@ class RunConfig(BaseModel):
                                            description="arithmetic kind -> sampling weight of train and eval prompts")
     ood_kinds: list[str] = Field(default_factory=list, description="arithmetic kinds held out of training and scored "
                                  "as an out-of-distribution set beside the in-domain one (e.g. mul_2x2)")
+    continual_kinds: list[str] = Field(default_factory=list, description="task B of the calibration-forgetting "
+                                       "check: arithmetic kinds kept out of task A; each arm then trains on them from "
+                                       "its model and is scored on task A before and after (e.g. mul_2x1 mul_2x2)")
     k: int = Field(8, ge=1, description="rollouts per prompt (K)")
     rollout_shards: int = Field(1, ge=1, description="rollout-estimation shards (one pod each on a cluster)")
     teacher_context: Literal["demo", "correct_solution"] = Field(
@@ -67,6 +71,7 @@ def pipeline_arguments(cfg: RunConfig, mlflow_dir: Path) -> dict[str, Any]:
                and getattr(train, name) != getattr(defaults, name)}
     return {
         "n_train": cfg.n_train, "n_eval": cfg.n_eval, "kind_weights": cfg.kind_weights, "ood_kinds": cfg.ood_kinds,
+        "continual_kinds": cfg.continual_kinds,
         "seed": cfg.seed,
         "base_model": cfg.model, "k": cfg.k, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens,
         "rollout_shards": cfg.rollout_shards,
@@ -149,6 +154,15 @@ def _copy_dir(source: str | Path, target: Path) -> None:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
 
 
+def collect_forgetting(run_dir: Path) -> dict[str, dict[str, float]]:
+    """Each arm's forgetting, from the continual-evaluation tasks of one local pipeline run (the branch runs
+    inside the arms' ParallelFor, so no pipeline output carries them)."""
+    found: dict[str, dict[str, float]] = {}
+    for path in sorted(run_dir.glob(f"**/continual-evaluation/evaluation/{FORGETTING}")):
+        found.update(read_json(path)["forgetting"])
+    return {method: found[method] for method in ("opd", "caopd", *sorted(found)) if method in found}
+
+
 def run_main_job(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -173,6 +187,10 @@ def run_main_job(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> 
     for set_name, scored in evaluation.get("sets", {}).items():  # the OOD set when kinds were held out
         summary[set_name] = {arm: {k: scored["arms"][arm][k] for k in METRIC_KEYS} for arm in arms}
         comparison += f"\n{set_name}:\n\n" + comparison_table(summary[set_name]) + "\n"
+    forgetting = collect_forgetting(Path(outputs["evaluation"].path).parents[1])
+    if forgetting:  # the run trained each arm on task B too
+        summary["continual"] = forgetting
+        comparison += "\ncalibration forgetting (task A before and after task B):\n\n" + forgetting_table(forgetting)
     write_json(out / "summary.json", summary)
     write_text(out / "comparison.md", comparison)
     if progress:

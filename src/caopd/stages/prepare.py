@@ -16,6 +16,7 @@ from caopd.tasks import get_task
 from caopd.tasks.arithmetic import KINDS, generate_rows
 
 TRAIN, EVAL, OOD, SUMMARY = "train.jsonl", "eval.jsonl", "ood.jsonl", "summary.json"
+CONTINUAL_TRAIN, CONTINUAL_EVAL = "continual_train.jsonl", "continual_eval.jsonl"
 
 # Weighted towards the mid-difficulty kinds, where the tiny base model's per-prompt success spreads out:
 # that spread is what P carries and what calibration is scored on.
@@ -43,10 +44,14 @@ class DataConfig(BaseModel):
                             "load_from_disk folder, .jsonl or .parquet), validated and copied to ood.jsonl")
     ood_task: str = Field("", description="the task of ood_source when it differs from `task` (e.g. mcq for "
                           "chemistry after training on tooluse); empty = `task`")
+    continual_kinds: list[str] = Field(default_factory=list, description="task B of the calibration-forgetting "
+                                       "check: arithmetic kinds kept out of task A (training and in-domain eval) and "
+                                       "written as continual_train.jsonl / continual_eval.jsonl (n_train / n_eval "
+                                       "prompts), on which each arm trains on from its task-A model; empty = none")
 
-    @field_validator("ood_kinds")
+    @field_validator("ood_kinds", "continual_kinds")
     @classmethod
-    def _known_ood_kinds(cls, value: list[str]) -> list[str]:
+    def _known_kinds_list(cls, value: list[str]) -> list[str]:
         unknown = sorted(set(value) - set(KINDS))
         if unknown:
             raise ValueError(f"unknown arithmetic kinds {unknown}; choose from {list(KINDS)}")
@@ -81,11 +86,23 @@ class DataConfig(BaseModel):
                                  "another set with `caopd evaluate --extra-data NAME=FILE`")
             if not sum(self.in_domain_weights().values()) > 0:
                 raise ValueError(f"ood_kinds {self.ood_kinds} leave no kind with a positive weight to train on")
+        if self.continual_kinds:
+            if self.train_source or self.eval_source:
+                raise ValueError("continual_kinds splits the synthetic arithmetic kinds into task A and task B; "
+                                 "with your own datasets run `caopd continual` stage by stage")
+            if set(self.continual_kinds) & set(self.ood_kinds):
+                raise ValueError(f"a kind cannot be both task B (continual_kinds) and out of distribution "
+                                 f"(ood_kinds): {sorted(set(self.continual_kinds) & set(self.ood_kinds))}")
+            if not sum(self.in_domain_weights().values()) > 0:
+                raise ValueError(f"continual_kinds {self.continual_kinds} leave task A no kind with a positive "
+                                 "weight to train on")
         return self
 
     def in_domain_weights(self) -> dict[str, float]:
-        """The kind weights of the training and in-domain eval prompts: ``kind_weights`` without ``ood_kinds``."""
-        return {kind: w for kind, w in self.kind_weights.items() if kind not in self.ood_kinds}
+        """The kind weights of task A's training and in-domain eval prompts: ``kind_weights`` without the kinds
+        held out (``ood_kinds``) or kept for task B (``continual_kinds``)."""
+        held_out = set(self.ood_kinds) | set(self.continual_kinds)
+        return {kind: w for kind, w in self.kind_weights.items() if kind not in held_out}
 
 
 def _rows(cfg: DataConfig, source: str, n: int, seed: int, prefix: str) -> list[dict[str, Any]]:
@@ -97,17 +114,21 @@ def _rows(cfg: DataConfig, source: str, n: int, seed: int, prefix: str) -> list[
     return generate_rows(n, seed, list(weights), list(weights.values()), id_prefix=prefix)
 
 
+def _kind_rows(cfg: DataConfig, kinds: list[str], n: int, seed: int, prefix: str) -> list[dict[str, Any]]:
+    """Prompts of ``kinds``, weighted as in ``kind_weights`` (equally where it gives them no positive weight)."""
+    weights = [cfg.kind_weights.get(kind, 0.0) for kind in kinds]
+    if not sum(weights) > 0:
+        weights = [1.0] * len(kinds)
+    return generate_rows(n, seed, kinds, weights, id_prefix=prefix)
+
+
 def _ood_rows(cfg: DataConfig) -> list[dict[str, Any]]:
-    """Your OOD set, validated by its task; or the held-out kinds, weighted as in ``kind_weights`` (equally where
-    it gives them no positive weight)."""
+    """Your OOD set, validated by its task; or prompts of the held-out kinds."""
     if cfg.ood_source:
         rows = load_rows(cfg.ood_source)
         get_task(cfg.ood_task or cfg.task).examples_from_rows(rows, source=cfg.ood_source)
         return rows
-    weights = [cfg.kind_weights.get(kind, 0.0) for kind in cfg.ood_kinds]
-    if not sum(weights) > 0:
-        weights = [1.0] * len(cfg.ood_kinds)
-    return generate_rows(cfg.n_eval, cfg.seed + 20_000, cfg.ood_kinds, weights, id_prefix="ood")
+    return _kind_rows(cfg, cfg.ood_kinds, cfg.n_eval, cfg.seed + 20_000, "ood")
 
 
 def run_data_preparation(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
@@ -115,6 +136,9 @@ def run_data_preparation(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]
     train = _rows(cfg, cfg.train_source, cfg.n_train, cfg.seed, "train")
     evaluation = _rows(cfg, cfg.eval_source, cfg.n_eval, cfg.seed + 10_000, "eval")
     ood = _ood_rows(cfg) if cfg.ood_kinds or cfg.ood_source else None
+    task_b = {CONTINUAL_TRAIN: _kind_rows(cfg, cfg.continual_kinds, cfg.n_train, cfg.seed + 30_000, "b_train"),
+              CONTINUAL_EVAL: _kind_rows(cfg, cfg.continual_kinds, cfg.n_eval, cfg.seed + 40_000, "b_eval")} \
+        if cfg.continual_kinds else {}
     out = Path(out_dir)
     summary = {"stage": "data-preparation", "config": cfg.model_dump(), "n_train": len(train),
                "n_eval": len(evaluation),
@@ -122,9 +146,10 @@ def run_data_preparation(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]
     if ood is not None:
         summary["n_ood"] = len(ood)
         summary["outputs"][OOD] = write_jsonl(out / OOD, ood)
+    for name, rows in task_b.items():
+        summary["outputs"][name] = write_jsonl(out / name, rows)
     write_json(out / SUMMARY, summary)
     return summary
-
 
 
 def ood_set(data_dir: str | Path) -> tuple[str, str] | None:
