@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
 
-from caopd.errors import CaopdInputError, CaopdServiceError
+from caopd.errors import CaopdInputError, CaopdServiceError, TrainingStopped
 
 EXIT_BAD_INPUT, EXIT_SERVICE = 2, 1
 
@@ -469,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     except CaopdServiceError as err:
         print(f"caopd: error: {err}", file=sys.stderr)
         return EXIT_SERVICE
+    except TrainingStopped as err:  # preempted (143, like a process SIGTERM ends) or a non-finite loss (3)
+        print(f"caopd: stopped: {err}", file=sys.stderr)
+        return err.exit_code
     return EXIT_BAD_INPUT
 
 

@@ -25,6 +25,15 @@ class CaopdInputError(ValueError):
         super().__init__(": ".join(parts).replace("\n", " "))
 
 
+class TrainingStopped(RuntimeError):
+    """Training stopped before its last step and can be resumed: preempted (SIGTERM) after saving a checkpoint, or
+    a non-finite loss or gradient, with the last good checkpoint kept. The CLI exits with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class CaopdServiceError(RuntimeError):
     """A remote service (the KFP server, a registry) could not be reached or refused a request.
 

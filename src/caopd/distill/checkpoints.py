@@ -1,7 +1,8 @@
 """Training checkpoints: written atomically, resumed from the newest complete one.
 
 A checkpoint folder holds the student (safetensors), the teacher when it changes (EMA), the optimizer
-state (tensors only, loaded with ``weights_only=True``), and the step and training log. It appears under
+state and the torch RNG state (tensors only, loaded with ``weights_only=True``), and the step and training log
+(the data order, sampling seeds and learning rate are functions of the step). It appears under
 its final name only once every file is written, so a crash mid-save leaves the previous one intact.
 """
 
@@ -49,6 +50,7 @@ def save_checkpoint(out_dir: Path, step: int, student: torch.nn.Module, tokenize
     if teacher.kind == "ema":
         save_safetensors_model(teacher.model, str(tmp / "teacher.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "log": log}))  # written last: marks completion
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -64,5 +66,7 @@ def load_checkpoint(path: Path, student: torch.nn.Module, optimizer: torch.optim
     if teacher.kind == "ema":
         load_safetensors_model(teacher.model, str(path / "teacher.safetensors"), strict=False)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    if (path / "rng.pt").is_file():  # older checkpoints have none
+        torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
     state = json.loads((path / "state.json").read_text())
     return int(state["step"]), list(state["log"])

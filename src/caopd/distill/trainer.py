@@ -10,11 +10,15 @@ order and the sampling seed of every step are functions of the seed and the step
 
 from __future__ import annotations
 
+import contextlib
+import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -23,6 +27,7 @@ from caopd.distill.config import TrainConfig
 from caopd.distill.losses import token_cross_entropy, token_divergence
 from caopd.distill.rlcr import group_advantages, policy_gradient_terms, rlcr_reward
 from caopd.distill.teachers import Teacher
+from caopd.errors import TrainingStopped
 from caopd.models.batching import completion_logits
 from caopd.models.loading import encode_text
 from caopd.protocol import CONFIDENCE_KEY, parse_confidence
@@ -213,8 +218,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         losses = self.policy_gradient_and_backward(groups) if cfg.method == "rlcr" else self.loss_and_backward(groups)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(f"non-finite gradient at step {step}; the last checkpoint is kept")
+        if not (math.isfinite(losses["loss"]) and torch.isfinite(grad_norm)):
+            # Before the optimizer step: the weights and the checkpoints on disk are still the last good ones.
+            raise TrainingStopped(f"non-finite loss ({losses['loss']}) or gradient norm ({float(grad_norm)}) at step "
+                                  f"{step + 1}; stopped with the last good checkpoint kept in "
+                                  f"{self.out_dir / 'checkpoints'} (lower the lr or check the data)", exit_code=3)
         self.optimizer.step()
         self.teacher.after_step(self.student)
         return {"step": step + 1, **losses, **stats, "grad_norm": float(grad_norm), "lr": self.lr_at(step)}
@@ -230,14 +238,35 @@ class Trainer:
         t0, seqs = time.perf_counter(), 0
         bar = tqdm(range(start_step, self.cfg.steps), initial=start_step, total=self.cfg.steps,
                    desc=f"train {self.cfg.method}", unit="step", disable=not self.progress)
-        for step in bar:
-            record = self.train_step(step)
-            seqs += self.cfg.prompts_per_step * self.cfg.k
-            record["samples_per_s"] = seqs / (time.perf_counter() - t0)
-            self.log.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['sample_accuracy']:.2f}",
-                            conf=f"{record['mean_stated_confidence']:.2f}", samples_s=f"{record['samples_per_s']:.0f}")
-            if (step + 1) % self.cfg.save_every == 0 or step + 1 == self.cfg.steps:
-                save_checkpoint(self.out_dir, step + 1, self.student, self.tokenizer, self.optimizer,
-                                self.teacher, self.log, self.cfg.keep_checkpoints)
+        with sigterm_flag() as preempted:
+            for step in bar:
+                record = self.train_step(step)
+                seqs += self.cfg.prompts_per_step * self.cfg.k
+                record["samples_per_s"] = seqs / (time.perf_counter() - t0)
+                self.log.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['sample_accuracy']:.2f}",
+                                conf=f"{record['mean_stated_confidence']:.2f}",
+                                samples_s=f"{record['samples_per_s']:.0f}")
+                stop = preempted.is_set()  # read once: a signal between two reads must not skip the save
+                if (step + 1) % self.cfg.save_every == 0 or step + 1 == self.cfg.steps or stop:
+                    path = save_checkpoint(self.out_dir, step + 1, self.student, self.tokenizer, self.optimizer,
+                                           self.teacher, self.log, self.cfg.keep_checkpoints)
+                if stop and step + 1 < self.cfg.steps:
+                    raise TrainingStopped(f"SIGTERM: saved {path} after step {step + 1} of {self.cfg.steps}; run the "
+                                          "same command again to resume from it", exit_code=143)
         return self.log
+
+
+@contextlib.contextmanager
+def sigterm_flag() -> Iterator[threading.Event]:
+    """While training, SIGTERM (a preempted pod's notice) sets a flag instead of killing the process, so the step
+    in flight finishes and is checkpointed; the previous handler comes back afterwards. Signals reach only the
+    main thread, so elsewhere the flag just stays clear."""
+    flag, previous = threading.Event(), None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+    try:
+        yield flag
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
