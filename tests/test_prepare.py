@@ -71,3 +71,28 @@ def test_an_ood_set_that_its_task_cannot_read_names_file_row_and_field(tmp_path)
 def test_bad_ood_source_settings_are_refused_up_front(bad, message):
     with pytest.raises(ValueError, match=message):
         DataConfig(**bad)
+
+
+def test_dataset_paths_cannot_escape_the_data_root(tmp_path, monkeypatch, capsys):
+    from caopd.cli import main
+    from caopd.data import DATA_ROOT_ENV, write_jsonl
+    from caopd.tasks.arithmetic import generate_rows
+
+    root, outside = tmp_path / "data", tmp_path / "private"
+    root.mkdir(), outside.mkdir()
+    rows = generate_rows(4, 0, ["add_1x1"])
+    for folder in (root, outside):
+        write_jsonl(folder / "train.jsonl", rows)
+        write_jsonl(folder / "eval.jsonl", rows)
+    (root / "link.jsonl").symlink_to(outside / "train.jsonl")
+    ok = DataConfig(train_source="train.jsonl", eval_source=str(root / "eval.jsonl"), data_root=str(root))
+    assert run_data_preparation(ok, tmp_path / "ok")["n_train"] == 4  # relative to the root, or absolute inside it
+    for bad in ("../private/train.jsonl", str(outside / "train.jsonl"), "link.jsonl"):
+        with pytest.raises(ValueError, match="outside the data root"):
+            DataConfig(train_source=bad, eval_source="eval.jsonl", data_root=str(root))
+    monkeypatch.setenv(DATA_ROOT_ENV, str(root))  # how a platform confines every run
+    assert main(["prepare", "--out", str(tmp_path / "out"), "--train-source", "../private/train.jsonl",
+                 "--eval-source", "eval.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert "outside the data root" in err and "train_source" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()

@@ -26,6 +26,9 @@ from caopd.errors import CaopdInputError
 from caopd.tasks.base import Example, Task
 
 PathLike = str | os.PathLike[str]
+# Where users' datasets may live; a platform sets it to the mounted data volume so that a path typed into the
+# Kubeflow UI cannot read the pod's other files.
+DATA_ROOT_ENV = "CAOPD_DATA_ROOT"
 
 _CHUNK = 1 << 20
 
@@ -54,6 +57,20 @@ def load_rows(path: PathLike) -> list[dict[str, Any]]:
     if not rows:
         raise CaopdInputError("dataset is empty", file=str(path))
     return rows
+
+
+def confined_path(path: PathLike, root: PathLike | None) -> Path:
+    """A user's dataset path, resolved inside ``root`` (a relative path is taken from it; symlinks are followed)
+    and refused when it lands outside; unchanged when there is no root."""
+    if not root:
+        return Path(path)
+    base = Path(root).resolve()
+    given = Path(path).expanduser()
+    full = (given if given.is_absolute() else base / given).resolve()
+    if not full.is_relative_to(base):
+        raise CaopdInputError(f"dataset path resolves to {full}, outside the data root {base} ({DATA_ROOT_ENV}); "
+                              "put the dataset under the root", file=str(path))
+    return full
 
 
 def load_examples(path: PathLike, task: Task) -> list[Example]:

@@ -6,12 +6,13 @@ so that the run keeps exactly what it trained on, or — when no source is given
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from caopd.data import load_rows, read_json, write_json, write_jsonl
+from caopd.data import DATA_ROOT_ENV, confined_path, load_rows, read_json, write_json, write_jsonl
 from caopd.tasks import get_task
 from caopd.tasks.arithmetic import KINDS, generate_rows
 
@@ -28,6 +29,9 @@ class DataConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task: str = Field("arithmetic", description="task name (arithmetic, mcq, tooluse, or a registered one)")
+    data_root: str = Field(default_factory=lambda: os.environ.get(DATA_ROOT_ENV, ""),
+                           description="the folder every dataset source must resolve inside (relative sources are "
+                           "taken from it); default $CAOPD_DATA_ROOT, empty = no restriction")
     train_source: str = Field("", description="training prompts: a load_from_disk folder, .jsonl or .parquet; "
                               "empty = synthetic arithmetic")
     eval_source: str = Field("", description="held-out prompts, same formats; empty = synthetic arithmetic")
@@ -48,6 +52,13 @@ class DataConfig(BaseModel):
                                        "check: arithmetic kinds kept out of task A (training and in-domain eval) and "
                                        "written as continual_train.jsonl / continual_eval.jsonl (n_train / n_eval "
                                        "prompts), on which each arm trains on from its task-A model; empty = none")
+
+    @field_validator("train_source", "eval_source", "ood_source")
+    @classmethod
+    def _inside_data_root(cls, value: str, info) -> str:
+        if value:  # a path outside the data root fails here, before any work
+            confined_path(value, info.data.get("data_root"))
+        return value
 
     @field_validator("ood_kinds", "continual_kinds")
     @classmethod
@@ -107,7 +118,7 @@ class DataConfig(BaseModel):
 
 def _rows(cfg: DataConfig, source: str, n: int, seed: int, prefix: str) -> list[dict[str, Any]]:
     if source:
-        rows = load_rows(source)
+        rows = load_rows(confined_path(source, cfg.data_root))
         get_task(cfg.task).examples_from_rows(rows, source=source)  # validate now, not three stages later
         return rows
     weights = cfg.in_domain_weights()
@@ -125,7 +136,7 @@ def _kind_rows(cfg: DataConfig, kinds: list[str], n: int, seed: int, prefix: str
 def _ood_rows(cfg: DataConfig) -> list[dict[str, Any]]:
     """Your OOD set, validated by its task; or prompts of the held-out kinds."""
     if cfg.ood_source:
-        rows = load_rows(cfg.ood_source)
+        rows = load_rows(confined_path(cfg.ood_source, cfg.data_root))
         get_task(cfg.ood_task or cfg.task).examples_from_rows(rows, source=cfg.ood_source)
         return rows
     return _kind_rows(cfg, cfg.ood_kinds, cfg.n_eval, cfg.seed + 20_000, "ood")

@@ -1,0 +1,44 @@
+"""Secrets in the environment (S3 keys, MLflow, KFP and hub tokens) never reach a stage's outputs, logs or MLflow
+records: a real training stage runs tracked, and every byte it left behind is searched for them."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from caopd.stages.estimate import RolloutConfig, run_rollout_estimation
+from caopd.stages.targets import TargetsConfig, run_target_replacement
+
+FAKE_SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIAFAKEKEYID0000042",
+    "AWS_SECRET_ACCESS_KEY": "fake-s3-secret-9f8e7d6c5b4a",
+    "MLFLOW_TRACKING_TOKEN": "fake-mlflow-token-1a2b3c",
+    "MLFLOW_TRACKING_PASSWORD": "fake-mlflow-password-4d5e6f",
+    "KFP_TOKEN": "fake-kfp-token-7a8b9c",
+    "HF_TOKEN": "hf_fakehubtoken0123456789",
+}
+
+
+def test_fake_secrets_in_the_environment_appear_nowhere(tmp_path, arithmetic_files):
+    train, _ = arithmetic_files
+    run_rollout_estimation(RolloutConfig(data=str(train), k=2), tmp_path / "rollouts", progress=False)
+    run_target_replacement(TargetsConfig(data=str(train), rollouts=str(tmp_path / "rollouts" / "rollouts.jsonl"),
+                                         estimates=str(tmp_path / "rollouts" / "estimates.jsonl")),
+                           tmp_path / "targets")
+    work = tmp_path / "work"
+    work.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "caopd.cli", "train", "--records", str(tmp_path / "targets" / "records.jsonl"),
+         "--out", str(work / "train"), "--train.steps", "2", "--train.prompts-per-step", "2", "--train.k", "2",
+         "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", "--artifact-root", str(work / "artifacts"),
+         "--pipeline-run-id", "secrets-check"],
+        cwd=work, env={**os.environ, **FAKE_SECRETS}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    written = [p for p in work.rglob("*") if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in written) and any(p.name == "training_curves.png" for p in written)
+    assert any("artifacts" in p.parts for p in written)  # the run's logged artifacts are searched too
+    for secret in FAKE_SECRETS.values():
+        assert secret not in result.stdout and secret not in result.stderr
+        for path in written:
+            assert secret.encode() not in path.read_bytes(), f"{secret!r} leaked into {path}"
