@@ -4,7 +4,6 @@ records: a real training stage runs tracked, and every byte it left behind is se
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from caopd.stages.estimate import RolloutConfig, run_rollout_estimation
 from caopd.stages.targets import TargetsConfig, run_target_replacement
