@@ -289,3 +289,24 @@ def test_large_weights_go_up_in_parts_with_their_checksums(s3_client_env, tmp_pa
     stored = json.loads(s3_client_env.get_object(Bucket=BUCKET, Key=f"big/v1/{MANIFEST}")["Body"].read())
     assert stored == manifest and set(stored["files"]) == {"config.json", "shards/model-00001.safetensors"}
     assert stored["digest"] == file_digest(folder)
+
+
+def test_rerunning_a_stage_in_the_same_pipeline_run_leaves_one_run(tmp_path):
+    from caopd.stage_tracking import tracked
+    from caopd.stages.prepare import DataConfig, run_data_preparation
+
+    tracker = _tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path, "idempotent", "kfp-run-7")
+    cfg = DataConfig(n_train=5, n_eval=5)
+    first = tracked(tracker, "data-preparation", cfg, lambda: run_data_preparation(cfg, tmp_path / "a"), tmp_path / "a")
+    written = (tmp_path / "a" / "train.jsonl").read_bytes()
+    again = tracked(tracker, "data-preparation", cfg, lambda: run_data_preparation(cfg, tmp_path / "a"), tmp_path / "a")
+    [run] = tracker.stage_runs()["data-preparation"]  # a retry replaced the first run, with the same outputs
+    assert run.info.run_id == again["mlflow_run_id"] != first["mlflow_run_id"]
+    assert (tmp_path / "a" / "train.jsonl").read_bytes() == written
+    assert tracker.client.get_run(first["mlflow_run_id"]).info.lifecycle_stage == "deleted"
+    other = DataConfig(n_train=6, n_eval=5)  # other inputs: a run of their own beside it
+    tracked(tracker, "data-preparation", other, lambda: run_data_preparation(other, tmp_path / "b"), tmp_path / "b")
+    assert len(tracker.stage_runs()["data-preparation"]) == 2
+    elsewhere = _tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path, "idempotent", "kfp-run-8")
+    tracked(elsewhere, "data-preparation", cfg, lambda: run_data_preparation(cfg, tmp_path / "c"), tmp_path / "c")
+    assert len(tracker.stage_runs()["data-preparation"]) == 2  # another pipeline run's stage is its own

@@ -12,6 +12,7 @@ starts: a server that is down fails the command within ``connect_timeout_s``, wi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from caopd.data import file_digest
 from caopd.errors import CaopdServiceError
 
 TAG_PIPELINE_RUN, TAG_STAGE, TAG_METHOD = "caopd.pipeline_run_id", "caopd.stage", "caopd.method"
+TAG_CONFIG = "caopd.config_digest"  # a stage run's identity within its pipeline run, with its stage and tags
 PIPELINE_STAGE = "pipeline"
 # Bounded client retries: MLflow's defaults (7 retries, backoff factor 2) wait minutes on a dead server.
 _CLIENT_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -76,6 +78,11 @@ def flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
             text = value if isinstance(value, str) else json.dumps(value, default=str)
             out[name] = redact_uri(text)[:6000]  # MLflow's param value limit
     return out
+
+
+def config_digest(config: Mapping[str, Any]) -> str:
+    """A short digest of a stage's config as MLflow records it (so secrets never enter it)."""
+    return hashlib.sha256(json.dumps(flat_params(config), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --- the server ------------------------------------------------------------------------------------
@@ -149,12 +156,17 @@ class Tracker:
     @contextlib.contextmanager
     def stage(self, name: str, config: Mapping[str, Any], tags: Mapping[str, str] | None = None
               ) -> Iterator["StageRun"]:
-        """A nested run for one stage: config as params; FINISHED on success, FAILED (and re-raised) on error."""
+        """A nested run for one stage: config as params; FINISHED on success, FAILED (and re-raised) on error.
+
+        Idempotent: a stage run again in the same pipeline run with the same config and tags (a KFP retry, a
+        rerun) replaces its earlier run, which is deleted (MLflow keeps it retrievable by id, out of searches)."""
+        identity = {TAG_PIPELINE_RUN: self.pipeline_run_id, TAG_STAGE: name, TAG_CONFIG: config_digest(config),
+                    **(tags or {})}
         with service_errors(self.uri):
-            run = self.client.create_run(
-                self.experiment_id, run_name=name,
-                tags={"mlflow.parentRunId": self.parent_run_id, TAG_PIPELINE_RUN: self.pipeline_run_id,
-                      TAG_STAGE: name, **(tags or {})})
+            for earlier in self.runs_tagged(identity):
+                self.client.delete_run(earlier.info.run_id)
+            run = self.client.create_run(self.experiment_id, run_name=name,
+                                         tags={"mlflow.parentRunId": self.parent_run_id, **identity})
             stage_run = StageRun(self, run.info.run_id)
             stage_run.log_params(config)
         try:
@@ -165,6 +177,11 @@ class Tracker:
             raise
         with service_errors(self.uri):
             self.client.set_terminated(stage_run.run_id, "FINISHED")
+
+    def runs_tagged(self, tags: Mapping[str, str]) -> list[Any]:
+        """This experiment's (undeleted) runs carrying every one of ``tags``."""
+        return self.client.search_runs([self.experiment_id],
+                                       " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items()))
 
     def stage_runs(self) -> dict[str, list[Any]]:
         """Stage name → its runs in this pipeline run (newest first)."""
