@@ -109,6 +109,18 @@ def _teacher_with_other_tokenizer(tmp: Path) -> str:
     return str(folder)
 
 
+def _checkpoint_with_code(tmp: Path) -> str:
+    folder = tmp / "custom"
+    shutil.copytree(tiny.CHECKPOINT_DIR, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="custom", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                                                 "AutoModelForCausalLM": "modeling_custom.CustomModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    for name in ("configuration_custom.py", "modeling_custom.py"):  # would leave a mark if it ever ran
+        (folder / name).write_text(f"open({str(tmp / 'ran')!r}, 'w').close()\n")
+    return str(folder)
+
+
 def _with_model(make):
     def build(tmp: Path) -> list[str]:
         return ["rollout", "--model", make(tmp), "--data", _jsonl(tmp / "train.jsonl", GOOD), "--out", str(tmp / "out")]
@@ -205,6 +217,8 @@ ERROR_CASES = [
     # --- checkpoints --------------------------------------------------------------------------------------------
     ("checkpoint without config.json", _with_model(_checkpoint_missing_config), ["ckpt", "field 'config.json'"]),
     ("pickle-only checkpoint", _with_model(_checkpoint_pickle_only), ["pickled", "pickle weights are not loaded"]),
+    ("checkpoint that ships code", _with_model(_checkpoint_with_code),
+     ["custom", "field 'auto_map'", "ships Python code", "CAOPD_TRUST_REMOTE_CODE=1"]),
     ("checkpoint folder that does not exist", _with_model(lambda t: str(t / "no-such-ckpt")),
      ["no-such-ckpt", "does not exist"]),
     ("teacher with another tokenizer",
@@ -227,6 +241,7 @@ def test_bad_input_is_one_clear_line_with_exit_code_2_and_no_output(tmp_path, mo
         assert fragment in captured.err, (fragment, captured.err)
     out = tmp_path / "out"
     assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.rglob("*"))
+    assert not (tmp_path / "ran").exists()  # no code from a checkpoint ran
 
 
 def test_the_matrix_has_at_least_thirty_cases():
@@ -276,3 +291,11 @@ def test_unreadable_confidences_are_counted_as_missing_not_dropped():
     assert metrics["missing_rate"] == pytest.approx(missing / len(COMPLETION_CASES))
     stated = [e if e is not None else 0.0 for _, _, e in COMPLETION_CASES]
     assert metrics["mean_confidence"] == pytest.approx(sum(stated) / len(stated))
+
+
+def test_a_checkpoints_code_runs_only_when_the_user_opts_in(tmp_path, monkeypatch):
+    folder = _checkpoint_with_code(tmp_path)
+    monkeypatch.setenv("CAOPD_TRUST_REMOTE_CODE", "1")
+    with pytest.raises(Exception):  # this code defines no model; what matters is that it was run
+        load_model(folder)
+    assert (tmp_path / "ran").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +19,12 @@ from caopd.models import tiny
 
 TINY_ALIASES = ("tiny", "caopd-tiny")
 METADATA_FILE = "caopd.json"  # written beside checkpoints this project makes (template, provenance)
+# Running the Python a checkpoint ships is the user's explicit choice, for checkpoints they trust.
+TRUST_REMOTE_CODE_ENV = "CAOPD_TRUST_REMOTE_CODE"
+
+
+def remote_code_allowed() -> bool:
+    return os.environ.get(TRUST_REMOTE_CODE_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 @dataclass
@@ -67,11 +74,14 @@ def hf_progress_bars(enabled: bool) -> Iterator[None]:
 
 
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
-               trust_remote_code: bool = False, progress: bool = False) -> LoadedModel:
-    """Load a model and its tokenizer with safetensors weights only and remote code off by default.
+               trust_remote_code: bool | None = None, progress: bool = False) -> LoadedModel:
+    """Load a model and its tokenizer with safetensors weights only and remote code off unless the user opts in
+    (``trust_remote_code=True``, or $CAOPD_TRUST_REMOTE_CODE=1 when left at None).
 
     ``progress`` shows transformers' weight-loading bar (worth it for multi-GB hub models, noise otherwise).
     """
+    if trust_remote_code is None:
+        trust_remote_code = remote_code_allowed()
     path = resolve_model_path(name_or_path)
     if Path(path).exists():
         check_checkpoint_folder(Path(path))
@@ -84,6 +94,12 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
                                                          trust_remote_code=trust_remote_code)
     except OSError as err:
         raise CaopdInputError(f"cannot load model: {str(err).splitlines()[0]}", file=path) from None
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise CaopdInputError(f"the checkpoint ships Python code to run, which is refused; set "
+                              f"{TRUST_REMOTE_CODE_ENV}=1 only for a checkpoint you trust", file=path,
+                              field="auto_map") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval()

@@ -21,9 +21,11 @@ class VLLMEngine(RolloutEngine):
                  dtype: str = "bfloat16") -> None:
         from vllm import LLM
 
+        from caopd.models.loading import remote_code_allowed
+
         self.tokenizer = tokenizer
         self.llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-                       trust_remote_code=False, seed=0)
+                       trust_remote_code=remote_code_allowed(), seed=0)
 
     def generate(self, prompts: list[str], sampling: SamplingConfig,
                  progress: bool = False) -> list[list[Completion]]:
