@@ -169,7 +169,8 @@ def test_pipeline_defaults_are_the_stage_configs_defaults(spec):
 
 def test_parameters_are_ordered_by_stage():
     order = list(inspect.signature(caopd_pipeline.pipeline_func).parameters)
-    stages = [["task", "n_train", "ood_kinds", "continual_kinds", "seed"], ["base_model", "k", "rollout_shards"], ["teacher_context"],
+    stages = [["task", "n_train", "ood_kinds", "continual_kinds", "seed"], ["base_model", "k", "rollout_shards"],
+              ["teacher_context"],
               ["train_baseline", "steps", "lr"], ["eval_seed"], ["model_name", "promotion_gates"], ["mlflow_settings"],
               ["accelerator_type", "gpu_tolerations"]]
     positions = [[order.index(name) for name in stage] for stage in stages]

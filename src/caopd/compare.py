@@ -137,7 +137,8 @@ def acceptance_checks(results: dict[str, dict[str, dict[str, Any]]], max_accurac
     best_opd = max(in_domain[arm]["accuracy"] for arm in opd)
     checks = {}
     for arm in caopd:
-        ece_below = {set_name: all(arms[arm]["ece"] < arms[o]["ece"] for o in opd) for set_name, arms in results.items()}
+        ece_below = {set_name: all(arms[arm]["ece"] < arms[o]["ece"] for o in opd)
+                     for set_name, arms in results.items()}
         gap = in_domain[arm]["accuracy"] - best_opd
         checks[arm] = {"ece_below_every_opd_arm": ece_below, "accuracy_minus_best_opd": round(gap, 4),
                        "accuracy_within": gap >= -max_accuracy_drop}

@@ -4,8 +4,9 @@ Each step: sample K rollouts per prompt from the live student, verify them, esti
 own group (or take the offline estimate), apply the target edits, score the (edited) completions with
 the teacher under its privileged context, and minimise a per-token divergence on the student's own
 samples. The RLCR baseline shares the loop up to the loss: it scores each sample with its calibration reward
-and takes a policy-gradient step instead (caopd.distill.rlcr). Checkpoints hold everything needed to resume bit-for-bit: weights, optimizer, step (the data
-order and the sampling seed of every step are functions of the seed and the step).
+and takes a policy-gradient step instead (caopd.distill.rlcr). Checkpoints hold everything needed to resume
+bit-for-bit: weights, optimizer, RNG state, step (the data order and the sampling seed of every step are functions
+of the seed and the step).
 """
 
 from __future__ import annotations

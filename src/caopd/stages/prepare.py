@@ -51,7 +51,7 @@ class DataConfig(BaseModel):
     continual_kinds: list[str] = Field(default_factory=list, description="task B of the calibration-forgetting "
                                        "check: arithmetic kinds kept out of task A (training and in-domain eval) and "
                                        "written as continual_train.jsonl / continual_eval.jsonl (n_train / n_eval "
-                                       "prompts), on which each arm trains on from its task-A model; empty = none")
+                                       "prompts), which each arm then trains on from its task-A model; empty = none")
 
     @field_validator("train_source", "eval_source", "ood_source")
     @classmethod
