@@ -149,10 +149,14 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from caopd.distill.distributed import process_rank
     from caopd.stages.train import TrainStageConfig, run_training
     from caopd.tracking import TAG_METHOD
 
     cfg = _config_from_args(TrainStageConfig, args)
+    if process_rank() > 0:  # under torchrun: one MLflow run and one printed summary, from rank 0
+        run_training(cfg, args.out, progress=False)
+        return 0
     summary = _tracked(args, "opd-training", cfg, lambda: run_training(cfg, args.out, progress=not args.quiet),
                        args.out, inputs={"records": (cfg.records, "training")}, tags={TAG_METHOD: cfg.train.method})
     _print_json({"steps": summary["steps"], "seconds": summary["seconds"], "final": summary["final"]})

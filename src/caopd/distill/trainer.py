@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from caopd.distill.config import TrainConfig
+from caopd.distill.distributed import World
 from caopd.distill.losses import token_cross_entropy, token_divergence
 from caopd.distill.rlcr import group_advantages, policy_gradient_terms, rlcr_reward
 from caopd.distill.teachers import Teacher
@@ -105,10 +106,13 @@ def micro_batches(groups: Sequence[PromptGroup], max_sequences: int) -> list[lis
 class Trainer:
     def __init__(self, cfg: TrainConfig, student: torch.nn.Module, tokenizer: Any, template: str,
                  task: Task, items: list[TrainItem], engine: RolloutEngine, teacher: Teacher,
-                 out_dir: Path, progress: bool = True) -> None:
+                 out_dir: Path, progress: bool = True, world: World | None = None) -> None:
         self.cfg, self.student, self.tokenizer, self.template = cfg, student, tokenizer, template
         self.task, self.items, self.engine, self.teacher = task, items, engine, teacher
-        self.out_dir, self.progress = out_dir, progress
+        self.out_dir, self.progress, self.world = out_dir, progress, world or World()
+        if cfg.prompts_per_step < self.world.size:
+            raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be at least the number of processes "
+                             f"({self.world.size}): each process trains on its share of a step's prompts")
         # fused: one kernel for all parameters, not a loop of small ops per tensor (7.5 → 1.7 ms, tiny model)
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         self.prompt_ids = {it.example.id: encode_text(tokenizer, render_prompt(tokenizer, it.example.prompt))
@@ -119,7 +123,9 @@ class Trainer:
     def lr_at(self, step: int) -> float:
         return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
 
-    def build_groups(self, batch: list[TrainItem], rollouts) -> tuple[list[PromptGroup], dict]:
+    def build_groups(self, batch: list[TrainItem], rollouts) -> tuple[list[PromptGroup], dict[str, float]]:
+        """The prompt groups to train on, and the sums behind the step's statistics (summed across processes
+        before they become rates)."""
         cfg = self.cfg
         groups: list[PromptGroup] = []
         correct_all, stated, ps, rewards_all = [], [], [], []
@@ -151,19 +157,30 @@ class Trainer:
                 group.completion_ids.append(ids)
                 group.confidence_masks.append(conf_mask)
             groups.append(group)
-        n_missing = sum(s is None for s in stated)
-        stats = {"sample_accuracy": sum(correct_all) / len(correct_all), "mean_p": sum(ps) / len(ps),
-                 "mean_stated_confidence": sum(s or 0.0 for s in stated) / len(stated),
-                 "missing_rate": n_missing / len(stated)}
-        if rewards_all:
-            stats["mean_reward"] = sum(rewards_all) / len(rewards_all)
-        return groups, stats
+        sums = {"samples": len(stated), "correct": sum(correct_all), "prompts": len(ps), "p": sum(ps),
+                "stated": sum(s or 0.0 for s in stated), "missing": sum(s is None for s in stated),
+                "reward": sum(rewards_all)}
+        return groups, sums
+
+    def step_statistics(self, sums: dict[str, float]) -> dict[str, float]:
+        total = dict(zip(sums, self.world.sum(list(sums.values()))))
+        stats = {"sample_accuracy": total["correct"] / total["samples"], "mean_p": total["p"] / total["prompts"],
+                 "mean_stated_confidence": total["stated"] / total["samples"],
+                 "missing_rate": total["missing"] / total["samples"]}
+        if self.cfg.method == "rlcr":
+            stats["mean_reward"] = total["reward"] / total["samples"]
+        return stats
+
+    def step_tokens(self, groups: list[PromptGroup]) -> int:
+        """The tokens the step's loss averages over, across every process's groups."""
+        local = sum(max(0, len(ids) - self.cfg.skip_first_tokens) for g in groups for ids in g.completion_ids)
+        return max(1, round(self.world.sum([local])[0]))
 
     def loss_and_backward(self, groups: list[PromptGroup]) -> dict[str, float]:
         """Token-mean loss over the whole step, accumulated over micro-batches of whole prompt groups to bound
         memory; each prompt (student's and teacher's) is computed once for its K completions."""
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
-        n_tokens = max(1, sum(max(0, len(ids) - cfg.skip_first_tokens) for g in groups for ids in g.completion_ids))
+        n_tokens = self.step_tokens(groups)
         total_div, total_ce = 0.0, 0.0
         for part in micro_batches(groups, cfg.micro_batch_size):
             completions = [g.completion_ids for g in part]
@@ -185,13 +202,14 @@ class Trainer:
             loss.backward()
             total_div += div_part.item() / n_tokens
             total_ce += ce_part.item() / n_tokens
+        total_div, total_ce = self.world.sum([total_div, total_ce])
         return {"loss": total_div + total_ce, "divergence": total_div, "confidence_ce": total_ce,
                 "trained_tokens": n_tokens}
 
     def policy_gradient_and_backward(self, groups: list[PromptGroup]) -> dict[str, float]:
         """RLCR: token-mean −advantage · log π over the step, in micro-batches of whole groups; no teacher."""
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
-        n_tokens = max(1, sum(max(0, len(ids) - cfg.skip_first_tokens) for g in groups for ids in g.completion_ids))
+        n_tokens = self.step_tokens(groups)
         total = 0.0
         for part in micro_batches(groups, cfg.micro_batch_size):
             logits = completion_logits(self.student, [g.prompt_ids for g in part], [g.completion_ids for g in part],
@@ -204,20 +222,24 @@ class Trainer:
             loss = (policy_gradient_terms(logits, targets, advantages) * counted).sum() / n_tokens
             loss.backward()
             total += loss.item()
+        [total] = self.world.sum([total])
         return {"loss": total, "policy_loss": total, "trained_tokens": n_tokens}
 
     def train_step(self, step: int) -> dict[str, Any]:
         cfg = self.cfg
         batch = [self.items[i] for i in prompt_order(len(self.items), cfg.seed, step, cfg.prompts_per_step)]
+        batch = self.world.shard(batch)  # under torchrun, this process's share of the step's prompts
         sampling = cfg.sampling.model_copy(update={"n": cfg.k, "seed": cfg.seed * 100_003 + step})
         self.student.eval()
         rollouts = self.engine.generate([render_prompt(self.tokenizer, it.example.prompt) for it in batch], sampling)
-        groups, stats = self.build_groups(batch, rollouts)
+        groups, sums = self.build_groups(batch, rollouts)
+        stats = self.step_statistics(sums)
         self.student.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
         self.optimizer.zero_grad(set_to_none=True)
         losses = self.policy_gradient_and_backward(groups) if cfg.method == "rlcr" else self.loss_and_backward(groups)
+        self.world.sum_gradients(self.student.parameters())  # then every process clips and steps alike
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
         if not (math.isfinite(losses["loss"]) and torch.isfinite(grad_norm)):
             # Before the optimizer step: the weights and the checkpoints on disk are still the last good ones.
@@ -230,7 +252,7 @@ class Trainer:
 
     # --- the loop, checkpoints and resume --------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
-        from caopd.distill.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+        from caopd.distill.checkpoints import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
 
         start_step = 0
         ckpt = latest_checkpoint(self.out_dir)
@@ -238,7 +260,7 @@ class Trainer:
             start_step, self.log = load_checkpoint(ckpt, self.student, self.optimizer, self.teacher)
         t0, seqs = time.perf_counter(), 0
         bar = tqdm(range(start_step, self.cfg.steps), initial=start_step, total=self.cfg.steps,
-                   desc=f"train {self.cfg.method}", unit="step", disable=not self.progress)
+                   desc=f"train {self.cfg.method}", unit="step", disable=not (self.progress and self.world.is_main))
         with sigterm_flag() as preempted:
             for step in bar:
                 record = self.train_step(step)
@@ -248,10 +270,15 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['sample_accuracy']:.2f}",
                                 conf=f"{record['mean_stated_confidence']:.2f}",
                                 samples_s=f"{record['samples_per_s']:.0f}")
-                stop = preempted.is_set()  # read once: a signal between two reads must not skip the save
+                # Read once (a signal between two reads must not skip the save), and agreed by every process.
+                stop = self.world.sum([float(preempted.is_set())])[0] > 0
+                path = checkpoint_root(self.out_dir)
                 if (step + 1) % self.cfg.save_every == 0 or step + 1 == self.cfg.steps or stop:
-                    path = save_checkpoint(self.out_dir, step + 1, self.student, self.tokenizer, self.optimizer,
-                                           self.teacher, self.log, self.cfg.keep_checkpoints)
+                    if self.world.is_main:  # the processes hold the same weights: one writes them
+                        path = save_checkpoint(self.out_dir, step + 1, self.student, self.tokenizer, self.optimizer,
+                                               self.teacher, self.log, self.cfg.keep_checkpoints)
+                    if stop:
+                        self.world.barrier()  # nobody exits (and gets the others killed) before the save is done
                 if stop and step + 1 < self.cfg.steps:
                     raise TrainingStopped(f"SIGTERM: saved {path} after step {step + 1} of {self.cfg.steps}; run the "
                                           "same command again to resume from it", exit_code=143)

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from caopd.data import atomic_dir, file_digest, read_jsonl, write_json, write_jsonl
 from caopd.distill.config import TrainConfig
+from caopd.distill.distributed import init_world
 from caopd.distill.teachers import Teacher, check_same_tokenizer
 from caopd.distill.trainer import TrainItem, Trainer
 from caopd.errors import CaopdInputError
@@ -67,6 +68,9 @@ def trained_arms(artifact_dirs: list[str | Path]) -> dict[str, Path]:
 
 
 def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Train, then write the model, log, curves and summary. Under torchrun every process trains on its share of
+    each step and rank 0 alone writes (checkpoints included); the other ranks return a short summary."""
+    world = init_world()
     task = get_task(cfg.task)
     items = items_from_records(cfg.records)
     torch.manual_seed(cfg.train.seed)
@@ -82,9 +86,11 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg.train, loaded.model, loaded.tokenizer, loaded.template, task, items,
-                      TransformersEngine(loaded.model, loaded.tokenizer), teacher, out, progress)
+                      TransformersEngine(loaded.model, loaded.tokenizer), teacher, out, progress, world)
     start = time.perf_counter()
     log = trainer.run()
+    if not world.is_main:
+        return {"stage": "opd-training", "rank": world.rank, "steps": len(log), "final": log[-1] if log else {}}
     loaded.model.eval()
     with hf_progress_bars(False), atomic_dir(out / MODEL_DIR) as tmp:
         loaded.model.save_pretrained(tmp, safe_serialization=True)
