@@ -16,3 +16,17 @@ def test_benchmarks_run_on_a_tiny_size_and_write_the_report(tmp_path, capsys):
     assert result["training"]["flops_per_step"]["total"] > 0
     table = (tmp_path / "latest.md").read_text()
     assert "rollouts (completions/s)" in table and "`caopd run`" in table
+
+
+def test_the_gpu_smoke_script_skips_without_a_gpu_and_runs_its_path_on_a_tiny_model(tmp_path, capsys):
+    from benchmarks import gpu_smoke
+
+    assert gpu_smoke.main(["--out", str(tmp_path / "skipped.json")]) == 0
+    assert "no GPU here" in capsys.readouterr().out and not (tmp_path / "skipped.json").exists()
+    out = tmp_path / "smoke.json"
+    assert gpu_smoke.main(["--size", "tiny", "--allow-cpu", "--prompts", "8", "--k", "2", "--steps", "2",
+                           "--prompts-per-step", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["rollout"]["samples_per_s"] > 0 and result["training"]["trained_tokens_per_s"] > 0
+    assert result["training"]["steps"] == 2 and result["rollout_engine"] == "transformers"
+    assert result["parameters"] > 0 and result["versions"]["torch"]

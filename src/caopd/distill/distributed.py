@@ -36,7 +36,8 @@ class World:
             return list(values)
         import torch.distributed as dist
 
-        tensor = torch.tensor(list(values), dtype=torch.float64)
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
+        tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
         dist.all_reduce(tensor)
         return tensor.tolist()
 
@@ -71,6 +72,8 @@ def init_world() -> World:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        if torch.cuda.is_available():  # one GPU per process: the model, its tensors and NCCL's buffers live there
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return World(rank=dist.get_rank(), size=dist.get_world_size())
 

@@ -186,10 +186,12 @@ class Trainer:
             completions = [g.completion_ids for g in part]
             s_logits = completion_logits(self.student, [g.prompt_ids for g in part], completions, pad)
             flat = [ids for g in part for ids in g.completion_ids]
-            targets = torch.tensor([t for ids in flat for t in ids])
-            conf = torch.tensor([m for g in part for mask in g.confidence_masks for m in mask], dtype=torch.bool)
+            device = s_logits.device
+            targets = torch.tensor([t for ids in flat for t in ids], device=device)
+            conf = torch.tensor([m for g in part for mask in g.confidence_masks for m in mask], dtype=torch.bool,
+                                device=device)
             counted = torch.tensor([j >= cfg.skip_first_tokens for ids in flat for j in range(len(ids))],
-                                   dtype=torch.bool)
+                                   dtype=torch.bool, device=device)
             with torch.no_grad():
                 t_logits = completion_logits(self.teacher.model, [g.teacher_prompt_ids for g in part], completions, pad)
             div = token_divergence(s_logits, t_logits, cfg.divergence, cfg.beta, cfg.top_k)
@@ -215,10 +217,11 @@ class Trainer:
             logits = completion_logits(self.student, [g.prompt_ids for g in part], [g.completion_ids for g in part],
                                        pad)
             flat = [(ids, a) for g in part for ids, a in zip(g.completion_ids, g.advantages)]
-            targets = torch.tensor([t for ids, _ in flat for t in ids])
-            advantages = torch.tensor([a for ids, a in flat for _ in ids])
+            device = logits.device
+            targets = torch.tensor([t for ids, _ in flat for t in ids], device=device)
+            advantages = torch.tensor([a for ids, a in flat for _ in ids], device=device)
             counted = torch.tensor([j >= cfg.skip_first_tokens for ids, _ in flat for j in range(len(ids))],
-                                   dtype=torch.bool)
+                                   dtype=torch.bool, device=device)
             loss = (policy_gradient_terms(logits, targets, advantages) * counted).sum() / n_tokens
             loss.backward()
             total += loss.item()

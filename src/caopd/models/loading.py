@@ -73,7 +73,14 @@ def hf_progress_bars(enabled: bool) -> Iterator[None]:
         (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
 
 
-def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
+def default_device() -> str:
+    """This process's GPU when there is one (under torchrun, the one of its LOCAL_RANK), else the CPU."""
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
+
+
+def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | None = None,
                trust_remote_code: bool | None = None, progress: bool = False) -> LoadedModel:
     """Load a model and its tokenizer with safetensors weights only and remote code off unless the user opts in
     (``trust_remote_code=True``, or $CAOPD_TRUST_REMOTE_CODE=1 when left at None).
@@ -102,7 +109,7 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
                               field="auto_map") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device).eval()
+    model.to(device or default_device()).eval()
     return LoadedModel(model, tokenizer, model_template(path), source=name_or_path)
 
 

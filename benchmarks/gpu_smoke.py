@@ -1,0 +1,143 @@
+"""GPU check: rollout estimation and a few CaOPD training steps of a ~0.5B-parameter Qwen3-architecture model built
+from a config (no hub access needed), with samples/s, trained tokens/s and peak memory recorded.
+
+    python -m benchmarks.gpu_smoke                 # on a GPU machine; writes benchmarks/results/gpu_smoke.json
+    python -m benchmarks.gpu_smoke --install-gpu-extra   # first installs vLLM (the `gpu` extra) if the disk has room
+
+Without a GPU it says so and exits 0 without writing anything. ``--size tiny --allow-cpu`` runs the same path on a
+small model on the CPU (the test suite does), so the script cannot rot where no GPU is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("results")
+# Qwen3-0.6B's shape with 28 layers (~0.44B parameters in the layers; the project's character vocabulary is small).
+SIZES = {
+    "0.5b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=32),
+}
+GPU_EXTRA_DISK_GB = 12  # vLLM's wheel and its CUDA dependencies, with room to spare
+
+
+def build_model(size: str, folder: Path) -> int:
+    """A randomly initialised Qwen3 model of ``size`` with the project's tokenizer, saved as a checkpoint folder;
+    returns its parameter count."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from caopd.models import tiny
+    from caopd.models.loading import METADATA_FILE
+
+    tokenizer = tiny.build_tokenizer()
+    config = Qwen3Config(vocab_size=len(tokenizer), max_position_embeddings=256, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=None, **SIZES[size])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    (folder / METADATA_FILE).write_text(json.dumps({"template": tiny.TEMPLATE}))
+    return sum(p.numel() for p in model.parameters())
+
+
+def install_gpu_extra() -> str:
+    free_gb = shutil.disk_usage(Path.cwd()).free / 2**30
+    if free_gb < GPU_EXTRA_DISK_GB:
+        return f"skipped: {free_gb:.0f} GB free, the gpu extra needs about {GPU_EXTRA_DISK_GB} GB"
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e", ".[gpu]"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    return "installed" if done.returncode == 0 else f"failed: {done.stderr.strip().splitlines()[-1:]}"
+
+
+def _version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def smoke(size: str, n_prompts: int, k: int, steps: int, prompts_per_step: int, work: Path) -> dict:
+    from caopd.data import write_jsonl
+    from caopd.distill.config import TrainConfig
+    from caopd.rollout import SamplingConfig
+    from caopd.rollout.vllm_engine import vllm_available
+    from caopd.stages.estimate import ESTIMATES, ROLLOUTS, RolloutConfig, run_rollout_estimation
+    from caopd.stages.targets import RECORDS, TargetsConfig, run_target_replacement
+    from caopd.stages.train import TrainStageConfig, run_training
+    from caopd.tasks.arithmetic import generate_rows
+
+    model_dir, data = work / "model", work / "train.jsonl"
+    parameters = build_model(size, model_dir)
+    write_jsonl(data, generate_rows(n_prompts, 0))
+    sampling = SamplingConfig(max_new_tokens=24)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    run_rollout_estimation(RolloutConfig(model=str(model_dir), data=str(data), k=k, sampling=sampling),
+                           work / "rollouts", progress=False)
+    rollout_s = time.perf_counter() - start
+    run_target_replacement(TargetsConfig(data=str(data), model=str(model_dir),
+                                         rollouts=str(work / "rollouts" / ROLLOUTS),
+                                         estimates=str(work / "rollouts" / ESTIMATES)), work / "targets")
+    train = TrainConfig(steps=steps, prompts_per_step=prompts_per_step, k=k, warmup_steps=1, save_every=steps,
+                        sampling=sampling)
+    start = time.perf_counter()
+    trained = run_training(TrainStageConfig(model=str(model_dir), records=str(work / "targets" / RECORDS),
+                                            train=train), work / "train", progress=False)
+    train_s = time.perf_counter() - start
+    log = [json.loads(line) for line in (work / "train" / "train_log.jsonl").read_text().splitlines() if line]
+    return {
+        "size": size, "parameters": parameters, "rollout_engine": "vllm" if vllm_available() else "transformers",
+        "rollout": {"prompts": n_prompts, "k": k, "seconds": round(rollout_s, 2),
+                    "samples_per_s": round(n_prompts * k / rollout_s, 1)},
+        "training": {"steps": trained["steps"], "prompts_per_step": prompts_per_step, "seconds": round(train_s, 2),
+                     "trained_tokens_per_s": round(sum(r["trained_tokens"] for r in log) / train_s, 1),
+                     "final_loss": log[-1]["loss"]},
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_smoke", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="0.5b")
+    parser.add_argument("--prompts", type=int, default=256, help="prompts of the rollout estimation")
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--prompts-per-step", type=int, default=16)
+    parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU too (for the tiny size)")
+    parser.add_argument("--install-gpu-extra", action="store_true", help="pip install the gpu extra (vLLM) first")
+    parser.add_argument("--out", default=str(RESULTS / "gpu_smoke.json"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available() and not args.allow_cpu:
+        print("gpu_smoke: no GPU here (torch.cuda.is_available() is False): skipped, nothing written")
+        return 0
+    installed = install_gpu_extra() if args.install_gpu_extra else "not requested"
+    with tempfile.TemporaryDirectory() as work:
+        result = smoke(args.size, args.prompts, args.k, args.steps, args.prompts_per_step, Path(work))
+    result.update({"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor(),
+                   "gpu_extra": installed, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                   "versions": {name: _version(name) for name in ("torch", "transformers", "vllm", "caopd")}})
+    from caopd.data import write_json
+
+    write_json(Path(args.out), result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
