@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from caopd.data import write_json, write_text
 from caopd.distill.config import TrainConfig
 from caopd.metrics import METRIC_KEYS
+from caopd.report import plot_compare
 from caopd.rollout import SamplingConfig
 from caopd.stages.estimate import ESTIMATES, ROLLOUTS, RolloutConfig, run_rollout_estimation
 from caopd.stages.evaluate import EvaluateConfig, run_evaluation
@@ -79,10 +80,9 @@ class CompareConfig(BaseModel):
 
 def _targets(cfg: CompareConfig, data: Path, rollouts: Path, method: str, context: str, out: Path) -> str:
     folder = out / f"targets_{method}_{context}"
-    if not (folder / RECORDS).is_file():
-        run_target_replacement(TargetsConfig(method=method, teacher_context=context, data=str(data / TRAIN),
-                                             model=cfg.model, rollouts=str(rollouts / ROLLOUTS),
-                                             estimates=str(rollouts / ESTIMATES)), folder)
+    run_target_replacement(TargetsConfig(method=method, teacher_context=context, data=str(data / TRAIN),
+                                         model=cfg.model, rollouts=str(rollouts / ROLLOUTS),
+                                         estimates=str(rollouts / ESTIMATES)), folder)
     return str(folder / RECORDS)
 
 
@@ -95,11 +95,14 @@ def run_compare(cfg: CompareConfig, out_dir: str | Path, progress: bool = True) 
     sampling = cfg.train.sampling.model_copy(update={"seed": cfg.seed})
     run_rollout_estimation(RolloutConfig(model=cfg.model, data=str(data / TRAIN), k=cfg.k, sampling=sampling),
                            out / "rollouts", progress=progress)
-    models, seconds = {"base": cfg.model}, {}
+    models, seconds, records_of = {"base": cfg.model}, {}, {}
     for arm in cfg.arms:
         method, context, _ = ARMS[arm]
         # RLCR reads only the prompts and answers of the records; the targets' edits do not reach it.
-        records = _targets(cfg, data, out / "rollouts", "opd" if method == "rlcr" else method, context, out)
+        key = ("opd" if method == "rlcr" else method, context)
+        if key not in records_of:  # one target replacement per (method, context), made from this run's rollouts
+            records_of[key] = _targets(cfg, data, out / "rollouts", *key, out)
+        records = records_of[key]
         train = cfg.train.model_copy(update={"method": method, "teacher_context": context, "k": cfg.k,
                                              "seed": cfg.seed})
         summary = run_training(TrainStageConfig(model=cfg.model, records=records, train=train), out / f"train_{arm}",
@@ -119,8 +122,6 @@ def run_compare(cfg: CompareConfig, out_dir: str | Path, progress: bool = True) 
                "training_seconds": seconds, "seconds": round(time.perf_counter() - start, 1)}
     write_json(out / "summary.json", summary)
     write_text(out / "report.md", compare_report(results, summary["checks"], cfg))
-    from caopd.report import plot_compare
-
     plot_compare(results, out / "compare.png")
     return summary
 
