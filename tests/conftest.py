@@ -27,3 +27,17 @@ def arithmetic_files(tmp_path):
     write_jsonl(train, generate_rows(6, 0, id_prefix="train"))
     write_jsonl(evaluation, generate_rows(6, 1, id_prefix="eval"))
     return train, evaluation
+
+
+@pytest.fixture
+def records(tmp_path, arithmetic_files):
+    """Training records (CaOPD targets) of the small training file: K = 2 rollouts of the tiny model per prompt."""
+    from caopd.stages.estimate import RolloutConfig, run_rollout_estimation
+    from caopd.stages.targets import TargetsConfig, run_target_replacement
+
+    train, _ = arithmetic_files
+    run_rollout_estimation(RolloutConfig(data=str(train), k=2), tmp_path / "rollouts", progress=False)
+    run_target_replacement(TargetsConfig(data=str(train), rollouts=str(tmp_path / "rollouts" / "rollouts.jsonl"),
+                                         estimates=str(tmp_path / "rollouts" / "estimates.jsonl")),
+                           tmp_path / "targets")
+    return str(tmp_path / "targets" / "records.jsonl")

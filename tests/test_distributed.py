@@ -11,23 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from caopd.distill.distributed import World
-from caopd.stages.estimate import RolloutConfig, run_rollout_estimation
-from caopd.stages.targets import TargetsConfig, run_target_replacement
 
 # Greedy sampling makes the completions independent of how the step's prompts are split across processes, so the
 # two runs see the same samples and differ only in the order of float sums.
 FLAGS = ["--quiet", "--train.steps", "4", "--train.prompts-per-step", "4", "--train.k", "2",
          "--train.micro-batch-size", "4", "--train.sampling.temperature", "0", "--train.save-every", "2"]
-
-
-@pytest.fixture
-def records(tmp_path, arithmetic_files):
-    train, _ = arithmetic_files
-    run_rollout_estimation(RolloutConfig(data=str(train), k=2), tmp_path / "rollouts", progress=False)
-    run_target_replacement(TargetsConfig(data=str(train), rollouts=str(tmp_path / "rollouts" / "rollouts.jsonl"),
-                                         estimates=str(tmp_path / "rollouts" / "estimates.jsonl")),
-                           tmp_path / "targets")
-    return str(tmp_path / "targets" / "records.jsonl")
 
 
 def _log(folder):

@@ -20,8 +20,6 @@ from caopd.distill.trainer import Trainer
 from caopd.errors import TrainingStopped
 from caopd.models.loading import load_model
 from caopd.rollout.transformers_engine import TransformersEngine
-from caopd.stages.estimate import RolloutConfig, run_rollout_estimation
-from caopd.stages.targets import TargetsConfig, run_target_replacement
 from caopd.stages.train import items_from_records
 from caopd.tasks import get_task
 
@@ -29,16 +27,6 @@ STEPS = 12
 TRAIN_FLAGS = ["--train.steps", str(STEPS), "--train.prompts-per-step", "3", "--train.k", "2",
                "--train.save-every", "1", "--train.micro-batch-size", "4", "--train.teacher", "ema",
                "--train.keep-checkpoints", "2"]
-
-
-@pytest.fixture
-def records(tmp_path, arithmetic_files):
-    train, _ = arithmetic_files
-    run_rollout_estimation(RolloutConfig(data=str(train), k=2), tmp_path / "rollouts", progress=False)
-    run_target_replacement(TargetsConfig(data=str(train), rollouts=str(tmp_path / "rollouts" / "rollouts.jsonl"),
-                                         estimates=str(tmp_path / "rollouts" / "estimates.jsonl")),
-                           tmp_path / "targets")
-    return str(tmp_path / "targets" / "records.jsonl")
 
 
 def _train(records: str, out: Path) -> subprocess.Popen:

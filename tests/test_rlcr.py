@@ -11,8 +11,6 @@ from caopd.distill.config import TrainConfig
 from caopd.distill.rlcr import group_advantages, policy_gradient_terms, rlcr_reward
 from caopd.models.loading import load_model
 from caopd.rollout.base import SamplingConfig
-from caopd.stages.estimate import RolloutConfig, run_rollout_estimation
-from caopd.stages.targets import TargetsConfig, run_target_replacement
 from caopd.stages.train import TrainStageConfig, run_training
 
 
@@ -60,16 +58,10 @@ def test_rlcr_refuses_teacher_settings():
         TrainConfig(method="rlcr", top_k=5)
 
 
-def test_rlcr_trains_without_a_teacher(tmp_path, arithmetic_files):
-    train, _ = arithmetic_files
-    run_rollout_estimation(RolloutConfig(data=str(train), k=2), tmp_path / "rollouts", progress=False)
-    run_target_replacement(TargetsConfig(method="opd", data=str(train),
-                                         rollouts=str(tmp_path / "rollouts" / "rollouts.jsonl"),
-                                         estimates=str(tmp_path / "rollouts" / "estimates.jsonl")),
-                           tmp_path / "targets")
+def test_rlcr_trains_without_a_teacher(tmp_path, records):
     cfg = TrainConfig(method="rlcr", steps=3, prompts_per_step=4, k=4, micro_batch_size=8, lr=1e-3,
                       sampling=SamplingConfig(max_new_tokens=24))
-    summary = run_training(TrainStageConfig(records=str(tmp_path / "targets" / "records.jsonl"), train=cfg),
+    summary = run_training(TrainStageConfig(records=records, train=cfg),
                            tmp_path / "t", progress=False)
     log = read_jsonl(tmp_path / "t" / "train_log.jsonl")
     assert [r["step"] for r in log] == [1, 2, 3]

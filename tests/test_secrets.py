@@ -5,9 +5,6 @@ import os
 import subprocess
 import sys
 
-from caopd.stages.estimate import RolloutConfig, run_rollout_estimation
-from caopd.stages.targets import TargetsConfig, run_target_replacement
-
 FAKE_SECRETS = {
     "AWS_ACCESS_KEY_ID": "AKIAFAKEKEYID0000042",
     "AWS_SECRET_ACCESS_KEY": "fake-s3-secret-9f8e7d6c5b4a",
@@ -18,16 +15,11 @@ FAKE_SECRETS = {
 }
 
 
-def test_fake_secrets_in_the_environment_appear_nowhere(tmp_path, arithmetic_files):
-    train, _ = arithmetic_files
-    run_rollout_estimation(RolloutConfig(data=str(train), k=2), tmp_path / "rollouts", progress=False)
-    run_target_replacement(TargetsConfig(data=str(train), rollouts=str(tmp_path / "rollouts" / "rollouts.jsonl"),
-                                         estimates=str(tmp_path / "rollouts" / "estimates.jsonl")),
-                           tmp_path / "targets")
+def test_fake_secrets_in_the_environment_appear_nowhere(tmp_path, records):
     work = tmp_path / "work"
     work.mkdir()
     result = subprocess.run(
-        [sys.executable, "-m", "caopd.cli", "train", "--records", str(tmp_path / "targets" / "records.jsonl"),
+        [sys.executable, "-m", "caopd.cli", "train", "--records", records,
          "--out", str(work / "train"), "--train.steps", "2", "--train.prompts-per-step", "2", "--train.k", "2",
          "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}", "--artifact-root", str(work / "artifacts"),
          "--pipeline-run-id", "secrets-check"],

@@ -14,22 +14,10 @@ from caopd.models.loading import load_model
 from caopd.models.tiny import build_tokenizer
 from caopd.rollout.base import SamplingConfig
 from caopd.rollout.transformers_engine import TransformersEngine
-from caopd.stages.estimate import RolloutConfig, run_rollout_estimation
-from caopd.stages.targets import TargetsConfig, run_target_replacement
 from caopd.stages.train import TrainStageConfig, run_training
 
 SMALL = dict(steps=3, prompts_per_step=3, k=2, save_every=1, micro_batch_size=4,
              sampling=SamplingConfig(max_new_tokens=24))
-
-
-@pytest.fixture
-def records(tmp_path, arithmetic_files):
-    train, _ = arithmetic_files
-    run_rollout_estimation(RolloutConfig(data=str(train), k=2), tmp_path / "rollouts", progress=False)
-    run_target_replacement(TargetsConfig(data=str(train), rollouts=str(tmp_path / "rollouts" / "rollouts.jsonl"),
-                                         estimates=str(tmp_path / "rollouts" / "estimates.jsonl")),
-                           tmp_path / "targets")
-    return str(tmp_path / "targets" / "records.jsonl")
 
 
 def _weights(model):
