@@ -5,7 +5,7 @@ from typing import List
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
-from caopd.components.images import GPU_IMAGE
+from caopd.images import GPU_IMAGE
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)

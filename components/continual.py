@@ -4,7 +4,7 @@ task A (before and after B) and on task B."""
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
-from caopd.components.images import CPU_IMAGE, GPU_IMAGE
+from caopd.images import CPU_IMAGE, GPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)

@@ -5,7 +5,7 @@ from typing import List
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Output
 
-from caopd.components.images import CPU_IMAGE, GPU_IMAGE
+from caopd.images import CPU_IMAGE, GPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)

@@ -1,0 +1,7 @@
+"""The container images the components and the training jobs run in: the one place they are named (images/ builds
+them). In the library, not in caopd.components, because a component body imports it inside a KFP executor."""
+
+from caopd import __version__
+
+CPU_IMAGE = f"ghcr.io/caopd/caopd-cpu:{__version__}"
+GPU_IMAGE = f"ghcr.io/caopd/caopd-gpu:{__version__}"
