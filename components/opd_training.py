@@ -18,11 +18,13 @@ def training_arms(train_baseline: bool) -> List[str]:
 def opd_training(records: Input[Dataset], task: str, base_model: str, method: str, teacher_context: str,
                  divergence: str, beta: float, top_k: int, variant: str, teacher: str, teacher_model: str,
                  ema_rate: float, p_source: str, steps: int, prompts_per_step: int, k: int, lr: float,
-                 temperature: float, max_new_tokens: int, seed: int, train_options: dict, mlflow_settings: dict,
-                 pipeline_run_id: str, model: Output[Model], training_report: Output[HTML]):
+                 temperature: float, max_new_tokens: int, seed: int, train_options: dict, train_launch: dict,
+                 workspace_pvc: str, mlflow_settings: dict, pipeline_run_id: str, model: Output[Model],
+                 training_report: Output[HTML]):
     import shutil
     from pathlib import Path
 
+    from caopd.cluster.jobs import WORKSPACE_MOUNT
     from caopd.distill.checkpoints import checkpoint_root
     from caopd.distill.config import TrainConfig
     from caopd.report import html_report
@@ -30,7 +32,7 @@ def opd_training(records: Input[Dataset], task: str, base_model: str, method: st
     from caopd.tracking import TAG_METHOD
     from caopd.rollout import SamplingConfig
     from caopd.stages.targets import RECORDS
-    from caopd.stages.train import CURVES, TrainStageConfig, run_training
+    from caopd.stages.train import CURVES, TrainStageConfig, run_training_stage
 
     if method == "opd" and variant == "decoupled":
         variant = "faithful"  # the decoupled loss needs P; the baseline arm trains the paper's plain OPD
@@ -40,9 +42,16 @@ def opd_training(records: Input[Dataset], task: str, base_model: str, method: st
                         teacher_model=teacher_model or None, ema_rate=ema_rate, p_source=p_source, steps=steps,
                         prompts_per_step=prompts_per_step, k=k, lr=lr, seed=seed,
                         sampling=SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed))
-    cfg = TrainStageConfig(model=base_model, task=task, records=str(Path(records.path) / RECORDS), train=train)
+    # train_launch: where training runs (torchrun over this pod's GPUs, or a TrainJob / PyTorchJob on several
+    # nodes); a pipeline compiled with a workspace PVC mounts it here, and the checkpoints then outlive the pod.
+    launch = dict(train_launch)
+    if workspace_pvc:
+        launch.update(workspace_pvc=workspace_pvc, workspace=WORKSPACE_MOUNT)
+    cfg = TrainStageConfig(model=base_model, task=task, records=str(Path(records.path) / RECORDS), train=train,
+                           launch=launch)
     tracker = tracker_if_configured(mlflow_settings, pipeline_run_id, Path(model.path).parent / "mlflow")
-    summary = tracked(tracker, "opd-training", cfg, lambda: run_training(cfg, model.path), model.path,
+    summary = tracked(tracker, "opd-training", cfg,
+                      lambda: run_training_stage(cfg, model.path, pipeline_run_id=pipeline_run_id), model.path,
                       inputs={"records": (cfg.records, "training")}, tags={TAG_METHOD: method})
     # Resume state only matters inside this task; the artifact store keeps the final model, not N copies of it.
     shutil.rmtree(checkpoint_root(model.path), ignore_errors=True)

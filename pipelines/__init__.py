@@ -6,7 +6,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from caopd.pipelines.caopd_pipeline import PIPELINE_NAME, caopd_pipeline
+from caopd.pipelines.caopd_pipeline import PIPELINE_NAME, build_pipeline, caopd_pipeline
 
 COMPILED_PIPELINE = Path(__file__).with_name("caopd_pipeline.yaml")
 _HEADER_DEFAULT = re.compile(r"^(#\s+\w+: \w+ \[Default: )([\[{].*)\]$")
@@ -25,17 +25,20 @@ def stable_header(spec_text: str) -> str:
     return "\n".join(lines)
 
 
-def compile_pipeline(path: str | Path = COMPILED_PIPELINE) -> Path:
-    """Write the compiled pipeline spec (the YAML a KFP server or the Kubeflow UI takes)."""
+def compile_pipeline(path: str | Path = COMPILED_PIPELINE, workspace_pvc: str = "") -> Path:
+    """Write the compiled pipeline spec (the YAML a KFP server or the Kubeflow UI takes); ``workspace_pvc``
+    mounts that PVC on the training step (checkpoints that outlive the pod; multi-node jobs)."""
     from kfp import compiler
 
     from caopd.data import write_text
 
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "pipeline.yaml"
-        compiler.Compiler().compile(caopd_pipeline, package_path=str(raw))
+        pipeline = build_pipeline(workspace_pvc) if workspace_pvc else caopd_pipeline
+        compiler.Compiler().compile(pipeline, package_path=str(raw))
         write_text(path, stable_header(raw.read_text(encoding="utf-8")))
     return Path(path)
 
 
-__all__ = ["COMPILED_PIPELINE", "PIPELINE_NAME", "caopd_pipeline", "compile_pipeline", "stable_header"]
+__all__ = ["COMPILED_PIPELINE", "PIPELINE_NAME", "build_pipeline", "caopd_pipeline", "compile_pipeline",
+           "stable_header"]

@@ -7,7 +7,9 @@ continues on task B from its model and is scored on task A before and after (the
 
 Parameters are ordered by stage; their defaults run the tiny default model end to end. The GPU stages
 (rollouts, training, evaluation) take their accelerator, node selector and tolerations from parameters, so one
-compiled spec serves every cluster; the CPU stages never request a GPU.
+compiled spec serves every cluster; the CPU stages never request a GPU. ``build_pipeline(workspace_pvc=...)``
+mounts a shared ReadWriteMany volume on the training step: its checkpoints then outlive the pod, and
+``train_launch`` may start TrainJobs / PyTorchJobs that read and write the same volume.
 """
 
 # No `from __future__ import annotations`: KFP reads the real annotation objects.
@@ -16,6 +18,7 @@ from typing import NamedTuple
 from kfp import dsl, kubernetes
 from kfp.dsl import Dataset, Model
 
+from caopd.cluster.jobs import WORKSPACE_MOUNT
 from caopd.components import (calibration_evaluation, continual_distillation, continual_enabled, continual_evaluation,
                               data_preparation, merge_rollout_shards, model_registration, opd_training,
                               rollout_estimation, rollout_shard_indices, target_replacement, training_arms)
@@ -52,121 +55,143 @@ def _on_cpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task.set_cpu_request(CPU_STAGE_CPU).set_memory_request(CPU_STAGE_MEMORY)
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description="Calibration-Aware On-Policy Distillation: rollouts estimate each "
-              "prompt's success rate P, training distils towards 'Confidence: P', evaluation compares base, plain "
-              "OPD and CaOPD, and the CaOPD model is registered.")
-def caopd_pipeline(
-    # 0 · data preparation
-    task: str = "arithmetic",
-    train_source: str = "",
-    eval_source: str = "",
-    n_train: int = _DATA.n_train,
-    n_eval: int = _DATA.n_eval,
-    kind_weights: dict = _DATA.kind_weights,
-    ood_kinds: list = _DATA.ood_kinds,
-    ood_source: str = "",
-    ood_task: str = "",
-    continual_kinds: list = _DATA.continual_kinds,
-    seed: int = 0,
-    # 1 · rollout estimation
-    base_model: str = "tiny",
-    k: int = _TRAIN.k,
-    temperature: float = _TRAIN.sampling.temperature,
-    max_new_tokens: int = _TRAIN.sampling.max_new_tokens,
-    rollout_shards: int = 1,
-    engine: str = "auto",
-    # 2 · target replacement
-    teacher_context: str = _TRAIN.teacher_context,
-    # 3 · OPD training
-    train_baseline: bool = True,
-    divergence: str = _TRAIN.divergence,
-    beta: float = _TRAIN.beta,
-    top_k: int = 0,
-    variant: str = _TRAIN.variant,
-    teacher: str = _TRAIN.teacher,
-    teacher_model: str = "",
-    ema_rate: float = _TRAIN.ema_rate,
-    p_source: str = _TRAIN.p_source,
-    steps: int = _TRAIN.steps,
-    prompts_per_step: int = _TRAIN.prompts_per_step,
-    lr: float = _TRAIN.lr,
-    train_options: dict = {},
-    # 4 · calibration evaluation
-    eval_seed: int = 1,
-    # 5 · model registration
-    model_name: str = RegisterConfig.model_fields["name"].default,
-    promotion_gates: dict = {},
-    # MLflow, for every stage: {"tracking_uri": ..., "experiment": ..., "artifact_root": "s3://..."}; empty =
-    # $MLFLOW_TRACKING_URI when the cluster injects it, else no tracking and a registry kept in the artifact store
-    mlflow_settings: dict = {},
-    # GPU pods (rollout estimation, training, evaluation)
-    accelerator_type: str = "nvidia.com/gpu",
-    accelerator_count: int = 1,
-    gpu_node_selector: dict = {},
-    gpu_tolerations: list = DEFAULT_GPU_TOLERATIONS,
-    gpu_cpu_request: str = "4",
-    gpu_memory_request: str = "32Gi",
-) -> NamedTuple("Outputs", evaluation=Dataset, registered=Model):
-    def gpu(t: dsl.PipelineTask) -> dsl.PipelineTask:
-        return _on_gpu(t, accelerator_type, accelerator_count, gpu_node_selector, gpu_tolerations,
-                       gpu_cpu_request, gpu_memory_request)
+DESCRIPTION = ("Calibration-Aware On-Policy Distillation: rollouts estimate each prompt's success rate P, training "
+               "distils towards 'Confidence: P', evaluation compares base, plain OPD and CaOPD, and the CaOPD model is "
+               "registered.")
 
-    tracking = dict(mlflow_settings=mlflow_settings, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-    data = _on_cpu(data_preparation(task=task, train_source=train_source, eval_source=eval_source,
-                                    n_train=n_train, n_eval=n_eval, seed=seed, kind_weights=kind_weights,
-                                    ood_kinds=ood_kinds, ood_source=ood_source, ood_task=ood_task,
-                                    continual_kinds=continual_kinds, **tracking))
-    data.set_retry(2)
 
-    shards = _on_cpu(rollout_shard_indices(num_shards=rollout_shards))
-    with dsl.ParallelFor(shards.output, name="rollout-shards") as shard_index:
-        shard = gpu(rollout_estimation(data=data.outputs["data"], task=task, base_model=base_model, k=k,
-                                       temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
-                                       engine=engine, shard_index=shard_index, num_shards=rollout_shards,
-                                       **tracking))
-        shard.set_retry(2, backoff_duration="60s")
-    merged = _on_cpu(merge_rollout_shards(shards=dsl.Collected(shard.outputs["rollouts"])))
-    merged.set_retry(2)
+def build_pipeline(workspace_pvc: str = ""):
+    """The pipeline; with ``workspace_pvc`` (a PVC's name: fixed at compile time, since a volume is part of the pod
+    spec, not a run parameter) the training step mounts it at WORKSPACE_MOUNT."""
 
-    # The arms train side by side (one GPU pod each on a cluster) from the same rollouts.
-    arms = _on_cpu(training_arms(train_baseline=train_baseline))
-    continual = _on_cpu(continual_enabled(continual_kinds=continual_kinds))
-    with dsl.ParallelFor(arms.output, name="arms") as method:
-        targets = _on_cpu(target_replacement(data=data.outputs["data"], rollouts=merged.outputs["rollouts"],
-                                             task=task, base_model=base_model, method=method,
-                                             teacher_context=teacher_context, **tracking))
-        targets.set_retry(2)
-        trained = gpu(opd_training(records=targets.outputs["records"], task=task, base_model=base_model,
-                                   method=method, teacher_context=teacher_context, divergence=divergence, beta=beta,
-                                   top_k=top_k, variant=variant, teacher=teacher, teacher_model=teacher_model,
-                                   ema_rate=ema_rate, p_source=p_source, steps=steps,
-                                   prompts_per_step=prompts_per_step, k=k, lr=lr, temperature=temperature,
-                                   max_new_tokens=max_new_tokens, seed=seed, train_options=train_options,
-                                   **tracking))
-        # Deterministic from its inputs, so a retry after a lost node repeats the same run.
-        trained.set_retry(1)
-        # Nothing outside this branch reads its outputs: a skipped branch must leave no dangling input behind.
-        with dsl.If(continual.output == True, name="continual"):  # noqa: E712 (a KFP condition, not Python's)
-            on_b = gpu(continual_distillation(data=data.outputs["data"], model=trained.outputs["model"], task=task,
-                                              engine=engine, **tracking))
-            on_b.set_retry(1)
-            forgetting = gpu(continual_evaluation(data=data.outputs["data"], model=trained.outputs["model"],
-                                                  continual_model=on_b.outputs["continual_model"], task=task,
-                                                  temperature=temperature, max_new_tokens=max_new_tokens,
-                                                  seed=eval_seed, engine=engine, **tracking))
-            forgetting.set_retry(2)
+    @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
+    def caopd_pipeline(
+        # 0 · data preparation
+        task: str = "arithmetic",
+        train_source: str = "",
+        eval_source: str = "",
+        n_train: int = _DATA.n_train,
+        n_eval: int = _DATA.n_eval,
+        kind_weights: dict = _DATA.kind_weights,
+        ood_kinds: list = _DATA.ood_kinds,
+        ood_source: str = "",
+        ood_task: str = "",
+        continual_kinds: list = _DATA.continual_kinds,
+        seed: int = 0,
+        # 1 · rollout estimation
+        base_model: str = "tiny",
+        k: int = _TRAIN.k,
+        temperature: float = _TRAIN.sampling.temperature,
+        max_new_tokens: int = _TRAIN.sampling.max_new_tokens,
+        rollout_shards: int = 1,
+        engine: str = "auto",
+        # 2 · target replacement
+        teacher_context: str = _TRAIN.teacher_context,
+        # 3 · OPD training
+        train_baseline: bool = True,
+        divergence: str = _TRAIN.divergence,
+        beta: float = _TRAIN.beta,
+        top_k: int = 0,
+        variant: str = _TRAIN.variant,
+        teacher: str = _TRAIN.teacher,
+        teacher_model: str = "",
+        ema_rate: float = _TRAIN.ema_rate,
+        p_source: str = _TRAIN.p_source,
+        steps: int = _TRAIN.steps,
+        prompts_per_step: int = _TRAIN.prompts_per_step,
+        lr: float = _TRAIN.lr,
+        train_options: dict = {},
+        # where training runs: {} = in the training pod; {"procs_per_node": 4} = torchrun over its 4 GPUs;
+        # {"kind": "trainjob" | "pytorchjob", "num_nodes": ..., ...} = a job on several nodes (caopd.cluster.jobs.
+        # LaunchConfig; needs a pipeline compiled with a workspace PVC)
+        train_launch: dict = {},
+        training_gpus: int = 1,
+        # 4 · calibration evaluation
+        eval_seed: int = 1,
+        # 5 · model registration
+        model_name: str = RegisterConfig.model_fields["name"].default,
+        promotion_gates: dict = {},
+        # MLflow, for every stage: {"tracking_uri": ..., "experiment": ..., "artifact_root": "s3://..."}; empty =
+        # $MLFLOW_TRACKING_URI when the cluster injects it, else no tracking and a registry kept in the artifact store
+        mlflow_settings: dict = {},
+        # GPU pods (rollout estimation, training, evaluation)
+        accelerator_type: str = "nvidia.com/gpu",
+        accelerator_count: int = 1,
+        gpu_node_selector: dict = {},
+        gpu_tolerations: list = DEFAULT_GPU_TOLERATIONS,
+        gpu_cpu_request: str = "4",
+        gpu_memory_request: str = "32Gi",
+    ) -> NamedTuple("Outputs", evaluation=Dataset, registered=Model):
+        def gpu(t: dsl.PipelineTask) -> dsl.PipelineTask:
+            return _on_gpu(t, accelerator_type, accelerator_count, gpu_node_selector, gpu_tolerations,
+                           gpu_cpu_request, gpu_memory_request)
 
-    # Each consumer of the arms' models gets its own Collected: kfp 2.17 fails to compile a shared one.
-    evaluation = gpu(calibration_evaluation(data=data.outputs["data"], models=dsl.Collected(trained.outputs["model"]),
-                                            task=task, base_model=base_model, temperature=temperature,
-                                            max_new_tokens=max_new_tokens, seed=eval_seed, engine=engine,
-                                            **tracking))
-    evaluation.set_retry(2)
+        tracking = dict(mlflow_settings=mlflow_settings, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        data = _on_cpu(data_preparation(task=task, train_source=train_source, eval_source=eval_source,
+                                        n_train=n_train, n_eval=n_eval, seed=seed, kind_weights=kind_weights,
+                                        ood_kinds=ood_kinds, ood_source=ood_source, ood_task=ood_task,
+                                        continual_kinds=continual_kinds, **tracking))
+        data.set_retry(2)
 
-    registration = _on_cpu(model_registration(models=dsl.Collected(trained.outputs["model"]),
-                                              evaluation=evaluation.outputs["evaluation"], model_name=model_name,
-                                              base_model=base_model, promotion_gates=promotion_gates, **tracking))
-    # A registry write is a side effect: a cached "success" would skip it without registering anything.
-    registration.set_caching_options(False)
-    Outputs = NamedTuple("Outputs", evaluation=Dataset, registered=Model)
-    return Outputs(evaluation=evaluation.outputs["evaluation"], registered=registration.outputs["registered"])
+        shards = _on_cpu(rollout_shard_indices(num_shards=rollout_shards))
+        with dsl.ParallelFor(shards.output, name="rollout-shards") as shard_index:
+            shard = gpu(rollout_estimation(data=data.outputs["data"], task=task, base_model=base_model, k=k,
+                                           temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
+                                           engine=engine, shard_index=shard_index, num_shards=rollout_shards,
+                                           **tracking))
+            shard.set_retry(2, backoff_duration="60s")
+        merged = _on_cpu(merge_rollout_shards(shards=dsl.Collected(shard.outputs["rollouts"])))
+        merged.set_retry(2)
+
+        # The arms train side by side (one GPU pod each on a cluster) from the same rollouts.
+        arms = _on_cpu(training_arms(train_baseline=train_baseline))
+        continual = _on_cpu(continual_enabled(continual_kinds=continual_kinds))
+        with dsl.ParallelFor(arms.output, name="arms") as method:
+            targets = _on_cpu(target_replacement(data=data.outputs["data"], rollouts=merged.outputs["rollouts"],
+                                                 task=task, base_model=base_model, method=method,
+                                                 teacher_context=teacher_context, **tracking))
+            targets.set_retry(2)
+            trained = gpu(opd_training(records=targets.outputs["records"], task=task, base_model=base_model,
+                                       method=method, teacher_context=teacher_context, divergence=divergence, beta=beta,
+                                       top_k=top_k, variant=variant, teacher=teacher, teacher_model=teacher_model,
+                                       ema_rate=ema_rate, p_source=p_source, steps=steps,
+                                       prompts_per_step=prompts_per_step, k=k, lr=lr, temperature=temperature,
+                                       max_new_tokens=max_new_tokens, seed=seed, train_options=train_options,
+                                       train_launch=train_launch, workspace_pvc=workspace_pvc, **tracking))
+            # Its own GPU count: 0 when the step only launches and watches a job on other nodes.
+            trained.set_accelerator_limit(training_gpus)
+            trained.register_pipeline_channels([training_gpus])
+            if workspace_pvc:
+                kubernetes.mount_pvc(trained, pvc_name=workspace_pvc, mount_path=WORKSPACE_MOUNT)
+            # Deterministic from its inputs, so a retry after a lost node repeats the same run.
+            trained.set_retry(1)
+            # Nothing outside this branch reads its outputs: a skipped branch must leave no dangling input behind.
+            with dsl.If(continual.output == True, name="continual"):  # noqa: E712 (a KFP condition, not Python's)
+                on_b = gpu(continual_distillation(data=data.outputs["data"], model=trained.outputs["model"], task=task,
+                                                  engine=engine, **tracking))
+                on_b.set_retry(1)
+                forgetting = gpu(continual_evaluation(data=data.outputs["data"], model=trained.outputs["model"],
+                                                      continual_model=on_b.outputs["continual_model"], task=task,
+                                                      temperature=temperature, max_new_tokens=max_new_tokens,
+                                                      seed=eval_seed, engine=engine, **tracking))
+                forgetting.set_retry(2)
+
+        # Each consumer of the arms' models gets its own Collected: kfp 2.17 fails to compile a shared one.
+        evaluation = gpu(calibration_evaluation(data=data.outputs["data"], models=dsl.Collected(trained.outputs["model"]),
+                                                task=task, base_model=base_model, temperature=temperature,
+                                                max_new_tokens=max_new_tokens, seed=eval_seed, engine=engine,
+                                                **tracking))
+        evaluation.set_retry(2)
+
+        registration = _on_cpu(model_registration(models=dsl.Collected(trained.outputs["model"]),
+                                                  evaluation=evaluation.outputs["evaluation"], model_name=model_name,
+                                                  base_model=base_model, promotion_gates=promotion_gates, **tracking))
+        # A registry write is a side effect: a cached "success" would skip it without registering anything.
+        registration.set_caching_options(False)
+        Outputs = NamedTuple("Outputs", evaluation=Dataset, registered=Model)
+        return Outputs(evaluation=evaluation.outputs["evaluation"], registered=registration.outputs["registered"])
+
+    return caopd_pipeline
+
+
+caopd_pipeline = build_pipeline()

@@ -19,6 +19,7 @@ EXISTING = {  # the platform already runs MLflow (with its database) and an S3-c
     "retraining": {"parameters": {"base_model": "Qwen/Qwen3-8B", "steps": 500}},
 }
 WITH_EXTERNAL_DATABASE = {"postgresql": {"enabled": False}, "database": {"existingSecret": "mlflow-db"}}
+WITH_WORKSPACE = {"workspace": {"enabled": True, "storageClassName": "nfs-client", "size": "2Ti"}}
 
 
 def _render(values=None):
@@ -41,7 +42,8 @@ def test_the_chart_lints_clean():
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
-@pytest.mark.parametrize("values", [None, EXISTING, WITH_EXTERNAL_DATABASE], ids=["default", "existing", "external-db"])
+@pytest.mark.parametrize("values", [None, EXISTING, WITH_EXTERNAL_DATABASE, WITH_WORKSPACE],
+                         ids=["default", "existing", "external-db", "workspace"])
 def test_every_rendered_manifest_validates_strictly(values):
     manifests = _render(values)
     assert manifests
@@ -98,7 +100,21 @@ def test_existing_services_deploy_no_server_and_the_cron_points_at_them():
     assert "base_model=Qwen/Qwen3-8B" in command and "steps=500" in command
 
 
+def test_the_workspace_is_a_kept_read_write_many_claim_that_the_step_may_adopt_jobs_from():
+    manifests = _render(WITH_WORKSPACE)
+    [claim] = [d for d in manifests if d["kind"] == "PersistentVolumeClaim"]
+    assert claim["metadata"]["name"] == "caopd-workspace"  # the name `caopd compile --workspace-pvc` is given
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["spec"]["storageClassName"] == "nfs-client"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "2Ti"
+    assert not [d for d in _render() if d["kind"] == "PersistentVolumeClaim"]
+    [role] = [d for d in manifests if d["kind"] == "Role"]
+    jobs = [r for r in role["rules"] if {"trainjobs", "pytorchjobs"} & set(r["resources"])]
+    assert all({"create", "get", "patch", "delete"} <= set(r["verbs"]) for r in jobs) and len(jobs) == 2
+
+
 @pytest.mark.parametrize("values, message", [
+    ({"workspace": {"size": "lots"}}, "/workspace/size"),
     ({"mlflow": {"port": "http"}}, "/mlflow/port': got string, want integer"),
     ({"retraining": {"schedul": "0 3 * * 0"}}, "additional properties 'schedul' not allowed"),
     ({"retraining": {"schedule": "every sunday"}}, "/retraining/schedule"),

@@ -12,6 +12,7 @@ import yaml
 
 from caopd.distill.config import TrainConfig
 from caopd.pipelines import COMPILED_PIPELINE, caopd_pipeline, compile_pipeline
+from caopd.cluster.jobs import WORKSPACE_MOUNT
 from caopd.stages.prepare import DataConfig
 
 GPU_STAGES = {"rollout-estimation", "opd-training", "calibration-evaluation", "continual-distillation",
@@ -78,8 +79,10 @@ def test_gpu_stages_take_accelerator_resources_and_pod_settings_from_parameters(
             continue
         seen.add(stage)
         resources = pipeline["deploymentSpec"]["executors"][executor]["container"]["resources"]
+        # the training step has its own count: 0 when it only launches a job on other nodes
+        count = "training_gpus" if stage == "opd-training" else "accelerator_count"
         assert resources["accelerator"] == {"resourceType": _param("accelerator_type"),
-                                            "resourceCount": _param("accelerator_count")}, name
+                                            "resourceCount": _param(count)}, name
         assert resources["resourceCpuRequest"] == _param("gpu_cpu_request")
         assert resources["resourceMemoryRequest"] == _param("gpu_memory_request")
         pod = k8s[executor]
@@ -89,7 +92,21 @@ def test_gpu_stages_take_accelerator_resources_and_pod_settings_from_parameters(
         assert _bare(pod["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"]) == "gpu_node_selector"
         assert pod["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi",
                                           "volumeName": "dshm"}]
+        assert "pvcMount" not in pod, name  # the default spec needs no volume the cluster may not have
     assert seen == GPU_STAGES
+
+
+def test_a_workspace_pvc_compiled_in_is_mounted_on_the_training_step_alone(tmp_path):
+    path = compile_pipeline(tmp_path / "ws.yaml", workspace_pvc="caopd-workspace")
+    pipeline, platform = yaml.safe_load_all(path.read_text())
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    mounts = {executor: pod["pvcMount"] for executor, pod in k8s.items() if "pvcMount" in pod}
+    assert list(mounts) == ["exec-opd-training"]
+    [mount] = mounts["exec-opd-training"]
+    assert mount["mountPath"] == WORKSPACE_MOUNT and mount["constant"] == "caopd-workspace"
+    # the component learns the volume's name, and with it where its checkpoints and jobs live
+    training = next(t for _, _, t in _tasks(pipeline) if t["componentRef"]["name"] == "comp-opd-training")
+    assert training["inputs"]["parameters"]["workspace_pvc"] == {"runtimeValue": {"constant": "caopd-workspace"}}
 
 
 def test_cpu_stages_request_no_gpu_and_no_gpu_pod_settings(spec):
@@ -171,7 +188,7 @@ def test_parameters_are_ordered_by_stage():
     order = list(inspect.signature(caopd_pipeline.pipeline_func).parameters)
     stages = [["task", "n_train", "ood_kinds", "continual_kinds", "seed"], ["base_model", "k", "rollout_shards"],
               ["teacher_context"],
-              ["train_baseline", "steps", "lr"], ["eval_seed"], ["model_name", "promotion_gates"], ["mlflow_settings"],
+              ["train_baseline", "steps", "lr", "train_launch", "training_gpus"], ["eval_seed"], ["model_name", "promotion_gates"], ["mlflow_settings"],
               ["accelerator_type", "gpu_tolerations"]]
     positions = [[order.index(name) for name in stage] for stage in stages]
     assert all(max(a) < min(b) for a, b in zip(positions, positions[1:]))

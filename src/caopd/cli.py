@@ -10,12 +10,13 @@ import argparse
 import json
 import sys
 import typing
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
 
-from caopd.errors import CaopdInputError, CaopdServiceError, TrainingStopped
+from caopd.errors import CaopdInputError, CaopdServiceError, TrainingJobFailed, TrainingStopped
 
 EXIT_BAD_INPUT, EXIT_SERVICE = 2, 1
 
@@ -150,14 +151,16 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from caopd.distill.distributed import process_rank
-    from caopd.stages.train import TrainStageConfig, run_training
+    from caopd.stages.train import TrainStageConfig, run_training, run_training_stage
     from caopd.tracking import TAG_METHOD
 
     cfg = _config_from_args(TrainStageConfig, args)
     if process_rank() > 0:  # under torchrun: one MLflow run and one printed summary, from rank 0
         run_training(cfg, args.out, progress=False)
         return 0
-    summary = _tracked(args, "opd-training", cfg, lambda: run_training(cfg, args.out, progress=not args.quiet),
+    # A job launched from a shell is new each time; a pipeline's retry passes its run id and adopts its job.
+    run_id = args.pipeline_run_id or uuid.uuid4().hex
+    summary = _tracked(args, "opd-training", cfg, lambda: run_training_stage(cfg, args.out, not args.quiet, run_id),
                        args.out, inputs={"records": (cfg.records, "training")}, tags={TAG_METHOD: cfg.train.method})
     _print_json({"steps": summary["steps"], "seconds": summary["seconds"], "final": summary["final"]})
     return 0
@@ -228,7 +231,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     from caopd.pipelines import compile_pipeline
 
-    print(compile_pipeline(args.out))
+    print(compile_pipeline(args.out, workspace_pvc=args.workspace_pvc or ""))
     return 0
 
 
@@ -405,9 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     li.set_defaults(func=cmd_lineage)
     c = sub.add_parser("compile", help="write the compiled KFP pipeline spec (YAML)",
                        description="Compile the pipeline to the YAML a KFP server or the Kubeflow UI uploads.",
-                       epilog="example:\n  caopd compile --out caopd_pipeline.yaml",
+                       epilog="examples:\n  caopd compile --out caopd_pipeline.yaml\n"
+                       "  caopd compile --out caopd_pipeline.yaml --workspace-pvc caopd-workspace",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     c.add_argument("--out", required=True, help="the YAML file to write")
+    c.add_argument("--workspace-pvc", help="a ReadWriteMany PVC mounted on the training step: checkpoints outlive "
+                   "the pod, and train_launch may start TrainJobs / PyTorchJobs (the chart's workspace creates one)")
     c.set_defaults(func=cmd_compile)
     s_ = sub.add_parser("submit", help="upload the pipeline (new version if changed) and start a run on KFP",
                         description="Upload the compiled pipeline to a KFP server (a new version when the spec "
@@ -470,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"caopd: error: {err}", file=sys.stderr)
     except ValidationError as err:
         print(f"caopd: error: {_one_line(err)}", file=sys.stderr)
-    except CaopdServiceError as err:
+    except (CaopdServiceError, TrainingJobFailed) as err:
         print(f"caopd: error: {err}", file=sys.stderr)
         return EXIT_SERVICE
     except TrainingStopped as err:  # preempted (143, like a process SIGTERM ends) or a non-finite loss (3)

@@ -34,6 +34,11 @@ class TrainingStopped(RuntimeError):
         self.exit_code = exit_code
 
 
+class TrainingJobFailed(RuntimeError):
+    """The training job on the cluster (TrainJob / PyTorchJob) failed or ran out of time: the message carries its
+    condition and the last lines of its failed trainer's output. The CLI exits with code 1."""
+
+
 class CaopdServiceError(RuntimeError):
     """A remote service (the KFP server, a registry) could not be reached or refused a request.
 

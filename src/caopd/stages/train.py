@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from caopd.cluster.jobs import LaunchConfig
 from caopd.data import atomic_dir, file_digest, read_jsonl, write_json, write_jsonl
 from caopd.distill.config import TrainConfig
 from caopd.distill.distributed import init_world
@@ -33,6 +34,8 @@ class TrainStageConfig(BaseModel):
     records: str = Field(..., description="records.jsonl from target replacement")
     train: TrainConfig = Field(default_factory=TrainConfig, description="the distillation settings")
     engine: EngineName = Field("transformers", description="rollout engine for training samples")
+    launch: LaunchConfig = Field(default_factory=LaunchConfig, description="where training runs: this process "
+                                 "(torchrun around it for several GPUs), or a TrainJob / PyTorchJob on several nodes")
 
 
 def items_from_records(path: str) -> list[TrainItem]:
@@ -65,6 +68,19 @@ def trained_arms(artifact_dirs: list[str | Path]) -> dict[str, Path]:
             raise CaopdInputError(f"two trained models for method {method!r}", file=str(model_dir))
         arms[method] = model_dir
     return arms
+
+
+def run_training_stage(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = True,
+                       pipeline_run_id: str = "") -> dict[str, Any]:
+    """The training stage wherever ``cfg.launch`` puts it: in this process, under torchrun in this pod, in the
+    shared workspace (checkpoints outlive the pod), or as a job on the cluster that this waits for."""
+    from caopd.cluster import remote
+
+    if cfg.launch.kind != "local":
+        return remote.train_on_cluster(cfg, out_dir, pipeline_run_id)
+    if cfg.launch.workspace_pvc:
+        return remote.train_in_workspace(cfg, out_dir, pipeline_run_id, progress)
+    return remote.train_here(cfg, out_dir, progress)
 
 
 def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
