@@ -25,6 +25,7 @@ from caopd.components import (calibration_evaluation, continual_distillation, co
 from caopd.distill.config import TrainConfig
 from caopd.stages.prepare import DataConfig
 from caopd.stages.register import RegisterConfig
+from caopd.stages.train import TrainStageConfig
 
 PIPELINE_NAME = "caopd"
 # The GPU stages' pod shape. /dev/shm is memory-backed and large because vLLM and torch DataLoader workers
@@ -105,6 +106,9 @@ def build_pipeline(workspace_pvc: str = ""):
         # {"kind": "trainjob" | "pytorchjob", "num_nodes": ..., ...} = a job on several nodes (caopd.cluster.jobs.
         # LaunchConfig; needs a pipeline compiled with a workspace PVC)
         train_launch: dict = {},
+        # with several processes: "replicate" (data parallel) or "fsdp" (weights, gradients and optimizer state
+        # sharded between steps, for models whose training state does not fit one GPU)
+        train_sharding: str = TrainStageConfig.model_fields["sharding"].default,
         training_gpus: int = 1,
         # 4 · calibration evaluation
         eval_seed: int = 1,
@@ -157,7 +161,8 @@ def build_pipeline(workspace_pvc: str = ""):
                                        ema_rate=ema_rate, p_source=p_source, steps=steps,
                                        prompts_per_step=prompts_per_step, k=k, lr=lr, temperature=temperature,
                                        max_new_tokens=max_new_tokens, seed=seed, train_options=train_options,
-                                       train_launch=train_launch, workspace_pvc=workspace_pvc, **tracking))
+                                       train_launch=train_launch, train_sharding=train_sharding,
+                                       workspace_pvc=workspace_pvc, **tracking))
             # Its own GPU count: 0 when the step only launches and watches a job on other nodes.
             trained.set_accelerator_limit(training_gpus)
             trained.register_pipeline_channels([training_gpus])

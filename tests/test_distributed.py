@@ -1,8 +1,9 @@
-"""Data-parallel training for real: `torchrun --nproc_per_node=2` (gloo, CPU) runs the training stage and follows
-the single-process run's loss curve, and rank 0 alone writes."""
+"""Data-parallel training for real: `torchrun --nproc_per_node=2` (gloo, CPU) runs the training stage, replicated or
+sharded (FSDP2), and follows the single-process run's loss curve; rank 0 alone writes; FSDP resumes exactly."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,15 +23,22 @@ def _log(folder):
     return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines() if line]
 
 
-def test_torchrun_on_two_processes_follows_the_single_process_run(tmp_path, records):
+def _torchrun(args, out, env, sharding="replicate"):
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
+                          "--sharding", sharding, "--out", str(out)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+@pytest.mark.parametrize("sharding", ["replicate", "fsdp"])
+def test_torchrun_on_two_processes_follows_the_single_process_run(tmp_path, records, sharding):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     train = ["-m", "caopd.cli", "train", "--records", records, *FLAGS]
     one = subprocess.run([sys.executable, *train, "--out", str(tmp_path / "one")], env=env, capture_output=True,
                          text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *train,
-                          "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
+    two = _torchrun(train, tmp_path / "two", env, sharding)
 
     single, parallel = _log(tmp_path / "one"), _log(tmp_path / "two")
     assert [r["step"] for r in parallel] == [1, 2, 3, 4]
@@ -40,10 +48,37 @@ def test_torchrun_on_two_processes_follows_the_single_process_run(tmp_path, reco
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
     weights_one = load_file(tmp_path / "one" / "model" / "model.safetensors")
     weights_two = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    assert sorted(weights_one) == sorted(weights_two)  # FSDP's gathered save: the same tensors, tied ones once
     assert all(torch.allclose(weights_one[k], weights_two[k], atol=1e-5) for k in weights_one)
     # one summary printed and one set of checkpoints written, by rank 0
     assert two.stdout.count('"steps": 4') == 1
-    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    checkpoints = tmp_path / "two" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000002", "step-0000004"]
+    assert json.loads((checkpoints / "step-0000004" / "state.json").read_text())["sharding"] == sharding
+
+
+def test_fsdp_resumes_from_its_checkpoint_bit_for_bit_and_refuses_another_sharding(tmp_path, records):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # sampled (not greedy) and an EMA teacher: the RNG state, the sharded optimizer and the teacher all come back
+    train = ["-m", "caopd.cli", "train", "--records", records, *FLAGS, "--train.sampling.temperature", "1",
+             "--train.teacher", "ema"]
+    _torchrun(train, tmp_path / "whole", env, "fsdp")
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "whole" / "checkpoints" / "step-0000002",
+                    tmp_path / "resumed" / "checkpoints" / "step-0000002")
+    _torchrun(train, tmp_path / "resumed", env, "fsdp")
+    def logged(folder):  # everything but the throughput
+        return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in _log(folder)]
+
+    assert logged(tmp_path / "resumed") == logged(tmp_path / "whole")
+    for name in ("model/model.safetensors", "checkpoints/step-0000004/teacher.safetensors"):
+        whole, resumed = load_file(tmp_path / "whole" / name), load_file(tmp_path / "resumed" / name)
+        assert all(torch.equal(whole[k], resumed[k]) for k in whole), name
+
+    one = subprocess.run([sys.executable, *train, "--out", str(tmp_path / "resumed")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 2
+    assert "field 'sharding': written by a run with sharding='fsdp'; resume it with the same sharding" in one.stderr
 
 
 def test_a_world_shards_prompts_round_robin_and_one_process_is_a_no_op():

@@ -4,13 +4,18 @@ gradients are summed across processes before clipping, and every process takes t
 The step's loss stays the token mean over the whole batch (every process divides by the global token count), so
 the summed gradient is the single-process one; only the order of float sums differs. Outside torchrun (no
 ``WORLD_SIZE``) everything here is a no-op and training runs in one process as before.
+
+With ``sharding='fsdp'`` (FSDP2) each process keeps only its shard of the weights, the gradients and the optimizer
+state between steps; during a step the weights are gathered whole (sampling needs them) and the gradients are
+reduce-scattered once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Iterable, Sequence, TypeVar
+from typing import Any, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -21,6 +26,7 @@ T = TypeVar("T")
 class World:
     rank: int = 0
     size: int = 1
+    fsdp: bool = False  # the weights are sharded across the processes (FSDP2), not replicated
 
     @property
     def is_main(self) -> bool:
@@ -64,8 +70,9 @@ class World:
             dist.barrier()
 
 
-def init_world() -> World:
-    """The process group torchrun describes in the environment (gloo on CPU, NCCL on GPUs); one process else."""
+def init_world(sharding: str = "replicate") -> World:
+    """The process group torchrun describes in the environment (gloo on CPU, NCCL on GPUs); one process else
+    (where there is nothing to shard)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
@@ -75,9 +82,76 @@ def init_world() -> World:
         if torch.cuda.is_available():  # one GPU per process: the model, its tensors and NCCL's buffers live there
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return World(rank=dist.get_rank(), size=dist.get_world_size())
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), fsdp=sharding == "fsdp")
 
 
 def process_rank() -> int:
     """This process's rank from torchrun's environment, before any process group exists (0 outside torchrun)."""
     return int(os.environ.get("RANK", "0"))
+
+
+# --- FSDP: the weights, gradients and optimizer state split across the processes ---------------------------------
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2 over every process: each decoder layer (the model's ``_no_split_modules``) is one unit, the rest
+    (embeddings, final norm, head) the root's. Gradients are summed, not averaged, across processes: the loss
+    already divides by the whole step's token count."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    mesh = init_device_mesh("cuda" if dist.get_backend() == "nccl" else "cpu", (dist.get_world_size(),))
+    layers = set(getattr(model, "_no_split_modules", None) or ())
+    if not layers:
+        raise ValueError(f"{type(model).__name__} names no decoder layer class (_no_split_modules): FSDP would "
+                         "gather the whole model at once; use sharding='replicate'")
+    for module in list(model.modules()):
+        if type(module).__name__ in layers:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):  # a plain sum: gloo has no pre-multiplied one
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def _fsdp_units(models: Iterable[torch.nn.Module]) -> list[Any]:
+    from torch.distributed.fsdp import FSDPModule
+
+    seen: dict[int, Any] = {}
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                seen.setdefault(id(module), module)
+    return list(seen.values())
+
+
+@contextlib.contextmanager
+def gathered(*models: torch.nn.Module) -> Iterator[None]:
+    """The whole weights on every process for one training step (sampling, teacher scoring, the loss's forwards
+    and backwards), gathered once and split again at the end. Inside, no forward or backward waits for the other
+    processes, so their sampling may stop at different lengths and their micro-batches differ in number; the only
+    collective is the gradient reduce-scatter of the step's last backward (``sync_gradients``)."""
+    units = _fsdp_units(models)
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.set_reshard_after_backward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
+            unit.set_reshard_after_backward(True, recurse=False)
+
+
+def sync_gradients(model: torch.nn.Module, last: bool) -> None:
+    """Gradients accumulate locally over a step's micro-batches; the last backward reduce-scatters them."""
+    for unit in _fsdp_units([model]):
+        unit.set_requires_gradient_sync(last, recurse=False)
+
+
+def full_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) value made whole, e.g. the gradient norm; a plain tensor as it is."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value

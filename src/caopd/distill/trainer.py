@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from caopd.distill.config import TrainConfig
-from caopd.distill.distributed import World
+from caopd.distill.distributed import World, full_tensor, gathered, sync_gradients
 from caopd.distill.losses import token_cross_entropy, token_divergence
 from caopd.distill.rlcr import group_advantages, policy_gradient_terms, rlcr_reward
 from caopd.distill.teachers import Teacher
@@ -113,6 +113,9 @@ class Trainer:
         if cfg.prompts_per_step < self.world.size:
             raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be at least the number of processes "
                              f"({self.world.size}): each process trains on its share of a step's prompts")
+        if self.world.fsdp and cfg.prompts_per_step % self.world.size:
+            raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be a multiple of the number of "
+                             f"processes ({self.world.size}) under FSDP: every process trains on an equal share")
         # fused: one kernel for all parameters, not a loop of small ops per tensor (7.5 → 1.7 ms, tiny model)
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         self.prompt_ids = {it.example.id: encode_text(tokenizer, render_prompt(tokenizer, it.example.prompt))
@@ -182,7 +185,8 @@ class Trainer:
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
         n_tokens = self.step_tokens(groups)
         total_div, total_ce = 0.0, 0.0
-        for part in micro_batches(groups, cfg.micro_batch_size):
+        parts = micro_batches(groups, cfg.micro_batch_size)
+        for i, part in enumerate(parts):
             completions = [g.completion_ids for g in part]
             s_logits = completion_logits(self.student, [g.prompt_ids for g in part], completions, pad)
             flat = [ids for g in part for ids in g.completion_ids]
@@ -201,7 +205,7 @@ class Trainer:
             else:
                 div_part, ce_part = (div * counted).sum(), torch.zeros(())
             loss = (div_part + ce_part) / n_tokens
-            loss.backward()
+            self.backward(loss, last=i == len(parts) - 1)
             total_div += div_part.item() / n_tokens
             total_ce += ce_part.item() / n_tokens
         total_div, total_ce = self.world.sum([total_div, total_ce])
@@ -213,7 +217,8 @@ class Trainer:
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
         n_tokens = self.step_tokens(groups)
         total = 0.0
-        for part in micro_batches(groups, cfg.micro_batch_size):
+        parts = micro_batches(groups, cfg.micro_batch_size)
+        for i, part in enumerate(parts):
             logits = completion_logits(self.student, [g.prompt_ids for g in part], [g.completion_ids for g in part],
                                        pad)
             flat = [(ids, a) for g in part for ids, a in zip(g.completion_ids, g.advantages)]
@@ -223,27 +228,36 @@ class Trainer:
             counted = torch.tensor([j >= cfg.skip_first_tokens for ids, _ in flat for j in range(len(ids))],
                                    dtype=torch.bool, device=device)
             loss = (policy_gradient_terms(logits, targets, advantages) * counted).sum() / n_tokens
-            loss.backward()
+            self.backward(loss, last=i == len(parts) - 1)
             total += loss.item()
         [total] = self.world.sum([total])
         return {"loss": total, "policy_loss": total, "trained_tokens": n_tokens}
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        if self.world.fsdp:  # accumulate locally; the step's last backward reduce-scatters
+            sync_gradients(self.student, last)
+        loss.backward()
 
     def train_step(self, step: int) -> dict[str, Any]:
         cfg = self.cfg
         batch = [self.items[i] for i in prompt_order(len(self.items), cfg.seed, step, cfg.prompts_per_step)]
         batch = self.world.shard(batch)  # under torchrun, this process's share of the step's prompts
         sampling = cfg.sampling.model_copy(update={"n": cfg.k, "seed": cfg.seed * 100_003 + step})
-        self.student.eval()
-        rollouts = self.engine.generate([render_prompt(self.tokenizer, it.example.prompt) for it in batch], sampling)
-        groups, sums = self.build_groups(batch, rollouts)
-        stats = self.step_statistics(sums)
-        self.student.train()
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(step)
-        self.optimizer.zero_grad(set_to_none=True)
-        losses = self.policy_gradient_and_backward(groups) if cfg.method == "rlcr" else self.loss_and_backward(groups)
-        self.world.sum_gradients(self.student.parameters())  # then every process clips and steps alike
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm)
+        with gathered(self.student, self.teacher.model) if self.world.fsdp else contextlib.nullcontext():
+            self.student.eval()
+            rollouts = self.engine.generate([render_prompt(self.tokenizer, it.example.prompt) for it in batch],
+                                            sampling)
+            groups, sums = self.build_groups(batch, rollouts)
+            stats = self.step_statistics(sums)
+            self.student.train()
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(step)
+            self.optimizer.zero_grad(set_to_none=True)
+            losses = (self.policy_gradient_and_backward(groups) if cfg.method == "rlcr"
+                      else self.loss_and_backward(groups))
+        if not self.world.fsdp:  # FSDP has reduce-scattered them already
+            self.world.sum_gradients(self.student.parameters())  # then every process clips and steps alike
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm))
         if not (math.isfinite(losses["loss"]) and torch.isfinite(grad_norm)):
             # Before the optimizer step: the weights and the checkpoints on disk are still the last good ones.
             raise TrainingStopped(f"non-finite loss ({losses['loss']}) or gradient norm ({float(grad_norm)}) at step "
@@ -255,12 +269,13 @@ class Trainer:
 
     # --- the loop, checkpoints and resume --------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
-        from caopd.distill.checkpoints import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
+        from caopd.distill.checkpoints import (checkpoint_root, full_states, latest_checkpoint, load_checkpoint,
+                                               save_checkpoint)
 
         start_step = 0
         ckpt = latest_checkpoint(self.out_dir)
         if ckpt is not None:
-            start_step, self.log = load_checkpoint(ckpt, self.student, self.optimizer, self.teacher)
+            start_step, self.log = load_checkpoint(ckpt, self.student, self.optimizer, self.teacher, self.world.fsdp)
         t0, seqs = time.perf_counter(), 0
         bar = tqdm(range(start_step, self.cfg.steps), initial=start_step, total=self.cfg.steps,
                    desc=f"train {self.cfg.method}", unit="step", disable=not (self.progress and self.world.is_main))
@@ -277,9 +292,11 @@ class Trainer:
                 stop = self.world.sum([float(preempted.is_set())])[0] > 0
                 path = checkpoint_root(self.out_dir)
                 if (step + 1) % self.cfg.save_every == 0 or step + 1 == self.cfg.steps or stop:
-                    if self.world.is_main:  # the processes hold the same weights: one writes them
+                    # Sharded weights are gathered by every process; one writes them.
+                    states = full_states(self.student, self.optimizer, self.teacher) if self.world.fsdp else None
+                    if self.world.is_main:
                         path = save_checkpoint(self.out_dir, step + 1, self.student, self.tokenizer, self.optimizer,
-                                               self.teacher, self.log, self.cfg.keep_checkpoints)
+                                               self.teacher, self.log, self.cfg.keep_checkpoints, states)
                     if stop:
                         self.world.barrier()  # nobody exits (and gets the others killed) before the save is done
                 if stop and step + 1 < self.cfg.steps:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from caopd.cluster.jobs import LaunchConfig
 from caopd.data import atomic_dir, file_digest, read_jsonl, write_json, write_jsonl
 from caopd.distill.config import TrainConfig
-from caopd.distill.distributed import init_world
+from caopd.distill.checkpoints import full_weights
+from caopd.distill.distributed import init_world, shard_model
 from caopd.distill.teachers import Teacher, check_same_tokenizer
 from caopd.distill.trainer import TrainItem, Trainer
 from caopd.errors import CaopdInputError
@@ -34,6 +35,10 @@ class TrainStageConfig(BaseModel):
     records: str = Field(..., description="records.jsonl from target replacement")
     train: TrainConfig = Field(default_factory=TrainConfig, description="the distillation settings")
     engine: EngineName = Field("transformers", description="rollout engine for training samples")
+    sharding: Literal["replicate", "fsdp"] = Field(
+        "replicate", description="under torchrun: replicate = every process holds the whole model (data parallel); "
+        "fsdp = the weights, gradients and optimizer state are split across processes between steps (FSDP2), for "
+        "models whose training state does not fit one GPU")
     launch: LaunchConfig = Field(default_factory=LaunchConfig, description="where training runs: this process "
                                  "(torchrun around it for several GPUs), or a TrainJob / PyTorchJob on several nodes")
 
@@ -86,7 +91,7 @@ def run_training_stage(cfg: TrainStageConfig, out_dir: str | Path, progress: boo
 def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Train, then write the model, log, curves and summary. Under torchrun every process trains on its share of
     each step and rank 0 alone writes (checkpoints included); the other ranks return a short summary."""
-    world = init_world()
+    world = init_world(cfg.sharding)
     task = get_task(cfg.task)
     items = items_from_records(cfg.records)
     torch.manual_seed(cfg.train.seed)
@@ -99,17 +104,21 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
     # RLCR has no teacher: the "student" kind aliases the student, so no copy is made and nothing extra saved.
     kind = "student" if cfg.train.method == "rlcr" else cfg.train.teacher
     teacher = Teacher(kind, loaded.model, cfg.train.ema_rate, separate)
+    if world.fsdp:
+        for model in {id(m): m for m in (loaded.model, teacher.model)}.values():
+            shard_model(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg.train, loaded.model, loaded.tokenizer, loaded.template, task, items,
                       TransformersEngine(loaded.model, loaded.tokenizer), teacher, out, progress, world)
     start = time.perf_counter()
     log = trainer.run()
+    weights = full_weights(loaded.model) if world.fsdp else None
     if not world.is_main:
         return {"stage": "opd-training", "rank": world.rank, "steps": len(log), "final": log[-1] if log else {}}
     loaded.model.eval()
     with hf_progress_bars(False), atomic_dir(out / MODEL_DIR) as tmp:
-        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        loaded.model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         loaded.tokenizer.save_pretrained(tmp)
         (Path(tmp) / METADATA_FILE).write_text(json.dumps(
             {"template": loaded.template, "base_model": cfg.model, "method": cfg.train.method,
