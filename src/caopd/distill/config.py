@@ -29,8 +29,11 @@ class TrainConfig(BaseModel):
         "decoupled: divergence on the answer, cross-entropy towards the replaced confidence tokens")
     confidence_weight: float = Field(1.0, gt=0.0, description="weight of the decoupled confidence cross-entropy")
     teacher: TeacherKind = Field("frozen", description="frozen base | student (live) | ema of the student | "
-                                 "separate model with the same tokenizer")
+                                 "separate model with the same tokenizer | server: a model with the same tokenizer "
+                                 "behind a vLLM server on its own GPUs (scores through top_k log-probabilities)")
     teacher_model: str | None = Field(None, description="the separate teacher: local folder or hub id")
+    teacher_server: str | None = Field(None, description="the server teacher's URL, e.g. http://teacher:8000 "
+                                       "(`vllm serve MODEL --max-logprobs K`, K >= top_k)")
     ema_rate: float = Field(0.01, gt=0.0, le=1.0, description="EMA teacher update rate per step (paper: 0.01)")
     p_source: Literal["online", "offline"] = Field(
         "online", description="online: P from each step's own K rollouts (paper default); offline: stage-1 estimates")
@@ -55,6 +58,11 @@ class TrainConfig(BaseModel):
             raise ValueError("teacher='separate' needs teacher_model (a folder or hub id with the same tokenizer)")
         if self.teacher != "separate" and self.teacher_model:
             raise ValueError("teacher_model is only used with teacher='separate'")
+        if self.teacher == "server" and not (self.teacher_server and self.top_k):
+            raise ValueError("teacher='server' needs teacher_server (its URL) and top_k (the server returns the "
+                             "teacher's top-k log-probabilities, not its whole distribution)")
+        if self.teacher != "server" and self.teacher_server:
+            raise ValueError("teacher_server is only used with teacher='server'")
         if self.method == "rlcr" and (self.teacher != "frozen" or self.variant != "faithful" or self.top_k):
             raise ValueError("method='rlcr' has no teacher and no divergence: leave teacher, variant and top_k at "
                              "their defaults")

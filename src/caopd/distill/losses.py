@@ -33,8 +33,20 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     if top_k is not None and top_k < teacher_logits.shape[-1]:
         index = teacher_logits.topk(top_k, dim=-1).indices
         student_logits, teacher_logits = student_logits.gather(-1, index), teacher_logits.gather(-1, index)
-    s_log = F.log_softmax(student_logits, dim=-1)
-    t_log = F.log_softmax(teacher_logits, dim=-1)
+    return _divergence(F.log_softmax(student_logits, dim=-1), F.log_softmax(teacher_logits, dim=-1), divergence, beta)
+
+
+def sparse_token_divergence(student_logits: torch.Tensor, teacher_index: torch.Tensor,
+                            teacher_logprobs: torch.Tensor, divergence: Divergence = "forward_kl",
+                            beta: float = 0.5) -> torch.Tensor:
+    """The top-k divergence when only the teacher's top-k tokens ``[..., k]`` and their log-probabilities are known
+    (a teacher behind a server): the same value as ``token_divergence(..., top_k=k)`` on its full logits."""
+    student = student_logits.float().gather(-1, teacher_index)
+    return _divergence(F.log_softmax(student, dim=-1), F.log_softmax(teacher_logprobs.float().detach(), dim=-1),
+                       divergence, beta)
+
+
+def _divergence(s_log: torch.Tensor, t_log: torch.Tensor, divergence: Divergence, beta: float) -> torch.Tensor:
     if divergence == "forward_kl":
         return _kl(t_log, s_log)
     if divergence == "reverse_kl":

@@ -1,4 +1,5 @@
-"""Teachers: the frozen base, the live student, an EMA of the student, or a separate model."""
+"""Teachers: the frozen base, the live student, an EMA of the student, a separate model, or a model behind a vLLM
+server (on its own GPUs)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,22 @@ import torch
 
 from caopd.errors import CaopdInputError
 
-TeacherKind = Literal["frozen", "student", "ema", "separate"]
+TeacherKind = Literal["frozen", "student", "ema", "separate", "server"]
 
 
 class Teacher:
     """Scores completions under the privileged context; ``after_step`` keeps an EMA teacher in sync."""
 
     def __init__(self, kind: TeacherKind, student: torch.nn.Module, ema_rate: float = 0.01,
-                 separate: torch.nn.Module | None = None) -> None:
-        self.kind, self.ema_rate = kind, ema_rate
+                 separate: torch.nn.Module | None = None, server: Any = None) -> None:
+        """``server``: a ``caopd.distill.teacher_server.TeacherServer`` for kind "server" (no model here)."""
+        self.kind, self.ema_rate, self.server = kind, ema_rate, server
+        self.model: torch.nn.Module | None
+        if kind == "server":
+            if server is None:
+                raise ValueError("a server teacher needs its server")
+            self.model = None
+            return
         if kind == "student":
             self.model = student
         elif kind == "separate":

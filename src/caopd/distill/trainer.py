@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from caopd.distill.config import TrainConfig
 from caopd.distill.distributed import World, full_tensor, gathered, sync_gradients
-from caopd.distill.losses import token_cross_entropy, token_divergence
+from caopd.distill.losses import sparse_token_divergence, token_cross_entropy, token_divergence
 from caopd.distill.rlcr import group_advantages, policy_gradient_terms, rlcr_reward
 from caopd.distill.teachers import Teacher
 from caopd.errors import TrainingStopped
@@ -196,9 +196,15 @@ class Trainer:
                                 device=device)
             counted = torch.tensor([j >= cfg.skip_first_tokens for ids in flat for j in range(len(ids))],
                                    dtype=torch.bool, device=device)
-            with torch.no_grad():
-                t_logits = completion_logits(self.teacher.model, [g.teacher_prompt_ids for g in part], completions, pad)
-            div = token_divergence(s_logits, t_logits, cfg.divergence, cfg.beta, cfg.top_k)
+            if self.teacher.server is not None:  # the teacher's top-k, scored on its own GPUs
+                index, t_logprobs = self.teacher.server.top_logprobs([g.teacher_prompt_ids for g in part], completions)
+                div = sparse_token_divergence(s_logits, index.to(device), t_logprobs.to(device), cfg.divergence,
+                                              cfg.beta)
+            else:
+                with torch.no_grad():
+                    t_logits = completion_logits(self.teacher.model, [g.teacher_prompt_ids for g in part],
+                                                 completions, pad)
+                div = token_divergence(s_logits, t_logits, cfg.divergence, cfg.beta, cfg.top_k)
             if cfg.variant == "decoupled":
                 div_part = (div * (counted & ~conf)).sum()
                 ce_part = (token_cross_entropy(s_logits, targets) * (counted & conf)).sum() * cfg.confidence_weight
@@ -243,7 +249,8 @@ class Trainer:
         batch = [self.items[i] for i in prompt_order(len(self.items), cfg.seed, step, cfg.prompts_per_step)]
         batch = self.world.shard(batch)  # under torchrun, this process's share of the step's prompts
         sampling = cfg.sampling.model_copy(update={"n": cfg.k, "seed": cfg.seed * 100_003 + step})
-        with gathered(self.student, self.teacher.model) if self.world.fsdp else contextlib.nullcontext():
+        models = [m for m in (self.student, self.teacher.model) if m is not None]
+        with gathered(*models) if self.world.fsdp else contextlib.nullcontext():
             self.student.eval()
             rollouts = self.engine.generate([render_prompt(self.tokenizer, it.example.prompt) for it in batch],
                                             sampling)

@@ -103,9 +103,14 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
         separate = other.model
     # RLCR has no teacher: the "student" kind aliases the student, so no copy is made and nothing extra saved.
     kind = "student" if cfg.train.method == "rlcr" else cfg.train.teacher
-    teacher = Teacher(kind, loaded.model, cfg.train.ema_rate, separate)
+    server = None
+    if cfg.train.teacher == "server":
+        from caopd.distill.teacher_server import TeacherServer
+
+        server = TeacherServer(cfg.train.teacher_server, cfg.train.top_k)
+    teacher = Teacher(kind, loaded.model, cfg.train.ema_rate, separate, server)
     if world.fsdp:
-        for model in {id(m): m for m in (loaded.model, teacher.model)}.values():
+        for model in {id(m): m for m in (loaded.model, teacher.model) if m is not None}.values():
             shard_model(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
