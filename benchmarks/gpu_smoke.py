@@ -96,12 +96,14 @@ def smoke(size: str, n_prompts: int, k: int, steps: int, prompts_per_step: int, 
     train = TrainConfig(steps=steps, prompts_per_step=prompts_per_step, k=k, warmup_steps=1, save_every=steps,
                         sampling=sampling)
     start = time.perf_counter()
+    # auto: with vLLM installed the training rollouts come from a colocated engine, synced after every step
     trained = run_training(TrainStageConfig(model=str(model_dir), records=str(work / "targets" / RECORDS),
-                                            train=train), work / "train", progress=False)
+                                            train=train, engine="auto"), work / "train", progress=False)
     train_s = time.perf_counter() - start
     log = [json.loads(line) for line in (work / "train" / "train_log.jsonl").read_text().splitlines() if line]
     return {
         "size": size, "parameters": parameters, "rollout_engine": "vllm" if vllm_available() else "transformers",
+        "training_engine": "vllm (colocated)" if vllm_available() else "transformers",
         "rollout": {"prompts": n_prompts, "k": k, "seconds": round(rollout_s, 2),
                     "samples_per_s": round(n_prompts * k / rollout_s, 1)},
         "training": {"steps": trained["steps"], "prompts_per_step": prompts_per_step, "seconds": round(train_s, 2),

@@ -19,7 +19,7 @@ def opd_training(records: Input[Dataset], task: str, base_model: str, method: st
                  divergence: str, beta: float, top_k: int, variant: str, teacher: str, teacher_model: str,
                  ema_rate: float, p_source: str, steps: int, prompts_per_step: int, k: int, lr: float,
                  temperature: float, max_new_tokens: int, seed: int, train_options: dict, train_launch: dict,
-                 train_sharding: str, workspace_pvc: str, mlflow_settings: dict, pipeline_run_id: str, model: Output[Model],
+                 train_sharding: str, train_engine: str, workspace_pvc: str, mlflow_settings: dict, pipeline_run_id: str, model: Output[Model],
                  training_report: Output[HTML]):
     import shutil
     from pathlib import Path
@@ -48,7 +48,7 @@ def opd_training(records: Input[Dataset], task: str, base_model: str, method: st
     if workspace_pvc:
         launch.update(workspace_pvc=workspace_pvc, workspace=WORKSPACE_MOUNT)
     cfg = TrainStageConfig(model=base_model, task=task, records=str(Path(records.path) / RECORDS), train=train,
-                           sharding=train_sharding, launch=launch)
+                           sharding=train_sharding, engine=train_engine, launch=launch)
     tracker = tracker_if_configured(mlflow_settings, pipeline_run_id, Path(model.path).parent / "mlflow")
     summary = tracked(tracker, "opd-training", cfg,
                       lambda: run_training_stage(cfg, model.path, pipeline_run_id=pipeline_run_id), model.path,

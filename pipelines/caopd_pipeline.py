@@ -109,6 +109,8 @@ def build_pipeline(workspace_pvc: str = ""):
         # with several processes: "replicate" (data parallel) or "fsdp" (weights, gradients and optimizer state
         # sharded between steps, for models whose training state does not fit one GPU)
         train_sharding: str = TrainStageConfig.model_fields["sharding"].default,
+        # training rollouts: "transformers" (from the live student) or "vllm" (colocated, synced every step)
+        train_engine: str = TrainStageConfig.model_fields["engine"].default,
         training_gpus: int = 1,
         # 4 · calibration evaluation
         eval_seed: int = 1,
@@ -162,6 +164,7 @@ def build_pipeline(workspace_pvc: str = ""):
                                        prompts_per_step=prompts_per_step, k=k, lr=lr, temperature=temperature,
                                        max_new_tokens=max_new_tokens, seed=seed, train_options=train_options,
                                        train_launch=train_launch, train_sharding=train_sharding,
+                                       train_engine=train_engine,
                                        workspace_pvc=workspace_pvc, **tracking))
             # Its own GPU count: 0 when the step only launches and watches a job on other nodes.
             trained.set_accelerator_limit(training_gpus)

@@ -247,3 +247,20 @@ def test_caopd_train_launches_a_pytorchjob_with_the_kubeconfig_of_the_shell(tmp_
     assert json.loads(out)["steps"] == 2  # stdout: the summary; the job's progress went to stderr
     assert "created PyTorchJob team-c/caopd-caopd-" in err and "succeeded" in err
     assert json.loads((tmp_path / "step" / "summary.json").read_text())["launch"]["kind"] == "pytorchjob"
+
+
+def test_a_retried_pod_resumes_from_the_checkpoint_its_predecessor_left_in_the_workspace(tmp_path, records):
+    cfg = _stage_config(records, tmp_path / "workspace")  # in the pod, with the workspace mounted
+    _, stage = workspace_stage(cfg, "run-1")
+    # the first pod got through two of three steps (and checkpointed them) before it was preempted
+    partial = cfg.model_copy(update={"launch": LaunchConfig(), "train": cfg.train.model_copy(update={"steps": 2})})
+    run_training(partial, stage / "out", progress=False)
+    summary = run_training_stage(cfg, tmp_path / "step", progress=False, pipeline_run_id="run-1")  # the retry
+    uninterrupted = run_training(cfg.model_copy(update={"launch": LaunchConfig()}), tmp_path / "whole",
+                                 progress=False)
+    retried = [json.loads(x) for x in (tmp_path / "step" / "train_log.jsonl").read_text().splitlines()]
+    whole = [json.loads(x) for x in (tmp_path / "whole" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in retried] == [r["loss"] for r in whole] and summary["steps"] == 3
+    a, b = load_file(tmp_path / "step" / "model" / "model.safetensors"), load_file(
+        tmp_path / "whole" / "model" / "model.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)

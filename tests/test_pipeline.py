@@ -188,7 +188,8 @@ def test_parameters_are_ordered_by_stage():
     order = list(inspect.signature(caopd_pipeline.pipeline_func).parameters)
     stages = [["task", "n_train", "ood_kinds", "continual_kinds", "seed"], ["base_model", "k", "rollout_shards"],
               ["teacher_context"],
-              ["train_baseline", "steps", "lr", "train_launch", "train_sharding", "training_gpus"], ["eval_seed"],
+              ["train_baseline", "steps", "lr", "train_launch", "train_sharding", "train_engine",
+               "training_gpus"], ["eval_seed"],
               ["model_name", "promotion_gates"], ["mlflow_settings"],
               ["accelerator_type", "gpu_tolerations"]]
     positions = [[order.index(name) for name in stage] for stage in stages]

@@ -56,3 +56,48 @@ def test_bucket_rngs_depend_on_seed_and_bucket_only():
 
     assert draw(0, 1) == draw(0, 1)
     assert len({tuple(draw(s, c)) for s in (0, 1) for c in (0, 1)}) == 4
+
+
+class RecordingEngine(TransformersEngine):
+    """The transformers engine, noting the weights it is handed: what a colocated vLLM engine would load."""
+
+    def __init__(self, model, tokenizer) -> None:
+        super().__init__(model, tokenizer)
+        self.synced: list[dict] = []
+
+    def sync_weights(self, model) -> None:
+        self.synced.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def test_an_engine_with_its_own_weights_is_handed_each_steps_weights_and_the_resumed_ones(tmp_path, records):
+    from safetensors.torch import load_file
+
+    from caopd.distill.config import TrainConfig
+    from caopd.distill.teachers import Teacher
+    from caopd.distill.trainer import Trainer
+    from caopd.models.loading import load_model
+    from caopd.stages.train import items_from_records
+    from caopd.tasks import get_task
+
+    cfg = TrainConfig(steps=3, prompts_per_step=2, k=2, save_every=1, micro_batch_size=4)
+
+    def trainer(steps):
+        loaded = load_model("tiny")
+        engine = RecordingEngine(loaded.model, loaded.tokenizer)
+        return Trainer(cfg.model_copy(update={"steps": steps}), loaded.model, loaded.tokenizer, loaded.template,
+                       get_task("arithmetic"), items_from_records(records), engine, Teacher("frozen", loaded.model),
+                       tmp_path / "t", progress=False), engine
+
+    first, engine = trainer(2)
+    first.run()
+    checkpoint = tmp_path / "t" / "checkpoints"
+    for step, synced in zip((1, 2), engine.synced, strict=True):  # after each optimizer step, its new weights
+        saved = load_file(checkpoint / f"step-{step:07d}" / "model.safetensors")
+        assert all(torch.equal(saved[k], synced[k]) for k in saved)
+    second, engine = trainer(3)  # resumes from step 2: the engine must not sample from the base weights
+    second.run()
+    assert len(engine.synced) == 2
+    resumed, after = engine.synced
+    step2, step3 = (load_file(checkpoint / f"step-{s:07d}" / "model.safetensors") for s in (2, 3))
+    assert all(torch.equal(step2[k], resumed[k]) for k in step2)
+    assert all(torch.equal(step3[k], after[k]) for k in step3)

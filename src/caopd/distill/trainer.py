@@ -271,6 +271,7 @@ class Trainer:
                                   f"{step + 1}; stopped with the last good checkpoint kept in "
                                   f"{self.out_dir / 'checkpoints'} (lower the lr or check the data)", exit_code=3)
         self.optimizer.step()
+        self.engine.sync_weights(self.student)  # an engine with its own copy samples the next step from these
         self.teacher.after_step(self.student)
         return {"step": step + 1, **losses, **stats, "grad_norm": float(grad_norm), "lr": self.lr_at(step)}
 
@@ -283,6 +284,7 @@ class Trainer:
         ckpt = latest_checkpoint(self.out_dir)
         if ckpt is not None:
             start_step, self.log = load_checkpoint(ckpt, self.student, self.optimizer, self.teacher, self.world.fsdp)
+            self.engine.sync_weights(self.student)
         t0, seqs = time.perf_counter(), 0
         bar = tqdm(range(start_step, self.cfg.steps), initial=start_step, total=self.cfg.steps,
                    desc=f"train {self.cfg.method}", unit="step", disable=not (self.progress and self.world.is_main))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -32,3 +33,7 @@ class RolloutEngine(ABC):
     def generate(self, prompts: list[str], sampling: SamplingConfig,
                  progress: bool = False) -> list[list[Completion]]:
         """``sampling.n`` completions for each prompt, in prompt order."""
+
+    def sync_weights(self, model: Any) -> None:
+        """Take the trained weights after an optimizer step (and after a resume). Engines that sample from the live
+        model need nothing; an engine holding its own copy (colocated vLLM) loads them."""

@@ -1,4 +1,6 @@
-"""vLLM rollouts for GPU machines: the same interface and outputs as the transformers engine."""
+"""vLLM rollouts for GPU machines: the same interface and outputs as the transformers engine. For training rollouts
+the engine is colocated with the trainer on its GPU (one engine per torchrun process) and takes the trained
+weights after every optimizer step, as TRL's colocate mode does."""
 
 from __future__ import annotations
 
@@ -18,14 +20,27 @@ def vllm_available() -> bool:
 
 class VLLMEngine(RolloutEngine):
     def __init__(self, model_path: str, tokenizer: Any, gpu_memory_utilization: float = 0.85,
-                 dtype: str = "bfloat16") -> None:
+                 dtype: str = "bfloat16", rank: int = 0, world_size: int = 1) -> None:
+        """Under torchrun (``world_size`` > 1) each process runs its own engine inside the existing process group
+        (vLLM's external launcher) and samples with its own seed."""
         from vllm import LLM
 
         from caopd.models.loading import remote_code_allowed
 
         self.tokenizer = tokenizer
+        launcher = {"distributed_executor_backend": "external_launcher"} if world_size > 1 else {}
         self.llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-                       trust_remote_code=remote_code_allowed(), seed=0)
+                       trust_remote_code=remote_code_allowed(), seed=rank, **launcher)
+
+    def sync_weights(self, model: Any) -> None:
+        """Load the student's current weights into the engine, one tensor at a time (whole ones under FSDP: every
+        process takes part in gathering each), and drop the prefix cache computed with the old ones."""
+        from caopd.distill.distributed import full_tensor
+
+        runner = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
+        for name, param in model.named_parameters():
+            runner.load_weights([(name, full_tensor(param.detach()))])
+        self.llm.reset_prefix_cache()
 
     def generate(self, prompts: list[str], sampling: SamplingConfig,
                  progress: bool = False) -> list[list[Completion]]:

@@ -19,8 +19,7 @@ from caopd.distill.teachers import Teacher, check_same_tokenizer
 from caopd.distill.trainer import TrainItem, Trainer
 from caopd.errors import CaopdInputError
 from caopd.models.loading import METADATA_FILE, hf_progress_bars, load_model
-from caopd.rollout import EngineName
-from caopd.rollout.transformers_engine import TransformersEngine
+from caopd.rollout import EngineName, make_training_engine
 from caopd.tasks import get_task
 from caopd.tasks.base import Example
 
@@ -34,7 +33,10 @@ class TrainStageConfig(BaseModel):
     task: str = Field("arithmetic", description="task used to verify the training rollouts")
     records: str = Field(..., description="records.jsonl from target replacement")
     train: TrainConfig = Field(default_factory=TrainConfig, description="the distillation settings")
-    engine: EngineName = Field("transformers", description="rollout engine for training samples")
+    engine: EngineName = Field("transformers", description="rollout engine for training samples: transformers "
+                               "samples from the live student; vllm runs beside it on its GPU, synced every step")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0.0, lt=1.0, description="share of the GPU the colocated "
+                                               "vLLM engine may take (the rest is the trainer's)")
     sharding: Literal["replicate", "fsdp"] = Field(
         "replicate", description="under torchrun: replicate = every process holds the whole model (data parallel); "
         "fsdp = the weights, gradients and optimizer state are split across processes between steps (FSDP2), for "
@@ -115,7 +117,8 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg.train, loaded.model, loaded.tokenizer, loaded.template, task, items,
-                      TransformersEngine(loaded.model, loaded.tokenizer), teacher, out, progress, world)
+                      make_training_engine(loaded, cfg.engine, world.rank, world.size,
+                                           cfg.vllm_gpu_memory_utilization), teacher, out, progress, world)
     start = time.perf_counter()
     log = trainer.run()
     weights = full_weights(loaded.model) if world.fsdp else None
