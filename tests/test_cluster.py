@@ -256,8 +256,7 @@ def test_a_retried_pod_resumes_from_the_checkpoint_its_predecessor_left_in_the_w
     partial = cfg.model_copy(update={"launch": LaunchConfig(), "train": cfg.train.model_copy(update={"steps": 2})})
     run_training(partial, stage / "out", progress=False)
     summary = run_training_stage(cfg, tmp_path / "step", progress=False, pipeline_run_id="run-1")  # the retry
-    uninterrupted = run_training(cfg.model_copy(update={"launch": LaunchConfig()}), tmp_path / "whole",
-                                 progress=False)
+    run_training(cfg.model_copy(update={"launch": LaunchConfig()}), tmp_path / "whole", progress=False)
     retried = [json.loads(x) for x in (tmp_path / "step" / "train_log.jsonl").read_text().splitlines()]
     whole = [json.loads(x) for x in (tmp_path / "whole" / "train_log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in retried] == [r["loss"] for r in whole] and summary["steps"] == 3
