@@ -32,12 +32,13 @@ class LaunchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["local", "trainjob", "pytorchjob"] = Field(
-        "local", description="local: train in this pod (torchrun inside it when it has several GPUs); trainjob: a "
+        "local", description="local: train in this pod (under torchrun when procs_per_node > 1); trainjob: a "
         "Kubeflow Trainer TrainJob; pytorchjob: a Training Operator v1 PyTorchJob")
-    namespace: str = Field("", description="namespace of the job; empty = this pod's own namespace")
+    namespace: str = Field("", description="namespace of the job; empty = this pod's own (in a shell: the "
+                           "kubeconfig context's)")
     image: str = Field(GPU_IMAGE, description="image of the training nodes (the GPU image by default)")
     num_nodes: int = Field(1, ge=1, description="nodes (pods); torchrun joins them into one process group")
-    procs_per_node: int = Field(1, ge=1, description="torchrun processes per node: one per GPU")
+    procs_per_node: int = Field(1, ge=1, description="torchrun processes per node (or in this pod): one per GPU")
     gpus_per_node: int = Field(1, ge=0, description="GPUs each node requests (0: a CPU-only job, gloo)")
     accelerator: str = Field("nvidia.com/gpu", description="the extended resource that counts the GPUs")
     cpu: str = Field("8", description="CPU request and limit per node, e.g. '8' or '7500m'")
