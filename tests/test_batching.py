@@ -64,3 +64,23 @@ def test_micro_batches_hold_whole_prompt_groups():
     assert [[len(g.completion_ids) for g in batch] for batch in batches] == [[4, 4], [4], [8], [2]]
     # a group larger than the limit still goes whole, alone
     assert [[len(g.completion_ids) for g in b] for b in micro_batches(groups[3:4], 3)] == [[8]]
+
+
+def test_lockstep_scoring_runs_two_forwards_even_for_one_token_completions_and_changes_nothing(tiny_model):
+    model, pad = tiny_model.model, tiny_model.tokenizer.pad_token_id
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        results = {}
+        for lockstep in (False, True):
+            calls.clear()
+            model.zero_grad(set_to_none=True)
+            logits = completion_logits(model, [[5, 6, 7], [8]], [[[3], [4]], [[9]]], pad, lockstep=lockstep)
+            logits.logsumexp(-1).sum().backward()
+            results[lockstep] = (len(calls), logits.detach(), [p.grad.clone() for p in model.parameters()])
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+    assert results[False][0] == 1 and results[True][0] == 2  # every sharded process runs the same forwards
+    assert torch.equal(results[False][1], results[True][1])
+    assert all(torch.equal(a, b) for a, b in zip(results[False][2], results[True][2]))

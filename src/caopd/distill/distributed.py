@@ -6,8 +6,9 @@ the summed gradient is the single-process one; only the order of float sums diff
 ``WORLD_SIZE``) everything here is a no-op and training runs in one process as before.
 
 With ``sharding='fsdp'`` (FSDP2) each process keeps only its shard of the weights, the gradients and the optimizer
-state between steps; during a step the weights are gathered whole (sampling needs them) and the gradients are
-reduce-scattered once.
+state. Sampling gathers the student whole once per step (it needs every layer at every token); the loss's
+forwards and backwards gather one layer at a time, in lock step across the processes (equal shares of the step,
+the same number of forwards per micro-batch), and reduce-scatter the gradients.
 """
 
 from __future__ import annotations
@@ -128,14 +129,11 @@ def _fsdp_units(models: Iterable[torch.nn.Module]) -> list[Any]:
 
 @contextlib.contextmanager
 def gathered(*models: torch.nn.Module) -> Iterator[None]:
-    """The whole weights on every process for one training step (sampling, teacher scoring, the loss's forwards
-    and backwards), gathered once and split again at the end. Inside, no forward or backward waits for the other
-    processes, so their sampling may stop at different lengths and their micro-batches differ in number; the only
-    collective is the gradient reduce-scatter of the step's last backward (``sync_gradients``)."""
+    """The whole weights on every process for sampling, gathered once and split again at the end: inside, no
+    forward waits for the other processes, so their sampling may stop at different lengths."""
     units = _fsdp_units(models)
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
-        unit.set_reshard_after_backward(False, recurse=False)
         unit.unshard()
     try:
         yield
@@ -143,13 +141,13 @@ def gathered(*models: torch.nn.Module) -> Iterator[None]:
         for unit in units:
             unit.reshard()
             unit.set_reshard_after_forward(True, recurse=False)
-            unit.set_reshard_after_backward(True, recurse=False)
 
 
-def sync_gradients(model: torch.nn.Module, last: bool) -> None:
-    """Gradients accumulate locally over a step's micro-batches; the last backward reduce-scatters them."""
-    for unit in _fsdp_units([model]):
-        unit.set_requires_gradient_sync(last, recurse=False)
+def reshard(*models: torch.nn.Module | None) -> None:
+    """Back to shards only (no communication): FSDP keeps a root module gathered after a forward, and the EMA
+    update pairs the teacher's parameters with the student's shard for shard."""
+    for unit in _fsdp_units(m for m in models if m is not None):
+        unit.reshard()
 
 
 def full_tensor(value: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from caopd.distill.config import TrainConfig
-from caopd.distill.distributed import World, full_tensor, gathered, sync_gradients
+from caopd.distill.distributed import World, full_tensor, gathered, reshard
 from caopd.distill.losses import sparse_token_divergence, token_cross_entropy, token_divergence
 from caopd.distill.rlcr import group_advantages, policy_gradient_terms, rlcr_reward
 from caopd.distill.teachers import Teacher
@@ -185,10 +185,9 @@ class Trainer:
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
         n_tokens = self.step_tokens(groups)
         total_div, total_ce = 0.0, 0.0
-        parts = micro_batches(groups, cfg.micro_batch_size)
-        for i, part in enumerate(parts):
+        for part in micro_batches(groups, cfg.micro_batch_size):
             completions = [g.completion_ids for g in part]
-            s_logits = completion_logits(self.student, [g.prompt_ids for g in part], completions, pad)
+            s_logits = completion_logits(self.student, [g.prompt_ids for g in part], completions, pad, self.world.fsdp)
             flat = [ids for g in part for ids in g.completion_ids]
             device = s_logits.device
             targets = torch.tensor([t for ids in flat for t in ids], device=device)
@@ -203,7 +202,7 @@ class Trainer:
             else:
                 with torch.no_grad():
                     t_logits = completion_logits(self.teacher.model, [g.teacher_prompt_ids for g in part],
-                                                 completions, pad)
+                                                 completions, pad, self.world.fsdp)
                 div = token_divergence(s_logits, t_logits, cfg.divergence, cfg.beta, cfg.top_k)
             if cfg.variant == "decoupled":
                 div_part = (div * (counted & ~conf)).sum()
@@ -211,7 +210,7 @@ class Trainer:
             else:
                 div_part, ce_part = (div * counted).sum(), torch.zeros(())
             loss = (div_part + ce_part) / n_tokens
-            self.backward(loss, last=i == len(parts) - 1)
+            loss.backward()
             total_div += div_part.item() / n_tokens
             total_ce += ce_part.item() / n_tokens
         total_div, total_ce = self.world.sum([total_div, total_ce])
@@ -223,10 +222,9 @@ class Trainer:
         cfg, pad = self.cfg, self.tokenizer.pad_token_id
         n_tokens = self.step_tokens(groups)
         total = 0.0
-        parts = micro_batches(groups, cfg.micro_batch_size)
-        for i, part in enumerate(parts):
+        for part in micro_batches(groups, cfg.micro_batch_size):
             logits = completion_logits(self.student, [g.prompt_ids for g in part], [g.completion_ids for g in part],
-                                       pad)
+                                       pad, self.world.fsdp)
             flat = [(ids, a) for g in part for ids, a in zip(g.completion_ids, g.advantages)]
             device = logits.device
             targets = torch.tensor([t for ids, _ in flat for t in ids], device=device)
@@ -234,34 +232,31 @@ class Trainer:
             counted = torch.tensor([j >= cfg.skip_first_tokens for ids, _ in flat for j in range(len(ids))],
                                    dtype=torch.bool, device=device)
             loss = (policy_gradient_terms(logits, targets, advantages) * counted).sum() / n_tokens
-            self.backward(loss, last=i == len(parts) - 1)
+            loss.backward()
             total += loss.item()
         [total] = self.world.sum([total])
         return {"loss": total, "policy_loss": total, "trained_tokens": n_tokens}
-
-    def backward(self, loss: torch.Tensor, last: bool) -> None:
-        if self.world.fsdp:  # accumulate locally; the step's last backward reduce-scatters
-            sync_gradients(self.student, last)
-        loss.backward()
 
     def train_step(self, step: int) -> dict[str, Any]:
         cfg = self.cfg
         batch = [self.items[i] for i in prompt_order(len(self.items), cfg.seed, step, cfg.prompts_per_step)]
         batch = self.world.shard(batch)  # under torchrun, this process's share of the step's prompts
         sampling = cfg.sampling.model_copy(update={"n": cfg.k, "seed": cfg.seed * 100_003 + step})
-        models = [m for m in (self.student, self.teacher.model) if m is not None]
-        with gathered(*models) if self.world.fsdp else contextlib.nullcontext():
+        # Sharded (FSDP): sampling gathers the student whole once (processes stop sampling at different lengths, so
+        # no forward there may wait on the others); the loss's forwards and backwards gather one layer at a time.
+        with gathered(self.student) if self.world.fsdp else contextlib.nullcontext():
             self.student.eval()
             rollouts = self.engine.generate([render_prompt(self.tokenizer, it.example.prompt) for it in batch],
                                             sampling)
-            groups, sums = self.build_groups(batch, rollouts)
-            stats = self.step_statistics(sums)
-            self.student.train()
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.lr_at(step)
-            self.optimizer.zero_grad(set_to_none=True)
-            losses = (self.policy_gradient_and_backward(groups) if cfg.method == "rlcr"
-                      else self.loss_and_backward(groups))
+        groups, sums = self.build_groups(batch, rollouts)
+        stats = self.step_statistics(sums)
+        self.student.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = self.policy_gradient_and_backward(groups) if cfg.method == "rlcr" else self.loss_and_backward(groups)
+        if self.world.fsdp:
+            reshard(self.student, self.teacher.model)
         if not self.world.fsdp:  # FSDP has reduce-scattered them already
             self.world.sum_gradients(self.student.parameters())  # then every process clips and steps alike
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm))

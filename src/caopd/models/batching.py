@@ -38,12 +38,14 @@ def prefill(model: Any, prompt_ids: Sequence[Sequence[int]], pad_id: int,
 
 
 def completion_logits(model: Any, prompt_ids: Sequence[Sequence[int]],
-                      completions: Sequence[Sequence[Sequence[int]]], pad_id: int) -> torch.Tensor:
+                      completions: Sequence[Sequence[Sequence[int]]], pad_id: int,
+                      lockstep: bool = False) -> torch.Tensor:
     """Next-token logits at every completion token, ``[total completion tokens, vocab]``, group after group.
 
     ``completions[g]`` are the completions that follow ``prompt_ids[g]``; the logits predicting completion token
     ``j`` are the model's output after the prompt and tokens ``< j``, exactly as in one forward over prompt +
-    completion, but the prompt is computed once per group.
+    completion, but the prompt is computed once per group. ``lockstep``: always two forwards, whatever the data
+    (sharded models gather their layers in every forward, on every process at once).
     """
     cache, first, mask, next_pos = prefill(model, prompt_ids, pad_id)
     device = first.device
@@ -54,6 +56,9 @@ def completion_logits(model: Any, prompt_ids: Sequence[Sequence[int]],
     first = first[group_of_row]
     width = int(lengths.max()) - 1 if flat else 0
     if width <= 0:  # one-token completions: the prompt's last logits are all there is
+        if lockstep:  # sharded (FSDP) processes must all run two forwards: a second one that predicts nothing
+            idle = model(input_ids=torch.full((1, 1), pad_id, device=device), use_cache=False).logits
+            return first[lengths > 0] + 0.0 * idle.sum()  # in the graph, so its backward runs everywhere too
         return first[lengths > 0]
     cache.batch_select_indices(group_of_row)  # each completion row reads its prompt's cached keys and values
     inputs = torch.full((len(flat), width), pad_id, dtype=torch.long)
