@@ -255,9 +255,9 @@ class Trainer:
             group["lr"] = self.lr_at(step)
         self.optimizer.zero_grad(set_to_none=True)
         losses = self.policy_gradient_and_backward(groups) if cfg.method == "rlcr" else self.loss_and_backward(groups)
-        if self.world.fsdp:
+        if self.world.fsdp:  # the gradients are reduce-scattered already
             reshard(self.student, self.teacher.model)
-        if not self.world.fsdp:  # FSDP has reduce-scattered them already
+        else:
             self.world.sum_gradients(self.student.parameters())  # then every process clips and steps alike
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.max_grad_norm))
         if not (math.isfinite(losses["loss"]) and torch.isfinite(grad_norm)):

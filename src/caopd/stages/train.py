@@ -39,8 +39,8 @@ class TrainStageConfig(BaseModel):
                                                "vLLM engine may take (the rest is the trainer's)")
     sharding: Literal["replicate", "fsdp"] = Field(
         "replicate", description="under torchrun: replicate = every process holds the whole model (data parallel); "
-        "fsdp = the weights, gradients and optimizer state are split across processes between steps (FSDP2), for "
-        "models whose training state does not fit one GPU")
+        "fsdp = weights, gradients and optimizer state sharded across the processes (FSDP2; the weights are "
+        "gathered whole only to sample), for models whose training state does not fit one GPU")
     launch: LaunchConfig = Field(default_factory=LaunchConfig, description="where training runs: this process "
                                  "(torchrun around it for several GPUs), or a TrainJob / PyTorchJob on several nodes")
 
