@@ -17,9 +17,10 @@ import socket
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
+
+from servers import InProcessHTTP, QuietHandler
 
 _CUSTOM = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)"
                      r"(?:/(?P<name>[^/]+))?$")
@@ -38,7 +39,7 @@ def expand(text: str, env: dict[str, str]) -> str:
     return _VAR.sub(lambda m: env.get(m.group(1), m.group(0)), text)
 
 
-class FakeKubernetes:
+class FakeKubernetes(InProcessHTTP):
     def __init__(self, log_dir: Path, secrets: dict[str, dict[str, str]] | None = None) -> None:
         self.objects: dict[tuple[str, str, str], dict] = {}  # (plural, namespace, name) -> object
         self.pods: dict[tuple[str, str], dict] = {}  # (namespace, pod name) -> {"labels", "container", ...}
@@ -50,20 +51,13 @@ class FakeKubernetes:
         self._log_dir = log_dir
         self._procs: dict[tuple[str, str], list[subprocess.Popen]] = {}
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> "FakeKubernetes":
-        self._thread.start()
-        return self
+        super().__init__()
 
     def __exit__(self, *exc) -> None:
         for procs in self._procs.values():
             for p in procs:
                 p.kill()
-        self._server.shutdown()
-        self._server.server_close()
+        super().__exit__(*exc)
 
     def api_client(self):
         from kubernetes import client
@@ -142,18 +136,7 @@ class FakeKubernetes:
     def _handler(self):
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def _send(self, status: int, body, content_type: str = "application/json") -> None:
-                data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(QuietHandler):
             def _status(self, code: int, reason: str) -> None:
                 self._send(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
                                   "reason": reason, "message": reason})

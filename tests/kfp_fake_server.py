@@ -8,17 +8,17 @@ what was created, and records every request (method, path, query, headers, JSON 
 from __future__ import annotations
 
 import json
-import threading
 from email.parser import BytesParser
 from email.policy import default as default_policy
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import count
 from urllib.parse import parse_qs, urlparse
+
+from servers import InProcessHTTP, QuietHandler
 
 API = "/apis/v2beta1"
 
 
-class FakeKfp:
+class FakeKfp(InProcessHTTP):
     def __init__(self) -> None:
         self.requests: list[dict] = []
         self.pipelines: dict[str, str] = {}  # id -> display name
@@ -29,17 +29,7 @@ class FakeKfp:
         self.fail_with: int | None = None
         self.fail_on: dict[str, int] = {}  # path suffix -> status, for failures after the health check
         self._ids = count(1)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> "FakeKfp":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__()
 
     def uploads(self) -> list[dict]:
         return [r for r in self.requests if r["path"].startswith(f"{API}/pipelines/upload")]
@@ -95,10 +85,7 @@ class FakeKfp:
     def _handler(self):
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:  # keep test output clean
-                pass
-
+        class Handler(QuietHandler):
             def _serve(self, method: str) -> None:
                 url = urlparse(self.path)
                 query = parse_qs(url.query)
@@ -122,14 +109,6 @@ class FakeKfp:
                     self._send(404, {"error": f"no such endpoint {method} {url.path}"})
                 else:
                     self._send(200, answer)
-
-            def _send(self, status: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
 
             def do_GET(self) -> None:
                 self._serve("GET")

@@ -1,15 +1,19 @@
-"""Real servers on 127.0.0.1 for the tracking tests: an S3-compatible store (moto's server mode) and an MLflow
-tracking server (SQLite backend, artifacts written by the clients straight to the bucket with boto3)."""
+"""Servers on 127.0.0.1 for the tests: real ones for tracking (an S3-compatible store in moto's server mode and an
+MLflow tracking server on SQLite, artifacts written by the clients straight to the bucket with boto3), and the
+base of the in-process stand-ins for APIs that cannot run here (KFP, Kubernetes, vLLM)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import threading
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 BUCKET = "caopd"
@@ -83,3 +87,39 @@ def start_mlflow(workdir: Path, s3_endpoint: str, port: int | None = None) -> tu
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     server = Server(argv, f"{url}/health", {**os.environ, **s3_env(s3_endpoint)}, workdir / "mlflow.log").start()
     return server, url
+
+
+class InProcessHTTP:
+    """A stand-in API served from a thread on 127.0.0.1 at ``url``; subclasses give ``_handler()`` and call this
+    ``__init__`` once their state exists. ``with`` starts and stops it."""
+
+    def __init__(self) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """No access log on the test's output; one way to answer: a JSON document (dict) or text (str)."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _send(self, status: int, body: dict | str, content_type: str = "application/json") -> None:
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)

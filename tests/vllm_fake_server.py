@@ -8,27 +8,17 @@ from __future__ import annotations
 
 import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import torch
 
+from servers import InProcessHTTP, QuietHandler
 
-class FakeVLLM:
+
+class FakeVLLM(InProcessHTTP):
     def __init__(self, model, name: str = "teacher", max_logprobs: int = 20) -> None:
         self.model, self.name, self.max_logprobs = model, name, max_logprobs
         self.requests: list[dict] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._lock = threading.Lock()
-
-    def __enter__(self) -> "FakeVLLM":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__()
 
     @torch.no_grad()
     def prompt_logprobs(self, sequence: list[int], k: int) -> list[dict | None]:
@@ -49,18 +39,7 @@ class FakeVLLM:
     def _handler(self):
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def _send(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 if self.path == "/v1/models":
                     return self._send(200, {"object": "list", "data": [{"id": fake.name, "object": "model"}]})
