@@ -80,6 +80,8 @@ def test_extra_prompt_sets_are_scored_and_reported_beside_the_in_domain_one(tmp_
     assert (tmp_path / "out" / "risk_coverage_ood.png").stat().st_size > 0
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## in-domain" in report and "## ood" in report and "accuracy (ood)" in report
+    assert set(summary["sets"]["ood"]["arms"]["base"]["by_kind"]) == {"mul_2x2"}
+    assert "| add_2x1 (n = 5) |" in report and "| mul_2x2 (n = 4) |" in report
 
 
 def test_an_extra_set_of_another_task_is_verified_by_its_own_task(tmp_path):
@@ -99,6 +101,7 @@ def test_an_extra_set_of_another_task_is_verified_by_its_own_task(tmp_path):
     in_domain = [json.loads(line) for line in (tmp_path / "out" / "predictions_base.jsonl").open()]
     chem = [json.loads(line) for line in (tmp_path / "out" / "predictions_base_chem.jsonl").open()]
     assert len(chem) == 4 and all(row["answer"] is None and not row["correct"] for row in chem)
+    assert "by_kind" not in summary["sets"]["chem"]["arms"]["base"]  # multiple choice has no kinds
     assert any(row["answer"] is not None for row in in_domain)  # the arithmetic verifier reads the same model
 
 

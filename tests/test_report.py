@@ -9,7 +9,8 @@ import pytest
 from rich.console import Console
 
 from caopd.metrics import METRIC_KEYS, calibration_metrics
-from caopd.report import comparison_table, plot_confidence_histogram, plot_reliability_diagram, print_comparison
+from caopd.report import (by_kind_table, comparison_table, plot_confidence_histogram, plot_reliability_diagram,
+                          print_comparison)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CONF = [0.95, 0.9, 0.3, 0.6, 0.7, 1.0, 0.0, None, 0.45, None]
@@ -70,6 +71,17 @@ def test_comparison_table_markdown():
 def test_comparison_table_absent_key_reads_na():
     line = comparison_table({"old-champion": {"ece": 0.3}}).splitlines()[2]
     assert line.count("n/a") == len(METRIC_KEYS) - 1 and "0.300" in line
+
+
+def test_by_kind_table_per_arm_and_kind():
+    arms = {"base": {"ece": 0.1, "by_kind": {"mul_2x2": {"accuracy": 0.08, "mean_confidence": 0.75, "n": 12},
+                                             "add_2x2": {"accuracy": 0.79, "mean_confidence": 0.7, "n": 8}}},
+            "caopd": {"ece": 0.2, "by_kind": {"add_2x2": {"accuracy": 0.8, "mean_confidence": 0.84, "n": 8}}}}
+    lines = by_kind_table(arms).splitlines()
+    assert lines[0] == "| arm | add_2x2 (n = 8) | mul_2x2 (n = 12) |"
+    assert lines[2] == "| base | 0.790 / 0.700 | 0.080 / 0.750 |"
+    assert lines[3] == "| caopd | 0.800 / 0.840 | n/a |"
+    assert by_kind_table({"base": {"ece": 0.1}}) == "" and by_kind_table({"base": {"by_kind": {}}}) == ""
 
 
 def test_print_comparison_fits_80_columns():

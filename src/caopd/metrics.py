@@ -142,6 +142,19 @@ def calibration_metrics(confidences: Sequence[float | None] | np.ndarray, correc
     }
 
 
+def metrics_by_group(confidences: Sequence[float | None] | np.ndarray, correct: Sequence[bool] | np.ndarray,
+                     groups: Sequence[str], n_bins: int = 10) -> dict[str, dict[str, float | int]]:
+    """``calibration_metrics`` of each group's predictions (e.g. per arithmetic kind), groups in sorted order: where
+    a model's calibration holds and where it breaks, which one pooled figure averages away."""
+    raw = np.asarray(confidences, dtype=np.float64)
+    corr = np.asarray(correct)
+    labels = np.asarray(groups, dtype=object)
+    if not raw.shape == corr.shape == labels.shape:
+        raise ValueError(f"confidences, correct and groups differ in length: {raw.size}, {corr.size}, {labels.size}")
+    return {str(group): calibration_metrics(raw[labels == group], corr[labels == group], n_bins)
+            for group in sorted(set(labels.tolist()))}
+
+
 def risk_coverage(confidences: Sequence[float | None] | np.ndarray, correct: Sequence[bool] | np.ndarray,
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(coverage, selective risk) when answering the k most confident predictions, k = 1..n.

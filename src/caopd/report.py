@@ -130,6 +130,27 @@ def intervals_table(arms: Mapping[str, Mapping[str, object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def by_kind_table(arms: Mapping[str, Mapping[str, object]]) -> str:
+    """Markdown table of each arm's accuracy / mean stated confidence per kind (``arms[name]["by_kind"][kind]``
+    holds that kind's metrics); empty when no arm has kinds. A pooled ECE can hide a model that is calibrated on
+    average and wrong on every kind."""
+    kinds = sorted({kind for metrics in arms.values() for kind in (metrics.get("by_kind") or {})})
+    if not kinds:
+        return ""
+    lines = ["| arm | " + " | ".join(f"{kind} (n = {_kind_size(arms, kind)})" for kind in kinds) + " |",
+             "|---|" + "---:|" * len(kinds)]
+    for name, metrics in arms.items():
+        by_kind = metrics.get("by_kind") or {}
+        cells = [f"{_format_metric(by_kind[k]['accuracy'])} / {_format_metric(by_kind[k]['mean_confidence'])}"
+                 if k in by_kind else "n/a" for k in kinds]
+        lines.append("| " + " | ".join([name.replace("|", "\\|"), *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _kind_size(arms: Mapping[str, Mapping[str, object]], kind: str) -> int:
+    return max(int((metrics.get("by_kind") or {}).get(kind, {}).get("n", 0)) for metrics in arms.values())
+
+
 # Column headers for the terminal; the Markdown table uses the metric keys themselves.
 _TERMINAL_HEADERS = {
     "accuracy": "accuracy", "ece": "ECE", "brier": "Brier", "auroc": "AUROC", "spr": "SPR",

@@ -8,10 +8,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from caopd.data import file_digest, load_examples, write_json, write_jsonl, write_text
-from caopd.metrics import aurc, bootstrap_intervals, calibration_metrics, load_predictions
+from caopd.metrics import aurc, bootstrap_intervals, calibration_metrics, load_predictions, metrics_by_group
 from caopd.models.loading import load_model
-from caopd.report import (comparison_table, intervals_table, plot_confidence_histogram, plot_reliability_diagram,
-                          plot_risk_coverage)
+from caopd.report import (by_kind_table, comparison_table, intervals_table, plot_confidence_histogram,
+                          plot_reliability_diagram, plot_risk_coverage)
 from caopd.rollout import EngineName, SamplingConfig, make_engine
 from caopd.stages.common import context_length, fit_to_context, score_completions
 from caopd.tasks import get_task
@@ -82,6 +82,8 @@ def evaluate_on(loaded, name: str, set_name: str | None, cfg: EvaluateConfig, ex
     plot_reliability_diagram(confidences, correct, out / f"reliability_{tag}.png", title=f"{tag}: reliability")
     plot_confidence_histogram(confidences, correct, out / f"confidence_{tag}.png", title=f"{tag}: confidence")
     result = {**calibration_metrics(confidences, correct), "aurc": aurc(confidences, correct)}
+    if any(row["kind"] for row in rows):  # a task's kinds (arithmetic: add_1x1 ... mul_2x2)
+        result["by_kind"] = metrics_by_group(confidences, correct, [row["kind"] or "(none)" for row in rows])
     if cfg.bootstrap_resamples:
         result["intervals"] = bootstrap_intervals(confidences, correct, cfg.bootstrap_resamples, seed=cfg.sampling.seed)
     return {**result, "skipped_too_long": len(skipped)}
@@ -91,6 +93,8 @@ def _report_section(title: str, arms: dict[str, Any], with_intervals: bool) -> s
     section = f"## {title}\n\n" + comparison_table(arms) + "\n"
     if with_intervals:
         section += "95 % bootstrap intervals:\n\n" + intervals_table(arms) + "\n"
+    if by_kind := by_kind_table(arms):
+        section += "Accuracy / mean stated confidence by kind:\n\n" + by_kind + "\n"
     return section
 
 
