@@ -62,6 +62,11 @@ def test_compare_trains_every_arm_from_one_set_of_rollouts(tmp_path, capsys):
     assert set(summary["checks"]) == {"caopd_demo", "caopd_solution"}
     report = (out / "report.md").read_text()
     assert "## Out of distribution (mul_1x1)" in report and "ECE below every OPD arm (ood)" in report
+    # each set broken down by kind: the held-out kind only in the OOD set, the trained ones only in-domain
+    assert set(summary["sets"]["ood"]["caopd_demo"]["by_kind"]) == {"mul_1x1"}
+    in_domain_kinds = {json.loads(line)["kind"] for line in (out / "data" / "eval.jsonl").open()}
+    assert set(summary["sets"]["in_domain"]["caopd_demo"]["by_kind"]) == in_domain_kinds
+    assert report.count("Accuracy / mean stated confidence by kind") == 2 and "| mul_1x1 (n = 8) |" in report
     assert (out / "compare.png").stat().st_size > 0
     assert "in_domain:" in capsys.readouterr().out
 

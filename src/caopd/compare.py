@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from caopd.data import write_json, write_text
 from caopd.distill.config import TrainConfig
 from caopd.metrics import METRIC_KEYS
-from caopd.report import plot_compare
+from caopd.report import by_kind_table, plot_compare
 from caopd.rollout import SamplingConfig
 from caopd.stages.estimate import ESTIMATES, ROLLOUTS, RolloutConfig, run_rollout_estimation
 from caopd.stages.evaluate import EvaluateConfig, run_evaluation
@@ -49,8 +49,10 @@ class CompareConfig(BaseModel):
     n_eval: int = Field(2000, ge=1, description="held-out prompts, in-domain and per OOD set")
     kind_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_KIND_WEIGHTS),
                                            description="arithmetic kind -> sampling weight")
-    ood_kinds: list[str] = Field(default_factory=lambda: ["add_2x2"], description="arithmetic kinds kept out of "
-                                 "training and scored as the OOD set; empty = in-domain only")
+    ood_kinds: list[str] = Field(default_factory=lambda: ["add_2x2", "mul_2x2"],
+                                 description="arithmetic kinds kept out of training and scored as the OOD set; empty = "
+                                 "in-domain only. Default: the two-by-two-digit level of both operators (trained on "
+                                 "operands up to two-by-one digits: length generalization)")
     k: int = Field(8, ge=1, description="rollouts per prompt (K), for P and during training")
     seed: int = Field(0, description="seed of the data, rollouts and training (evaluation uses seed + 1)")
     train: TrainConfig = Field(default_factory=TrainConfig,
@@ -116,7 +118,8 @@ def run_compare(cfg: CompareConfig, out_dir: str | Path, progress: bool = True) 
                        bootstrap_resamples=cfg.bootstrap_resamples),
         out / "evaluation", progress=progress)
     sets = {"in_domain": evaluation["arms"], **{name: s["arms"] for name, s in evaluation["sets"].items()}}
-    results = {set_name: {arm: {**{k: m[k] for k in (*METRIC_KEYS, "aurc")}, "intervals": m.get("intervals", {})}
+    results = {set_name: {arm: {**{k: m[k] for k in (*METRIC_KEYS, "aurc")}, "intervals": m.get("intervals", {}),
+                                "by_kind": m.get("by_kind", {})}
                           for arm, m in arms.items()} for set_name, arms in sets.items()}
     summary = {"config": cfg.model_dump(), "sets": results, "checks": acceptance_checks(results),
                "training_seconds": seconds, "seconds": round(time.perf_counter() - start, 1)}
@@ -172,6 +175,8 @@ def compare_report(results: dict[str, dict[str, dict[str, Any]]], checks: dict[s
     for set_name, arms in results.items():
         title = "In-domain" if set_name == "in_domain" else f"Out of distribution ({', '.join(cfg.ood_kinds)})"
         text += f"## {title}\n\n" + paper_table(arms) + "\n"
+        if by_kind := by_kind_table(arms):
+            text += "Accuracy / mean stated confidence by kind:\n\n" + by_kind + "\n"
     if checks:
         text += "## The paper's claims, checked\n\n| CaOPD arm | " + " | ".join(
             f"ECE below every OPD arm ({s})" for s in results) + " | accuracy − best OPD |\n"
