@@ -9,8 +9,8 @@ import pytest
 from rich.console import Console
 
 from caopd.metrics import METRIC_KEYS, calibration_metrics
-from caopd.report import (by_kind_table, comparison_table, plot_confidence_histogram, plot_reliability_diagram,
-                          print_comparison)
+from caopd.report import (by_kind_table, comparison_table, html_report, plot_confidence_histogram,
+                          plot_reliability_diagram, print_comparison)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CONF = [0.95, 0.9, 0.3, 0.6, 0.7, 1.0, 0.0, None, 0.45, None]
@@ -82,6 +82,9 @@ def test_by_kind_table_per_arm_and_kind():
     assert lines[2] == "| base | 0.790 / 0.700 | 0.080 / 0.750 |"
     assert lines[3] == "| caopd | 0.800 / 0.840 | n/a |"
     assert by_kind_table({"base": {"ece": 0.1}}) == "" and by_kind_table({"base": {"by_kind": {}}}) == ""
+    page = html_report("Eval", arms={"base": {"accuracy": 0.5}}, other_sets={"ood": arms})
+    assert "<th>mul_2x2 (n = 12)</th>" in page and "<td>0.790 / 0.700</td>" in page
+    assert "by kind" not in html_report("Eval", arms={"base": {"accuracy": 0.5}})
 
 
 def test_print_comparison_fits_80_columns():

@@ -130,25 +130,29 @@ def intervals_table(arms: Mapping[str, Mapping[str, object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def by_kind_table(arms: Mapping[str, Mapping[str, object]]) -> str:
-    """Markdown table of each arm's accuracy / mean stated confidence per kind (``arms[name]["by_kind"][kind]``
-    holds that kind's metrics); empty when no arm has kinds. A pooled ECE can hide a model that is calibrated on
-    average and wrong on every kind."""
+def by_kind_rows(arms: Mapping[str, Mapping[str, object]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the per-kind table: each arm's accuracy / mean stated confidence per kind
+    (``arms[name]["by_kind"][kind]`` holds that kind's metrics); no rows when no arm has kinds."""
     kinds = sorted({kind for metrics in arms.values() for kind in (metrics.get("by_kind") or {})})
     if not kinds:
+        return [], []
+    of_arm = {name: metrics.get("by_kind") or {} for name, metrics in arms.items()}
+    sizes = {kind: max(int(by_kind.get(kind, {}).get("n", 0)) for by_kind in of_arm.values()) for kind in kinds}
+    header = ["arm", *(f"{kind} (n = {sizes[kind]})" for kind in kinds)]
+    rows = [[name, *(f"{_format_metric(by_kind[k]['accuracy'])} / {_format_metric(by_kind[k]['mean_confidence'])}"
+                     if k in by_kind else "n/a" for k in kinds)] for name, by_kind in of_arm.items()]
+    return header, rows
+
+
+def by_kind_table(arms: Mapping[str, Mapping[str, object]]) -> str:
+    """``by_kind_rows`` as Markdown; empty when no arm has kinds. A pooled ECE can hide a model that is calibrated on
+    average and wrong on every kind."""
+    header, rows = by_kind_rows(arms)
+    if not rows:
         return ""
-    lines = ["| arm | " + " | ".join(f"{kind} (n = {_kind_size(arms, kind)})" for kind in kinds) + " |",
-             "|---|" + "---:|" * len(kinds)]
-    for name, metrics in arms.items():
-        by_kind = metrics.get("by_kind") or {}
-        cells = [f"{_format_metric(by_kind[k]['accuracy'])} / {_format_metric(by_kind[k]['mean_confidence'])}"
-                 if k in by_kind else "n/a" for k in kinds]
-        lines.append("| " + " | ".join([name.replace("|", "\\|"), *cells]) + " |")
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join([row[0].replace("|", "\\|"), *row[1:]]) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-def _kind_size(arms: Mapping[str, Mapping[str, object]], kind: str) -> int:
-    return max(int((metrics.get("by_kind") or {}).get(kind, {}).get("n", 0)) for metrics in arms.values())
 
 
 # Column headers for the terminal; the Markdown table uses the metric keys themselves.
@@ -236,6 +240,13 @@ def html_report(title: str, images: Sequence[str | Path] = (), arms: Mapping[str
         for name, *cells in _comparison_rows(table_arms):
             parts.append(f"<tr><th>{html.escape(name)}</th>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
         parts.append("</table>")
+        header, rows = by_kind_rows(table_arms)
+        if rows:
+            parts.append("<p>Accuracy / mean stated confidence by kind:</p><table><tr>"
+                         + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
+            parts += ["<tr><th>" + html.escape(row[0]) + "</th>" + "".join(f"<td>{c}</td>" for c in row[1:]) + "</tr>"
+                      for row in rows]
+            parts.append("</table>")
     if values:
         parts.append("<table>" + "".join(
             f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_format_value(v))}</td></tr>"
