@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from caopd.cluster.jobs import LaunchConfig, job_manifest, job_name, pytorchjob_manifest, trainjob_manifest
 from caopd.cluster.launcher import JobLauncher, JobRef, job_state, trainer_error
-from caopd.cluster.remote import STAGED_RECORDS, train_on_cluster, workspace_stage
+from caopd.cluster.remote import STAGED_RECORDS, checkpoint_progress, train_on_cluster, workspace_stage
+from caopd.distill.checkpoints import checkpoint_root
 from caopd.distill.config import TrainConfig
 from caopd.errors import CaopdServiceError, TrainingJobFailed
 from caopd.rollout import SamplingConfig
@@ -152,7 +153,6 @@ def test_a_two_node_trainjob_trains_like_one_process_and_its_model_becomes_the_s
     assert [env["PET_NODE_RANK"] for env in k8s.node_envs] == ["0", "1"]
     assert summary["launch"]["kind"] == "trainjob" and summary["launch"]["submitted"] == "created"
     assert summary["steps"] == 3 and lines[0].startswith("created TrainJob default/caopd-caopd-")
-    assert any("checkpoint at step 2/3" in line for line in lines)  # progress from the shared workspace
     assert lines[-1].endswith(": succeeded")
     # the staged inputs and checkpoints are gone from the workspace; the outputs are this step's
     assert not workspace_stage(cfg, "run-1")[1].exists()
@@ -205,6 +205,30 @@ def test_a_retried_step_adopts_its_running_job_and_replaces_a_failed_one(tmp_pat
         with pytest.raises(TrainingJobFailed, match="did not finish within 0 s; deleted it"):
             launcher.wait(ref, timeout_s=0, poll_s=0.1, report=lambda _: None)
         assert launcher.get(ref) is None
+
+
+def test_while_the_job_runs_the_step_reports_its_newest_complete_checkpoint(tmp_path):
+    manifest = job_manifest("caopd-caopd-0000000002", "ns", LaunchConfig(kind="trainjob", workspace_pvc="w"),
+                            "/c", "/o", {}, OWNER)
+    ref, job_out = JobRef.of(manifest), tmp_path / "out"
+    assert checkpoint_progress(job_out, 3) == "no checkpoint yet (of 3 steps)"
+    for step, complete in ((1, True), (2, True), (3, False)):  # step 3 is still being written: no state.json yet
+        folder = checkpoint_root(job_out) / f"step-{step:07d}"
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / "state.json").write_text("{}")
+    lines = []
+    with FakeKubernetes(tmp_path) as k8s:
+        k8s.hold = True
+        launcher = JobLauncher(k8s.api_client())
+        launcher.submit(manifest)
+
+        def report(line):  # the job completes once its progress has been seen: no timing involved
+            lines.append(line)
+            k8s.set_condition(("trainjobs", "ns", ref.name), "Complete", "JobsCompleted", "")
+
+        launcher.wait(ref, timeout_s=60, poll_s=0.01, report=report, progress=lambda: checkpoint_progress(job_out, 3))
+    assert lines == [f"TrainJob {ref.name}: running, checkpoint at step 2/3", f"TrainJob {ref.name}: succeeded"]
 
 
 def test_a_cluster_without_the_job_kind_fails_the_step_naming_the_missing_operator(tmp_path, records):
