@@ -99,8 +99,6 @@ def test_print_comparison_fits_80_columns():
 def test_html_report_is_self_contained_and_escaped(tmp_path):
     import base64
 
-    from caopd.report import html_report
-
     png = plot_confidence_histogram([0.2, 0.9], [False, True], tmp_path / "hist.png", title="t")
     page = html_report("Eval <1>", [png, tmp_path / "absent.png"],
                        arms={"base": {"accuracy": 0.5, "auroc": float("nan")}, "<b>": {"accuracy": 1.0}},
