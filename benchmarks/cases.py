@@ -58,20 +58,19 @@ def _timed(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
     return times, result
 
 
-def _timed_alternating(ours: Callable[[], Any], baseline: Callable[[], Any], repeats: int,
-                       ) -> tuple[list[float], Any, list[float], Any]:
-    """Both sides warmed up, then timed in turn (ours, baseline, ours, ...), so drift on a shared machine hits both
-    alike rather than whichever side ran second."""
-    ours(), baseline()
-    ours_times, base_times, ours_result, base_result = [], [], None, None
+def _timed_in_turn(fns: list[Callable[[], Any]], repeats: int) -> tuple[list[list[float]], list[Any]]:
+    """Every side warmed up, then timed in turn (ours, baseline, ours, ...), so drift on a shared machine hits all
+    alike rather than whichever side ran last. Returns each side's times and last result."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    results: list[Any] = [None] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        ours_result = ours()
-        ours_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        base_result = baseline()
-        base_times.append(time.perf_counter() - start)
-    return ours_times, ours_result, base_times, base_result
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            results[i] = fn()
+            times[i].append(time.perf_counter() - start)
+    return times, results
 
 
 def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:
@@ -95,13 +94,18 @@ def _prompts(n: int, seed: int = 0) -> tuple[Any, list[str], list[Any]]:
 
 # --- 1. rollouts --------------------------------------------------------------------------------------
 def rollout_case(n_prompts: int = 64, k: int = 8, max_new_tokens: int = 24, repeats: int = 9) -> dict[str, Any]:
-    """The project's engine against plain batched ``model.generate`` on the same prompts, K and sampling."""
+    """The project's engine against plain batched ``model.generate`` on the same prompts, K and sampling.
+
+    The baseline model is the same weights with transformers' default attention (SDPA), as a user of ``generate``
+    gets; ``generate`` on the project's model (its CPU attention) is timed too, to show the engine's own share."""
     from caopd.models.loading import encode_text
     from caopd.rollout import SamplingConfig
     from caopd.rollout.transformers_engine import TransformersEngine
 
     loaded, prompts, _ = _prompts(n_prompts)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    stock = copy.deepcopy(model)
+    stock.set_attn_implementation("sdpa")
     sampling = SamplingConfig(n=k, temperature=1.0, max_new_tokens=max_new_tokens, seed=0)
     engine = TransformersEngine(model, tokenizer, max_batch_prompts=n_prompts)  # one batch, as generate gets
 
@@ -112,14 +116,15 @@ def rollout_case(n_prompts: int = 64, k: int = 8, max_new_tokens: int = 24, repe
     mask = (torch.arange(width)[None, :] >= torch.tensor([width - len(ids) for ids in encoded])[:, None]).long()
 
     @torch.no_grad()
-    def plain_generate():
+    def plain_generate(on: Any):
         torch.manual_seed(0)
-        return model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0,
-                              top_k=0, num_return_sequences=k, max_new_tokens=max_new_tokens, use_cache=True,
-                              eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+        return on.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0,
+                           top_k=0, num_return_sequences=k, max_new_tokens=max_new_tokens, use_cache=True,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
 
-    ours_times, ours, base_times, generated = _timed_alternating(lambda: engine.generate(prompts, sampling),
-                                                                 plain_generate, repeats)
+    (ours_times, base_times, same_attention_times), (ours, generated, _) = _timed_in_turn(
+        [lambda: engine.generate(prompts, sampling), lambda: plain_generate(stock), lambda: plain_generate(model)],
+        repeats)
     ours_tokens = sum(len(c.token_ids) for group in ours for c in group)
     new = generated[:, width:]
     # A row's new tokens end at its EOS (inclusive); generate pads the rest.
@@ -129,7 +134,9 @@ def rollout_case(n_prompts: int = 64, k: int = 8, max_new_tokens: int = 24, repe
     completions = n_prompts * k
     return {"completions": completions, "ours_seconds": ours_times, "ours_new_tokens": ours_tokens,
             "generate_seconds": base_times, "generate_new_tokens": base_tokens,
-            "setup": {"n_prompts": n_prompts, "k": k, "max_new_tokens": max_new_tokens, "model": "tiny"}}
+            "generate_same_attention_seconds": same_attention_times,
+            "setup": {"n_prompts": n_prompts, "k": k, "max_new_tokens": max_new_tokens, "model": "tiny",
+                      "attention": model.config._attn_implementation, "baseline_attention": "sdpa"}}
 
 
 # --- 2. distillation training ------------------------------------------------------------------------
@@ -191,9 +198,10 @@ def training_case(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24, rep
     if with_trl:
         from benchmarks.trl_baseline import measure_trl_steps
 
-        result["trl"] = {str(gc): measure_trl_steps(n_prompts=n_prompts, k=k, max_new_tokens=max_new_tokens,
-                                                    steps=repeats + 1, gradient_checkpointing=gc)
-                         for gc in (False, True)}
+        size = {"n_prompts": n_prompts, "k": k, "max_new_tokens": max_new_tokens, "steps": repeats + 1}
+        result["trl"] = {str(gc): measure_trl_steps(**size, gradient_checkpointing=gc) for gc in (False, True)}
+        # Not the baseline (a TRL user gets SDPA): how much of the gap is the attention, how much the trainer.
+        result["trl_same_attention"] = measure_trl_steps(**size, attention=student.config._attn_implementation)
     return result
 
 

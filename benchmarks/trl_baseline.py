@@ -3,7 +3,8 @@
 Measures ``trl.DistillationTrainer`` (TRL 1.16) set up like the project's own step (``caopd.distill.trainer``):
 the tiny model as student, a frozen copy of it as teacher, ``n_prompts`` arithmetic prompts per step with ``k``
 student samples each (temperature 1.0, top-k/top-p off, at most ``max_new_tokens`` new tokens), forward KL
-(``beta=0``) over the full vocabulary, AdamW at lr 1.5e-4, clipping at 1.0, fp32 on CPU, 2 threads, no vLLM.
+(``beta=0``) over the full vocabulary, AdamW at lr 1.5e-4, clipping at 1.0, fp32 on CPU, 2 threads, no vLLM,
+transformers' default attention (SDPA) unless told otherwise.
 
 How the setup maps onto TRL:
 
@@ -103,13 +104,17 @@ def micro_batch(total: int, limit: int) -> int:
 
 
 def measure_trl_steps(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24, steps: int = 6,
-                      gradient_checkpointing: bool = False, seed: int = 0) -> dict:
-    """Run ``steps`` DistillationTrainer steps and time all but the first; see the module docstring."""
+                      gradient_checkpointing: bool = False, seed: int = 0, attention: str = "sdpa") -> dict:
+    """Run ``steps`` DistillationTrainer steps and time all but the first; see the module docstring.
+
+    ``attention``: the models' attention implementation; transformers' default ("sdpa") is what a TRL user gets.
+    """
     if steps < 2:
         raise ValueError("steps must be at least 2: the first step is warm-up and is not measured")
     torch.set_num_threads(2)
     load_before = os.getloadavg()[0]  # other work on the 2 cores inflates and scatters step times
     loaded = load_model("tiny")
+    loaded.model.set_attn_implementation(attention)  # load_model picks the project's CPU attention
     tokenizer = loaded.tokenizer
     teacher = copy.deepcopy(loaded.model).eval().requires_grad_(False)
 
@@ -157,7 +162,7 @@ def measure_trl_steps(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24,
         "config": {
             "trainer": "trl.DistillationTrainer", "n_prompts": n_prompts, "k": k, "max_new_tokens": max_new_tokens,
             "steps": steps, "measured_steps": steps - 1, "gradient_checkpointing": gradient_checkpointing,
-            "seed": seed, "beta": 0.0, "temperature": 1.0, "lr": LEARNING_RATE,
+            "seed": seed, "attention": attention, "beta": 0.0, "temperature": 1.0, "lr": LEARNING_RATE,
             "per_device_train_batch_size": per_device, "gradient_accumulation_steps": group // per_device,
             "threads": torch.get_num_threads(), "dtype": "float32", "device": "cpu", "use_vllm": False,
             "load_avg_1min": [load_before, os.getloadavg()[0]],

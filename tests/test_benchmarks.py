@@ -13,6 +13,10 @@ def test_benchmarks_run_on_a_tiny_size_and_write_the_report(tmp_path, capsys):
         assert result[case][metric] > 0, key
     assert result["machine"]["cores"] >= 1 and "torch" in result["machine"]["versions"]
     assert result["raw"]["rollout"]["completions"] == 4 * 2
+    # the baseline runs transformers' default attention; the engine the one load_model picks on the CPU
+    setup = result["rollout"]["setup"]
+    assert (setup["attention"], setup["baseline_attention"]) == ("caopd_cpu", "sdpa")
+    assert result["rollout"]["speedup_vs_generate_same_attention"] > 0
     assert result["training"]["flops_per_step"]["total"] > 0
     table = (tmp_path / "latest.md").read_text()
     assert "rollouts (completions/s)" in table and "`caopd run`" in table

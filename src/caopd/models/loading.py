@@ -16,6 +16,7 @@ from transformers.utils import logging as hf_logging
 
 from caopd.errors import CaopdInputError
 from caopd.models import tiny
+from caopd.models.attention import use_cpu_attention
 
 TINY_ALIASES = ("tiny", "caopd-tiny")
 METADATA_FILE = "caopd.json"  # written beside checkpoints this project makes (template, provenance)
@@ -110,6 +111,7 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device or default_device()).eval()
+    use_cpu_attention(model)  # a no-op on GPUs
     return LoadedModel(model, tokenizer, model_template(path), source=name_or_path)
 
 
