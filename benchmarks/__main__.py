@@ -20,7 +20,7 @@ from pathlib import Path
 RESULTS = Path(__file__).with_name("results")
 CASES = ("rollout", "training", "metrics", "run")
 QUICK = {"rollout": {"n_prompts": 4, "k": 2, "max_new_tokens": 8, "repeats": 2},
-         "training": {"n_prompts": 2, "k": 2, "max_new_tokens": 8, "repeats": 2, "with_trl": False},
+         "training": {"n_prompts": 2, "k": 2, "max_new_tokens": 8, "repeats": 2},
          "metrics": {"n": 10_000, "repeats": 2},
          "run": {"args": ["--n-train", "8", "--n-eval", "8", "--k", "2", "--train.steps", "1",
                           "--train.prompts-per-step", "2"]}}
@@ -33,6 +33,25 @@ def run_case(name: str, kwargs: dict) -> dict:
     done = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], check=True, capture_output=True,
                           text=True, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TQDM_DISABLE": "1"})
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_training(kwargs: dict, rounds: int) -> dict:
+    """The project's step and TRL's (gradient checkpointing off, the faster) in turn, ``rounds`` times, each in a
+    process of its own, so drift on a shared machine hits both sides; then TRL's default (checkpointing on) and
+    TRL on the project's attention once each (quick: one round, no extras)."""
+    raw: dict = {"ours": [], "trl": {"False": [], "True": []}, "trl_same_attention": []}
+    for _ in range(rounds):
+        raw["ours"].append(run_case("training", kwargs))
+        raw["trl"]["False"].append(run_case("trl", kwargs))
+    if rounds > 1:
+        raw["trl"]["True"].append(run_case("trl", {**kwargs, "gradient_checkpointing": True}))
+        attention = raw["ours"][0]["setup"]["attention"]
+        raw["trl_same_attention"].append(run_case("trl", {**kwargs, "attention": attention}))
+    return raw
+
+
+def pooled(runs: list[dict], key: str) -> list[float]:
+    return [value for run in runs for value in run[key]]
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -54,31 +73,38 @@ def summarize(raw: dict) -> dict:
                           "ours_seconds": spread(r["ours_seconds"]),
                           "generate_seconds": spread(r["generate_seconds"]), "setup": r["setup"]}
     if "training" in raw:
-        t = raw["training"]
-        step = statistics.median(t["ours_seconds"])
-        tokens = statistics.median(t["ours_trained_tokens"])
-        useful = t["flops_per_step"]["total"] / step / 1e9
-        out["training"] = {"ours_trained_tokens_per_s": tokens / step, "ours_step_seconds": spread(t["ours_seconds"]),
-                           "ours_peak_rss": t["ours_peak_rss"], "flops_per_step": t["flops_per_step"],
-                           "useful_gflops": useful, "matmul_peak_gflops": t["matmul_peak_gflops"],
-                           "cpu_peak_fraction": useful / t["matmul_peak_gflops"], "n_params": t["n_params"],
-                           "setup": t["setup"]}
-        if "trl" in t:
-            rates = {gc: statistics.median(m["step_seconds"]) for gc, m in t["trl"].items()}
-            best = min(rates, key=rates.get)  # the faster TRL configuration is the baseline
-            trl = t["trl"][best]
-            trl_rate = trl["trained_tokens_per_step"] / rates[best]
+        t, ours = raw["training"], raw["training"]["ours"]
+        step = statistics.median(pooled(ours, "ours_seconds"))
+        tokens = statistics.median(pooled(ours, "ours_trained_tokens"))
+        flops = ours[0]["flops_per_step"]  # every round trains the same seeded steps
+        peak_gflops = statistics.median(run["matmul_peak_gflops"] for run in ours)
+        useful = flops["total"] / step / 1e9
+        ours_rss = max(run["ours_peak_rss"] for run in ours)
+        out["training"] = {"ours_trained_tokens_per_s": tokens / step, "ours_step_seconds":
+                           spread(pooled(ours, "ours_seconds")), "ours_peak_rss": ours_rss, "flops_per_step": flops,
+                           "useful_gflops": useful, "matmul_peak_gflops": peak_gflops,
+                           "cpu_peak_fraction": useful / peak_gflops, "n_params": ours[0]["n_params"],
+                           "rounds": len(ours), "setup": ours[0]["setup"]}
+
+        def rate(runs: list[dict]) -> float:  # trained tokens/s: TRL counts its loss tokens per step itself
+            return statistics.fmean(pooled(runs, "trained_tokens")) / statistics.median(pooled(runs, "step_seconds"))
+
+        measured = {gc: runs for gc, runs in t["trl"].items() if runs}
+        if measured:
+            best = max(measured, key=lambda gc: rate(measured[gc]))  # the faster TRL configuration is the baseline
+            trl_rss = max(run["peak_memory_bytes"] for run in measured[best])
             out["training"].update({
-                "trl_trained_tokens_per_s": trl_rate, "trl_step_seconds": spread(trl["step_seconds"]),
-                "trl_gradient_checkpointing": best == "True", "trl_peak_rss": trl["peak_memory_bytes"],
-                "speedup_vs_trl": (tokens / step) / trl_rate,
-                "peak_memory_ratio_vs_trl": t["ours_peak_rss"] / trl["peak_memory_bytes"],
-                "trl_all": {gc: {"step_seconds": spread(m["step_seconds"]), "peak_rss": m["peak_memory_bytes"]}
-                            for gc, m in t["trl"].items()}})
-        if "trl_same_attention" in t:
-            same = t["trl_same_attention"]
-            same_rate = same["trained_tokens_per_step"] / statistics.median(same["step_seconds"])
-            out["training"]["speedup_vs_trl_same_attention"] = (tokens / step) / same_rate
+                "trl_trained_tokens_per_s": rate(measured[best]),
+                "trl_step_seconds": spread(pooled(measured[best], "step_seconds")),
+                "trl_gradient_checkpointing": best == "True", "trl_peak_rss": trl_rss,
+                "speedup_vs_trl": (tokens / step) / rate(measured[best]),
+                "peak_memory_ratio_vs_trl": ours_rss / trl_rss,
+                "trl_all": {gc: {"trained_tokens_per_s": rate(runs),
+                                 "step_seconds": spread(pooled(runs, "step_seconds")),
+                                 "peak_rss": max(run["peak_memory_bytes"] for run in runs)}
+                            for gc, runs in measured.items()}})
+        if t["trl_same_attention"]:
+            out["training"]["speedup_vs_trl_same_attention"] = (tokens / step) / rate(t["trl_same_attention"])
     if "metrics" in raw:
         m = raw["metrics"]
         out["metrics"] = {"seconds_1m": statistics.median(m["seconds"]) * 1_000_000 / m["n"],
@@ -141,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     raw = {}
     for name in cases:
         print(f"benchmark {name} ...", file=sys.stderr, flush=True)
-        raw[name] = run_case(name, QUICK[name] if args.quick else {})
+        kwargs = QUICK[name] if args.quick else {}
+        if name == "training":
+            raw[name] = run_training(kwargs, rounds=1 if args.quick else 3)
+        else:
+            raw[name] = run_case(name, kwargs)
     result = {**summarize(raw), "machine": machine(), "quick": args.quick,
               "seconds_total": time.perf_counter() - started, "raw": raw}
     out = Path(args.out)

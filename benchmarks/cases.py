@@ -154,10 +154,10 @@ def flops_per_step(n_params: int, groups: list[Any]) -> dict[str, int]:
             "completion_tokens": completions}
 
 
-def training_case(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24, repeats: int = 5,
-                  with_trl: bool = True) -> dict[str, Any]:
-    """One OPD/CaOPD step of the project (sampling, teacher scoring, loss, backward, optimizer) against
-    ``trl.DistillationTrainer`` on the same tiny model, prompts × K and completion length."""
+def training_case(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24, repeats: int = 5) -> dict[str, Any]:
+    """One OPD/CaOPD step of the project (sampling, teacher scoring, loss, backward, optimizer) on the tiny model;
+    ``trl_case`` is the baseline, run by ``benchmarks.__main__`` in turn with this one, each in a process of its
+    own (so each side's peak memory is its own)."""
     from caopd.distill.config import TrainConfig
     from caopd.distill.teachers import Teacher
     from caopd.distill.trainer import TrainItem, Trainer
@@ -192,17 +192,19 @@ def training_case(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24, rep
     trained = [r["trained_tokens"] for r in records[1:]]
     measured = [flops_per_step(n_params, groups) for groups in steps_groups[1:]]
     flops = {key: sum(m[key] for m in measured) // len(measured) for key in measured[0]}
-    result = {"ours_seconds": step_times[1:], "ours_trained_tokens": trained, "ours_peak_rss": memory.peak,
-              "n_params": n_params, "flops_per_step": flops, "matmul_peak_gflops": matmul_peak_gflops(),
-              "setup": {"n_prompts": n_prompts, "k": k, "max_new_tokens": max_new_tokens, "model": "tiny"}}
-    if with_trl:
-        from benchmarks.trl_baseline import measure_trl_steps
+    return {"ours_seconds": step_times[1:], "ours_trained_tokens": trained, "ours_peak_rss": memory.peak,
+            "n_params": n_params, "flops_per_step": flops, "matmul_peak_gflops": matmul_peak_gflops(),
+            "setup": {"n_prompts": n_prompts, "k": k, "max_new_tokens": max_new_tokens, "model": "tiny",
+                      "attention": student.config._attn_implementation}}
 
-        size = {"n_prompts": n_prompts, "k": k, "max_new_tokens": max_new_tokens, "steps": repeats + 1}
-        result["trl"] = {str(gc): measure_trl_steps(**size, gradient_checkpointing=gc) for gc in (False, True)}
-        # Not the baseline (a TRL user gets SDPA): how much of the gap is the attention, how much the trainer.
-        result["trl_same_attention"] = measure_trl_steps(**size, attention=student.config._attn_implementation)
-    return result
+
+def trl_case(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24, repeats: int = 5,
+             gradient_checkpointing: bool = False, attention: str = "sdpa") -> dict[str, Any]:
+    """``trl.DistillationTrainer`` on the same model, prompts × K and completion length (``trl_baseline.py``)."""
+    from benchmarks.trl_baseline import measure_trl_steps
+
+    return measure_trl_steps(n_prompts=n_prompts, k=k, max_new_tokens=max_new_tokens, steps=repeats + 1,
+                             gradient_checkpointing=gradient_checkpointing, attention=attention)
 
 
 # --- 3. metrics ----------------------------------------------------------------------------------------

@@ -3,8 +3,8 @@
 Measures ``trl.DistillationTrainer`` (TRL 1.16) set up like the project's own step (``caopd.distill.trainer``):
 the tiny model as student, a frozen copy of it as teacher, ``n_prompts`` arithmetic prompts per step with ``k``
 student samples each (temperature 1.0, top-k/top-p off, at most ``max_new_tokens`` new tokens), forward KL
-(``beta=0``) over the full vocabulary, AdamW at lr 1.5e-4, clipping at 1.0, fp32 on CPU, 2 threads, no vLLM,
-transformers' default attention (SDPA) unless told otherwise.
+(``beta=0``) over the full vocabulary, AdamW at lr 1.5e-4, clipping at 1.0, fp32 on CPU, torch's default threads,
+no vLLM, transformers' default attention (SDPA) unless told otherwise.
 
 How the setup maps onto TRL:
 
@@ -111,7 +111,8 @@ def measure_trl_steps(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24,
     """
     if steps < 2:
         raise ValueError("steps must be at least 2: the first step is warm-up and is not measured")
-    torch.set_num_threads(2)
+    # torch's default threads, as the project's side runs: a run-time torch.set_num_threads, even to the default,
+    # makes torch's CPU attention kernel 1.4-4x slower for the rest of the process (benchmarks/README.md).
     load_before = os.getloadavg()[0]  # other work on the 2 cores inflates and scatters step times
     loaded = load_model("tiny")
     loaded.model.set_attn_implementation(attention)  # load_model picks the project's CPU attention

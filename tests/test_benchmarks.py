@@ -18,6 +18,9 @@ def test_benchmarks_run_on_a_tiny_size_and_write_the_report(tmp_path, capsys):
     assert (setup["attention"], setup["baseline_attention"]) == ("caopd_cpu", "sdpa")
     assert result["rollout"]["speedup_vs_generate_same_attention"] > 0
     assert result["training"]["flops_per_step"]["total"] > 0
+    # the TRL baseline ran too (one round, checkpointing off), in a process of its own
+    assert result["training"]["speedup_vs_trl"] > 0 and result["training"]["trl_gradient_checkpointing"] is False
+    assert result["raw"]["training"]["trl"]["False"][0]["config"]["attention"] == "sdpa"
     table = (tmp_path / "latest.md").read_text()
     assert "rollouts (completions/s)" in table and "`caopd run`" in table
 
