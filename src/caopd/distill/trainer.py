@@ -200,7 +200,7 @@ class Trainer:
                 div = sparse_token_divergence(s_logits, index.to(device), t_logprobs.to(device), cfg.divergence,
                                               cfg.beta)
             else:
-                with torch.inference_mode():  # lighter than no_grad (no version counters): 25 % off this forward
+                with torch.no_grad():
                     t_logits = completion_logits(self.teacher.model, [g.teacher_prompt_ids for g in part],
                                                  completions, pad, self.world.fsdp)
                 div = token_divergence(s_logits, t_logits, cfg.divergence, cfg.beta, cfg.top_k)

@@ -2,7 +2,8 @@
 
 torch's CPU kernel behind ``scaled_dot_product_attention`` is built for long sequences: at the shapes of
 sampling and scoring short completions (a query of 1–25 tokens against 10–60 keys, hundreds of rows) it costs
-2–5× what two batched matmuls and a softmax do (forward and backward; measured in benchmarks/README.md). This
+1.4–1.6× what two batched matmuls and a softmax do, forward and backward, and 2–6× once the process has called
+``torch.set_num_threads`` (measured in benchmarks/README.md; end to end a few per cent by default). This
 is that plain attention, with each key/value head read by its group of query heads in place (no ``repeat_kv``
 copy), and transformers' additive float mask, so a fully masked row (a left-padding position) gets finite
 values rather than NaN. GPUs keep transformers' default.
