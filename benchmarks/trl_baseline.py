@@ -112,7 +112,7 @@ def measure_trl_steps(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24,
     if steps < 2:
         raise ValueError("steps must be at least 2: the first step is warm-up and is not measured")
     # torch's default threads, as the project's side runs: a run-time torch.set_num_threads, even to the default,
-    # makes torch's CPU attention kernel 1.4-4x slower for the rest of the process (benchmarks/README.md).
+    # makes torch's CPU attention kernel 1.3-4.4x slower for the rest of the process (benchmarks/README.md).
     load_before = os.getloadavg()[0]  # other work on the 2 cores inflates and scatters step times
     loaded = load_model("tiny")
     loaded.model.set_attn_implementation(attention)  # load_model picks the project's CPU attention
