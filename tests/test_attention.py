@@ -61,9 +61,12 @@ def test_a_fully_masked_row_stays_finite_and_leaves_the_others_alone():
     torch.testing.assert_close(out[1], reference[1])
 
 
-def test_the_tiny_model_loads_with_it_and_scores_padded_batches_as_sdpa_does(tiny_model):
+def test_the_tiny_model_loads_with_it_and_scores_padded_batches_as_sdpa_does(tiny_model, tmp_path):
     model = tiny_model.model
     assert model.config._attn_implementation == NAME
+    # a saved checkpoint does not name it: it loads with transformers alone, vLLM or anywhere else
+    model.save_pretrained(tmp_path)
+    assert NAME not in (tmp_path / "config.json").read_text()
     stock = copy.deepcopy(model)
     stock.set_attn_implementation("sdpa")
     ids = torch.tensor([[0, 0, 10, 11, 12], [13, 14, 15, 16, 17]])  # row 0 left-padded (pad id 0)
