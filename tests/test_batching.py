@@ -4,10 +4,12 @@ one forward per prompt + completion."""
 import copy
 import random
 
+import pytest
 import torch
 
 from caopd.distill.trainer import PromptGroup, micro_batches
-from caopd.models.batching import completion_logits, left_padded
+from caopd.models import batching, tree_forward
+from caopd.models.batching import completion_logits, left_padded, pack_rows, pack_trees, prefix_tree
 
 
 def _random_groups(vocab: int, seed: int = 0):
@@ -25,10 +27,48 @@ def test_left_padding_ends_every_prompt_at_the_last_column():
     assert positions.tolist() == [[0, 1, 2], [0, 0, 0]]
 
 
-def test_shared_prefix_logits_and_gradients_match_one_forward_per_sequence(tiny_model):
+def _alike_groups():
+    """Completions as K samples of short answers come: duplicates, common prefixes, one- and zero-token ones."""
+    prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13]]
+    completions = [[[20, 21, 22, 1], [20, 21, 23, 1], [20, 21, 22, 1], [24, 1], [25]],
+                   [[30, 31, 1], [30, 31, 1], [30, 31, 1]],
+                   [[40, 41, 42, 43, 44, 1], [40, 1], [], [41, 42, 43, 44, 1]]]
+    return prompts, completions
+
+
+def test_prefix_tree_computes_each_distinct_prefix_once():
+    tree = prefix_tree([[5, 6, 7, 1], [5, 6, 8, 1], [5, 6, 7, 1], [9, 1], [4], []])
+    assert tree.tokens == [5, 6, 7, 8, 9]  # [5], [5 6], [5 6 7], [5 6 8], [9]
+    assert tree.depths == [0, 1, 2, 2, 0]
+    assert tree.parents == [-1, 0, 1, 1, -1]
+    assert tree.paths == [[0, 1, 2], [0, 1, 3], [0, 1, 2], [4], [], []]
+
+
+def test_rows_pack_by_decreasing_size_as_long_as_the_longest():
+    assert pack_rows([3, 9, 5, 4, 1]) == [[1], [2, 3], [0, 4]]
+    assert pack_rows([2, 2, 2]) == [[0], [1], [2]]
+
+
+def test_a_group_packs_as_its_prompt_then_its_tree_under_tree_attention():
+    completions = [[[7, 8, 1], [7, 9, 1]]]
+    packed = pack_trees([[5, 6]], completions, [prefix_tree(completions[0])], pad_id=0)
+    assert packed.tokens.tolist() == [[5, 6, 7, 8, 9]]
+    assert packed.positions.tolist() == [[0, 1, 2, 3, 3]]  # 8 and 9 are siblings: both third after the prompt
+    assert packed.sees.astype(int).tolist() == [[[1, 0, 0, 0, 0],
+                                                 [1, 1, 0, 0, 0],
+                                                 [1, 1, 1, 0, 0],
+                                                 [1, 1, 1, 1, 0],
+                                                 [1, 1, 1, 0, 1]]]
+    assert packed.index == [1, 2, 3, 1, 2, 4]  # 7 from the prompt's end, 8 after [7], 1 after [7 8]; then 9's branch
+
+
+@pytest.mark.parametrize("groups", [_random_groups, _alike_groups], ids=["random", "alike"])
+@pytest.mark.parametrize("lockstep", [False, True], ids=["tree", "transformers"])
+def test_shared_prefix_logits_and_gradients_match_one_forward_per_sequence(tiny_model, groups, lockstep):
     model = copy.deepcopy(tiny_model.model).train()
-    prompts, completions = _random_groups(model.config.vocab_size)
-    shared = completion_logits(model, prompts, completions, tiny_model.tokenizer.pad_token_id)
+    assert tree_forward.supports(model)  # so lockstep=False takes the tree path, True transformers' forward
+    prompts, completions = groups(model.config.vocab_size) if groups is _random_groups else groups()
+    shared = completion_logits(model, prompts, completions, tiny_model.tokenizer.pad_token_id, lockstep=lockstep)
     shared.square().sum().backward()
     shared_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad()
@@ -68,8 +108,8 @@ def test_micro_batches_hold_whole_prompt_groups():
 
 def test_lockstep_scoring_runs_two_forwards_even_for_one_token_completions_and_changes_nothing(tiny_model):
     model, pad = tiny_model.model, tiny_model.tokenizer.pad_token_id
-    calls = []
-    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    calls = []  # every forward, transformers' or the fused one, embeds its input tokens once
+    handle = model.get_input_embeddings().register_forward_hook(lambda *_: calls.append(1))
     try:
         results = {}
         for lockstep in (False, True):
@@ -82,5 +122,24 @@ def test_lockstep_scoring_runs_two_forwards_even_for_one_token_completions_and_c
         handle.remove()
         model.zero_grad(set_to_none=True)
     assert results[False][0] == 1 and results[True][0] == 2  # every sharded process runs the same forwards
-    assert torch.equal(results[False][1], results[True][1])
-    assert all(torch.equal(a, b) for a, b in zip(results[False][2], results[True][2]))
+    # (sharded models take transformers' forward, unsharded ones the fused one: the same function, other float sums)
+    torch.testing.assert_close(results[False][1], results[True][1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(results[False][2], results[True][2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_segments_longer_than_the_limit_take_the_per_row_path(tiny_model, monkeypatch):
+    model, pad = tiny_model.model.eval(), tiny_model.tokenizer.pad_token_id
+    prompts, completions = _alike_groups()
+    forwards = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        with torch.no_grad():
+            tree = completion_logits(model, prompts, completions, pad)
+            tree_forwards = len(forwards)
+            monkeypatch.setattr(batching, "MAX_TREE_SEGMENT", 8)  # the third group's prompt + tree is 12 long
+            rows = completion_logits(model, prompts, completions, pad)
+    finally:
+        handle.remove()
+    assert tree_forwards == 1 and len(forwards) - tree_forwards == 2  # one packed forward; prefill + completions
+    torch.testing.assert_close(tree, rows, atol=1e-5, rtol=1e-5)

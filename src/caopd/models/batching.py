@@ -1,16 +1,26 @@
-"""Batched forwards that compute each prompt once: a left-padded prefill whose KV cache its samples share.
+"""Batched forwards that compute each prompt once — and, where the model allows, each distinct completion prefix.
 
 Sampling (the rollout engine) and scoring (the distillation loss, teacher and student) both run a group of
 completions after one prompt; computing the prompt once per group rather than once per completion removes
-its share of the FLOPs, and autograd flows through the shared cache, so the student's gradient is the same
-as with the prompt repeated.
+its share of the FLOPs, and autograd flows through the shared computation, so the student's gradient is the same
+as with the prompt repeated. The K samples of a short answer also largely coincide after the prompt (the same
+answer, the same Confidence line): scoring packs each group's prompt and the tree of its distinct prefixes into
+one sequence under tree attention, so each distinct prefix is computed once too.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
+
+from caopd.models import tree_forward
+
+# The longest prompt + prefix tree scored as one segment: its attention and bias grow with the square of its length
+# (each row of the other path only with its own), so long completions that share little take the other path.
+MAX_TREE_SEGMENT = 1024
 
 
 def left_padded(prompt_ids: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu",
@@ -47,6 +57,10 @@ def completion_logits(model: Any, prompt_ids: Sequence[Sequence[int]],
     completion, but the prompt is computed once per group. ``lockstep``: always two forwards, whatever the data
     (sharded models gather their layers in every forward, on every process at once).
     """
+    if not lockstep and all(prompt_ids) and tree_forward.supports(model):
+        trees = [prefix_tree(group) for group in completions]
+        if max(len(p) + len(t.tokens) for p, t in zip(prompt_ids, trees)) <= MAX_TREE_SEGMENT:
+            return tree_completion_logits(model, prompt_ids, completions, trees, pad_id)
     cache, first, mask, next_pos = prefill(model, prompt_ids, pad_id)
     device = first.device
     sizes = torch.tensor([len(group) for group in completions], device=device)
@@ -63,7 +77,8 @@ def completion_logits(model: Any, prompt_ids: Sequence[Sequence[int]],
     cache.batch_select_indices(group_of_row)  # each completion row reads its prompt's cached keys and values
     inputs = torch.full((len(flat), width), pad_id, dtype=torch.long)
     for row, ids in enumerate(flat):  # a completion's last token predicts nothing that is trained
-        inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1], dtype=torch.long)
+        if len(ids) > 1:  # (an empty completion has no tokens to predict at all)
+            inputs[row, : len(ids) - 1] = torch.tensor(ids[:-1], dtype=torch.long)
     columns = torch.arange(width, device=device)
     inputs_mask = (columns[None, :] < (lengths[:, None] - 1)).long()
     logits = model(input_ids=inputs.to(device), attention_mask=torch.cat([mask[group_of_row], inputs_mask], dim=1),
@@ -71,3 +86,111 @@ def completion_logits(model: Any, prompt_ids: Sequence[Sequence[int]],
     every = torch.cat([first[:, None], logits], dim=1)  # [rows, width + 1, vocab]: position j predicts token j
     predicts = torch.arange(width + 1, device=device)[None, :] < lengths[:, None]
     return every[predicts]
+
+
+@dataclass
+class PrefixTree:
+    """The distinct proper prefixes of one group's completions, as nodes: node ``i`` is a prefix whose last token is
+    ``tokens[i]``, ``depths[i]`` tokens after the prompt, extending node ``parents[i]`` (−1: the prompt itself).
+    ``paths[c]`` are the nodes of completion ``c``'s prefixes of length 1, 2, … (all but the whole completion, whose
+    last token predicts nothing)."""
+
+    tokens: list[int]
+    depths: list[int]
+    parents: list[int]
+    paths: list[list[int]]
+
+
+def prefix_tree(completions: Sequence[Sequence[int]]) -> PrefixTree:
+    """Completions that start alike share the nodes of their common prefix; parents come before their children."""
+    index: dict[tuple[int, int], int] = {}
+    tree = PrefixTree([], [], [], [])
+    for ids in completions:
+        node, path = -1, []
+        for depth, token in enumerate(ids[:-1]):
+            child = index.get((node, token))
+            if child is None:
+                child = index[(node, token)] = len(tree.tokens)
+                tree.tokens.append(token)
+                tree.depths.append(depth)
+                tree.parents.append(node)
+            node = child
+            path.append(node)
+        tree.paths.append(path)
+    return tree
+
+
+def pack_rows(sizes: Sequence[int]) -> list[list[int]]:
+    """Items into rows as long as the longest item, first-fit by decreasing size: few rows, little padding."""
+    capacity, rows, room = max(sizes), [], []
+    for item in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        row = next((r for r in range(len(rows)) if room[r] >= sizes[item]), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(item)
+        room[row] -= sizes[item]
+    return rows
+
+
+@dataclass
+class PackedTrees:
+    """Groups laid out for one forward: ``tokens``/``positions [rows, width]``, ``sees [rows, width, width]`` (query
+    sees key) and ``index``, the flat ``row × width + column`` whose logits predict each completion token."""
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    sees: np.ndarray
+    index: list[int]
+
+
+def pack_trees(prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[Sequence[int]]],
+               trees: Sequence[PrefixTree], pad_id: int) -> PackedTrees:
+    """Each group one segment — its prompt, then the nodes of its prefix tree — packed into rows. A prompt token
+    sees the prompt before it; a node sees its prompt and its own ancestors (tree attention), at the position it
+    has in its completions; padding sees only itself (finite, and read by nobody)."""
+    sizes = [len(prompt) + len(tree.tokens) for prompt, tree in zip(prompt_ids, trees)]
+    rows, width = pack_rows(sizes), max(sizes)
+    tokens = np.full((len(rows), width), pad_id, dtype=np.int64)
+    positions = np.zeros((len(rows), width), dtype=np.int64)
+    sees = np.zeros((len(rows), width, width), dtype=bool)
+    sees[:, np.arange(width), np.arange(width)] = True
+    last_prompt = [0] * len(trees)  # flat index of each group's last prompt token
+    for r, row in enumerate(rows):
+        offset = 0
+        for g in row:
+            prompt, tree = prompt_ids[g], trees[g]
+            begin, nodes, end = offset, offset + len(prompt), offset + len(prompt) + len(tree.tokens)
+            tokens[r, begin:nodes], tokens[r, nodes:end] = prompt, tree.tokens
+            positions[r, begin:nodes] = np.arange(len(prompt))
+            positions[r, nodes:end] = len(prompt) + np.asarray(tree.depths, dtype=np.int64)
+            sees[r, begin:nodes, begin:nodes] = np.tril(np.ones((len(prompt), len(prompt)), dtype=bool))
+            sees[r, nodes:end, begin:nodes] = True
+            for node, parent in enumerate(tree.parents):  # a node sees what its parent sees, and itself
+                if parent >= 0:
+                    sees[r, nodes + node, nodes:end] = sees[r, nodes + parent, nodes:end]
+                sees[r, nodes + node, nodes + node] = True
+            last_prompt[g] = r * width + nodes - 1
+            offset = end
+    index: list[int] = []
+    for g, (tree, group) in enumerate(zip(trees, completions)):
+        for ids, path in zip(group, tree.paths):
+            if ids:  # token 0 from the prompt's last position, token j from the node of its first j tokens
+                index.append(last_prompt[g])
+                index.extend(last_prompt[g] + 1 + node for node in path)
+    return PackedTrees(tokens, positions, sees, index)
+
+
+def tree_completion_logits(model: Any, prompt_ids: Sequence[Sequence[int]],
+                           completions: Sequence[Sequence[Sequence[int]]], trees: Sequence[PrefixTree],
+                           pad_id: int) -> torch.Tensor:
+    """``completion_logits`` in one forward that computes each prompt and each distinct completion prefix once
+    (``pack_trees``). The gradient of a shared node is the sum over the completions through it, exactly as with a
+    row each."""
+    device = next(model.parameters()).device
+    packed = pack_trees(prompt_ids, completions, trees, pad_id)
+    logits = tree_forward.forward_with_bias(
+        model, torch.from_numpy(packed.tokens).to(device), torch.from_numpy(packed.positions).to(device),
+        tree_forward.visibility_bias(torch.from_numpy(packed.sees).to(device), model.dtype))
+    return logits.flatten(0, 1)[torch.tensor(packed.index, dtype=torch.long, device=device)]
