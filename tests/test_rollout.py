@@ -36,6 +36,23 @@ def test_k_samples_per_prompt_seeded_and_stopping_at_eos(tiny_model):
             assert eos not in c.token_ids and (c.finished or len(c.token_ids) == 24)
 
 
+def test_each_decoding_step_computes_each_distinct_prefix_once(tiny_model):
+    model, tok = tiny_model.model, tiny_model.tokenizer
+    batch_rows = []  # the rows of every forward: the prefill, then one per decoding step
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, args, out: batch_rows.append(len(args[0])))
+    try:
+        cfg = SamplingConfig(n=6, temperature=1.0, max_new_tokens=24, seed=3)
+        out = TransformersEngine(model, tok).generate(PROMPTS, cfg)
+    finally:
+        handle.remove()
+    samples = [(p, c.token_ids) for p, group in enumerate(out) for c in group]
+    # the forward of step j feeds the j-th token of each sample still running: one row per distinct prefix
+    expected = [len({(p, tuple(ids[:j])) for p, ids in samples if len(ids) >= j}) for j in range(1, 24)]
+    expected = [rows for rows in expected if rows]
+    assert batch_rows == [len(PROMPTS)] + expected
+    assert sum(expected) < sum(min(len(ids), 23) for _, ids in samples)  # the K samples did share prefixes
+
+
 def test_length_limit_marks_unfinished(tiny_model):
     engine = TransformersEngine(tiny_model.model, tiny_model.tokenizer)
     (out,) = engine.generate(["12*34="], SamplingConfig(temperature=0.0, max_new_tokens=2))

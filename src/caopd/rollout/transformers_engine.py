@@ -1,5 +1,5 @@
-"""Batched sampling with transformers models: KV cache, one prefill per prompt shared by its K samples,
-finished rows dropped from the batch, prompts bucketed by length."""
+"""Batched sampling with transformers models: KV cache, each distinct prefix computed once (a prompt's prefill and
+the tokens its K samples drew alike), finished samples dropped from the batch, prompts bucketed by length."""
 
 from __future__ import annotations
 
@@ -66,19 +66,24 @@ class TransformersEngine(RolloutEngine):
     @torch.inference_mode()  # lighter than no_grad: no version counters on the many small decode tensors
     def _generate_chunk(self, prompt_ids: list[list[int]], sampling: SamplingConfig,
                         generator: torch.Generator) -> list[Completion]:
+        """Decode the K samples of each prompt together, computing each distinct prefix once.
+
+        The batch holds *nodes* (distinct prompt + tokens-so-far), not samples: a prompt's K samples start on its
+        prefill, and samples that draw the same next token stay on one node, whose forward they share until their
+        draws differ. Each sample still draws from its own node's distribution with its own draw (exactly as if it
+        had a row of its own); short answers, whose K samples largely coincide, need a fraction of the forwards.
+        """
         model, device, k = self.model, self.device, sampling.n
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         cache, logits, mask, next_pos = prefill(model, prompt_ids, pad)
-        # One prefill per prompt; its K samples share the cached prefix.
-        cache.batch_repeat_interleave(k)
-        logits, mask = logits.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
-        next_pos = next_pos.repeat_interleave(k, 0)
-        rows = torch.arange(len(prompt_ids) * k, device=device)  # which output row each batch row is
-        tokens: list[list[int]] = [[] for _ in range(len(prompt_ids) * k)]
-        finished = [False] * len(tokens)
+        n_rows = len(prompt_ids) * k
+        rows = torch.arange(n_rows, device=device)  # the output row of each live sample
+        node_of_row = rows // k  # the batch row (node) each live sample reads its next-token logits from
+        tokens: list[list[int]] = [[] for _ in range(n_rows)]
+        finished = [False] * n_rows
         for step in range(sampling.max_new_tokens):
-            nxt = sample_next(logits, sampling.temperature, sampling.top_p, generator)
+            nxt = sample_next(logits[node_of_row], sampling.temperature, sampling.top_p, generator)
             for r, t in zip(rows.tolist(), nxt.tolist()):
                 if t == eos:
                     finished[r] = True
@@ -87,12 +92,16 @@ class TransformersEngine(RolloutEngine):
             alive = nxt != eos
             if not bool(alive.any()) or step == sampling.max_new_tokens - 1:
                 break
-            if not bool(alive.all()):  # drop finished rows so later steps cost only what is still running
-                keep = alive.nonzero().squeeze(-1)
-                cache.batch_select_indices(keep)
-                rows, nxt, mask, next_pos = rows[keep], nxt[keep], mask[keep], next_pos[keep]
+            rows, nxt, parent = rows[alive], nxt[alive], node_of_row[alive]
+            # The next nodes: one per distinct (node, drawn token); finished samples leave their nodes behind.
+            vocab = logits.shape[-1]
+            pairs, node_of_row = torch.unique(parent * vocab + nxt, return_inverse=True)  # sorted: deterministic
+            parents, node_tokens = pairs // vocab, pairs % vocab
+            if len(parents) != len(mask) or not bool((parents == torch.arange(len(parents), device=device)).all()):
+                cache.batch_select_indices(parents)  # a node that split is copied, one left behind dropped
+                mask, next_pos = mask[parents], next_pos[parents]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=next_pos,
+            out = model(input_ids=node_tokens[:, None], attention_mask=mask, position_ids=next_pos,
                         cache=cache, use_cache=True)
             cache, logits, next_pos = out.cache, out.logits[:, -1], next_pos + 1
         decode = self.tokenizer.decode
