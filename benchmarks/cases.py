@@ -126,6 +126,10 @@ def rollout_case(n_prompts: int = 64, k: int = 8, max_new_tokens: int = 24, repe
         [lambda: engine.generate(prompts, sampling), lambda: plain_generate(stock), lambda: plain_generate(model)],
         repeats)
     ours_tokens = sum(len(c.token_ids) for group in ours for c in group)
+    # new tokens whose forward was shared with another sample of the same prompt (the engine computes each distinct
+    # prefix once): how much of the speed-up comes from this workload's samples coinciding
+    distinct = sum(len({tuple(c.token_ids[:j]) for c in group for j in range(1, len(c.token_ids) + 1)})
+                   for group in ours)
     new = generated[:, width:]
     # A row's new tokens end at its EOS (inclusive); generate pads the rest.
     is_eos = (new == tokenizer.eos_token_id).int()
@@ -133,6 +137,7 @@ def rollout_case(n_prompts: int = 64, k: int = 8, max_new_tokens: int = 24, repe
     base_tokens = int((~ended).sum())
     completions = n_prompts * k
     return {"completions": completions, "ours_seconds": ours_times, "ours_new_tokens": ours_tokens,
+            "ours_distinct_prefixes": distinct,
             "generate_seconds": base_times, "generate_new_tokens": base_tokens,
             "generate_same_attention_seconds": same_attention_times,
             "setup": {"n_prompts": n_prompts, "k": k, "max_new_tokens": max_new_tokens, "model": "tiny",
@@ -140,18 +145,31 @@ def rollout_case(n_prompts: int = 64, k: int = 8, max_new_tokens: int = 24, repe
 
 
 # --- 2. distillation training ------------------------------------------------------------------------
+def distinct_prefix_tokens(completions: list[list[int]]) -> int:
+    """How many forward positions a group's completions need when each distinct prefix is computed once (the nodes
+    of its prefix tree: all but the last token of each completion, shared where completions start alike)."""
+    from caopd.models.batching import prefix_tree
+
+    return len(prefix_tree(completions).tokens)
+
+
 def flops_per_step(n_params: int, groups: list[Any]) -> dict[str, int]:
-    """Useful FLOPs of one step by the 2·N·tokens rule: each prompt once per group of K completions (in sampling,
-    in the teacher's forward under its longer privileged prompt, and in the student's forward + backward), each
-    completion token once in each."""
+    """Useful FLOPs of one step by the 2·N·tokens rule, counting the work that must be done: each prompt once per
+    group of K completions, and each distinct completion prefix once (in sampling, in the teacher's forward under
+    its longer privileged prompt, and in the student's forward + backward). ``total_per_completion_token`` is the
+    same rule with every completion token counted, as a loop that gives each completion a row of its own does."""
     prompts = sum(len(g.prompt_ids) for g in groups)
     teacher_prompts = sum(len(g.teacher_prompt_ids) for g in groups)
     completions = sum(len(ids) for g in groups for ids in g.completion_ids)
-    parts = {"sampling": 2 * n_params * (prompts + completions),
-             "teacher_forward": 2 * n_params * (teacher_prompts + completions),
-             "student_forward_backward": 6 * n_params * (prompts + completions)}
-    return {**parts, "total": sum(parts.values()), "prompt_tokens": prompts, "teacher_prompt_tokens": teacher_prompts,
-            "completion_tokens": completions}
+    distinct = sum(distinct_prefix_tokens(g.completion_ids) for g in groups)
+    parts = {"sampling": 2 * n_params * (prompts + distinct),
+             "teacher_forward": 2 * n_params * (teacher_prompts + distinct),
+             "student_forward_backward": 6 * n_params * (prompts + distinct)}
+    return {**parts, "total": sum(parts.values()),
+            "total_per_completion_token": 8 * n_params * (prompts + completions) + 2 * n_params * (
+                teacher_prompts + completions),
+            "prompt_tokens": prompts, "teacher_prompt_tokens": teacher_prompts,
+            "completion_tokens": completions, "distinct_prefix_tokens": distinct}
 
 
 def training_case(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24, repeats: int = 5) -> dict[str, Any]:
