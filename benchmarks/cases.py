@@ -156,8 +156,9 @@ def distinct_prefix_tokens(completions: list[list[int]]) -> int:
 def flops_per_step(n_params: int, groups: list[Any]) -> dict[str, int]:
     """Useful FLOPs of one step by the 2·N·tokens rule, counting the work that must be done: each prompt once per
     group of K completions, and each distinct completion prefix once (in sampling, in the teacher's forward under
-    its longer privileged prompt, and in the student's forward + backward). ``total_per_completion_token`` is the
-    same rule with every completion token counted, as a loop that gives each completion a row of its own does."""
+    its longer privileged prompt, and in the student's forward + backward). ``total_per_sequence`` is the same rule
+    over every sequence's prompt + completion, the work of a step that gives each sample a row of its own (TRL's)."""
+    k = [len(g.completion_ids) for g in groups]
     prompts = sum(len(g.prompt_ids) for g in groups)
     teacher_prompts = sum(len(g.teacher_prompt_ids) for g in groups)
     completions = sum(len(ids) for g in groups for ids in g.completion_ids)
@@ -165,9 +166,11 @@ def flops_per_step(n_params: int, groups: list[Any]) -> dict[str, int]:
     parts = {"sampling": 2 * n_params * (prompts + distinct),
              "teacher_forward": 2 * n_params * (teacher_prompts + distinct),
              "student_forward_backward": 6 * n_params * (prompts + distinct)}
-    return {**parts, "total": sum(parts.values()),
-            "total_per_completion_token": 8 * n_params * (prompts + completions) + 2 * n_params * (
-                teacher_prompts + completions),
+    sequence_prompts = sum(n * len(g.prompt_ids) for n, g in zip(k, groups))
+    sequence_teacher_prompts = sum(n * len(g.teacher_prompt_ids) for n, g in zip(k, groups))
+    per_sequence = 8 * n_params * (sequence_prompts + completions) + 2 * n_params * (sequence_teacher_prompts
+                                                                                     + completions)
+    return {**parts, "total": sum(parts.values()), "total_per_sequence": per_sequence,
             "prompt_tokens": prompts, "teacher_prompt_tokens": teacher_prompts,
             "completion_tokens": completions, "distinct_prefix_tokens": distinct}
 
