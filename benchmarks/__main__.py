@@ -79,14 +79,14 @@ def summarize(raw: dict) -> dict:
         tokens = statistics.median(pooled(ours, "ours_trained_tokens"))
         flops = ours[0]["flops_per_step"]  # every round trains the same seeded steps
         peak_gflops = statistics.median(run["matmul_peak_gflops"] for run in ours)
-        useful = flops["total"] / step / 1e9
+        useful = flops["per_sequence"]["total"] / step / 1e9
+        distinct = flops["distinct"]["total"] / step / 1e9
         ours_rss = max(run["ours_peak_rss"] for run in ours)
-        per_sequence = flops["total_per_sequence"] / step / 1e9
         out["training"] = {"ours_trained_tokens_per_s": tokens / step, "ours_step_seconds":
                            spread(pooled(ours, "ours_seconds")), "ours_peak_rss": ours_rss, "flops_per_step": flops,
-                           "useful_gflops": useful, "matmul_peak_gflops": peak_gflops,
+                           "useful_gflops": useful, "distinct_gflops": distinct, "matmul_peak_gflops": peak_gflops,
                            "cpu_peak_fraction": useful / peak_gflops,
-                           "cpu_peak_fraction_per_sequence": per_sequence / peak_gflops,
+                           "cpu_peak_fraction_distinct": distinct / peak_gflops,
                            "distinct_prefix_fraction": flops["distinct_prefix_tokens"] / flops["completion_tokens"],
                            "n_params": ours[0]["n_params"],
                            "rounds": len(ours), "setup": ours[0]["setup"]}
@@ -98,14 +98,14 @@ def summarize(raw: dict) -> dict:
         if measured:
             best = max(measured, key=lambda gc: rate(measured[gc]))  # the faster TRL configuration is the baseline
             trl_rss = max(run["peak_memory_bytes"] for run in measured[best])
+            trl_useful = flops["per_sequence"]["total"] / statistics.median(pooled(measured[best], "step_seconds")) / 1e9
             out["training"].update({
                 "trl_trained_tokens_per_s": rate(measured[best]),
                 "trl_step_seconds": spread(pooled(measured[best], "step_seconds")),
                 "trl_gradient_checkpointing": best == "True", "trl_peak_rss": trl_rss,
                 "speedup_vs_trl": (tokens / step) / rate(measured[best]),
-                # the same step's per-sequence FLOPs in TRL's step time (its prompts, K and lengths are the same)
-                "trl_cpu_peak_fraction_per_sequence": flops["total_per_sequence"] / statistics.median(
-                    pooled(measured[best], "step_seconds")) / 1e9 / peak_gflops,
+                # the step's per-sequence FLOPs in TRL's step time (its prompts, K and lengths are the same)
+                "trl_useful_gflops": trl_useful, "trl_cpu_peak_fraction": trl_useful / peak_gflops,
                 "peak_memory_ratio_vs_trl": ours_rss / trl_rss,
                 "trl_all": {gc: {"trained_tokens_per_s": rate(runs),
                                  "step_seconds": spread(pooled(runs, "step_seconds")),
@@ -154,11 +154,14 @@ def markdown(result: dict) -> str:
                             f"{t['speedup_vs_trl_same_attention']:.2f}× |")
             rows.append(f"| training peak memory (MiB) | {t['ours_peak_rss'] / 2**20:.0f} | "
                         f"{t['trl_peak_rss'] / 2**20:.0f} | {t['peak_memory_ratio_vs_trl']:.2f}× |")
-        rows.append(f"| training useful GFLOP/s (each distinct prefix once) | {t['useful_gflops']:.1f} | "
-                    f"{t['matmul_peak_gflops']:.1f} (fp32 matmul peak) | {t['cpu_peak_fraction']:.0%} |")
-        trl_fraction = f"{t['trl_cpu_peak_fraction_per_sequence']:.0%} (TRL)" if "speedup_vs_trl" in t else ""
-        rows.append(f"| … counting every sequence's prompt + completion, as a row per sample runs them | "
-                    f"{t['cpu_peak_fraction_per_sequence']:.0%} | {trl_fraction} | |")
+        trl = "speedup_vs_trl" in t
+        rows.append(f"| training useful GFLOP/s (every sequence's prompt + completion) | {t['useful_gflops']:.1f} | "
+                    + (f"{t['trl_useful_gflops']:.1f} (TRL) | {t['useful_gflops'] / t['trl_useful_gflops']:.2f}× |"
+                       if trl else "| |"))
+        rows.append(f"| … fraction of the fp32 matmul peak ({t['matmul_peak_gflops']:.1f} GFLOP/s) | "
+                    f"{t['cpu_peak_fraction']:.0%} | " + (f"{t['trl_cpu_peak_fraction']:.0%} |" if trl else "|") + " |")
+        rows.append(f"| … counting each prompt and distinct prefix once (the work left to run) | "
+                    f"{t['cpu_peak_fraction_distinct']:.0%} | | |")
     if "metrics" in result:
         rows.append(f"| metrics over 1 M predictions (s) | {result['metrics']['seconds_1m']:.3f} | | |")
     if "run" in result:

@@ -153,26 +153,39 @@ def distinct_prefix_tokens(completions: list[list[int]]) -> int:
     return len(prefix_tree(completions).tokens)
 
 
-def flops_per_step(n_params: int, groups: list[Any]) -> dict[str, int]:
-    """Useful FLOPs of one step by the 2·N·tokens rule, counting the work that must be done: each prompt once per
-    group of K completions, and each distinct completion prefix once (in sampling, in the teacher's forward under
-    its longer privileged prompt, and in the student's forward + backward). ``total_per_sequence`` is the same rule
-    over every sequence's prompt + completion, the work of a step that gives each sample a row of its own (TRL's)."""
-    k = [len(g.completion_ids) for g in groups]
+def flops_per_step(n_params: int, groups: list[Any]) -> dict[str, Any]:
+    """FLOPs of one step by the 2·N·tokens rule (sampling 2N, the teacher's forward 2N under its longer privileged
+    prompt, the student's forward + backward 6N), counted two ways:
+
+    ``per_sequence`` — every sequence's prompt + completion: the step's nominal work, what a step that gives each
+    sample a row of its own runs (TRL's; the issue's ~33 % of peak for TRL counts this way). Computing a shared
+    prompt or prefix once does this work in less time.
+    ``distinct`` — each prompt once per group and each distinct completion prefix once: what must be computed,
+    so its rate is how well the hardware runs the work that is left.
+    """
     prompts = sum(len(g.prompt_ids) for g in groups)
     teacher_prompts = sum(len(g.teacher_prompt_ids) for g in groups)
     completions = sum(len(ids) for g in groups for ids in g.completion_ids)
     distinct = sum(distinct_prefix_tokens(g.completion_ids) for g in groups)
-    parts = {"sampling": 2 * n_params * (prompts + distinct),
-             "teacher_forward": 2 * n_params * (teacher_prompts + distinct),
-             "student_forward_backward": 6 * n_params * (prompts + distinct)}
-    sequence_prompts = sum(n * len(g.prompt_ids) for n, g in zip(k, groups))
-    sequence_teacher_prompts = sum(n * len(g.teacher_prompt_ids) for n, g in zip(k, groups))
-    per_sequence = 8 * n_params * (sequence_prompts + completions) + 2 * n_params * (sequence_teacher_prompts
-                                                                                     + completions)
-    return {**parts, "total": sum(parts.values()), "total_per_sequence": per_sequence,
-            "prompt_tokens": prompts, "teacher_prompt_tokens": teacher_prompts,
-            "completion_tokens": completions, "distinct_prefix_tokens": distinct}
+    sequence_prompts = sum(len(g.completion_ids) * len(g.prompt_ids) for g in groups)
+    sequence_teacher_prompts = sum(len(g.completion_ids) * len(g.teacher_prompt_ids) for g in groups)
+
+    def parts(student_prompts: int, teacher: int, completion: int) -> dict[str, int]:
+        counted = {"sampling": 2 * n_params * (student_prompts + completion),
+                   "teacher_forward": 2 * n_params * (teacher + completion),
+                   "student_forward_backward": 6 * n_params * (student_prompts + completion)}
+        return {**counted, "total": sum(counted.values())}
+
+    return {"per_sequence": parts(sequence_prompts, sequence_teacher_prompts, completions),
+            "distinct": parts(prompts, teacher_prompts, distinct),
+            "prompt_tokens": prompts, "teacher_prompt_tokens": teacher_prompts, "completion_tokens": completions,
+            "distinct_prefix_tokens": distinct}
+
+
+def mean_counts(counts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mean of each (nested) count over the steps, in whole units."""
+    return {key: mean_counts([c[key] for c in counts]) if isinstance(value, dict)
+            else sum(c[key] for c in counts) // len(counts) for key, value in counts[0].items()}
 
 
 def training_case(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24, repeats: int = 5) -> dict[str, Any]:
@@ -212,7 +225,7 @@ def training_case(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24, rep
     n_params = sum(p.numel() for p in student.parameters())
     trained = [r["trained_tokens"] for r in records[1:]]
     measured = [flops_per_step(n_params, groups) for groups in steps_groups[1:]]
-    flops = {key: sum(m[key] for m in measured) // len(measured) for key in measured[0]}
+    flops = mean_counts(measured)
     return {"ours_seconds": step_times[1:], "ours_trained_tokens": trained, "ours_peak_rss": memory.peak,
             "n_params": n_params, "flops_per_step": flops, "matmul_peak_gflops": matmul_peak_gflops(),
             "setup": {"n_prompts": n_prompts, "k": k, "max_new_tokens": max_new_tokens, "model": "tiny",

@@ -19,7 +19,7 @@ def test_benchmarks_run_on_a_tiny_size_and_write_the_report(tmp_path, capsys):
     assert result["rollout"]["speedup_vs_generate_same_attention"] > 0
     flops = result["training"]["flops_per_step"]
     # each distinct prefix once never counts more than every sequence's prompt + completion
-    assert 0 < flops["total"] <= flops["total_per_sequence"]
+    assert 0 < flops["distinct"]["total"] <= flops["per_sequence"]["total"]
     assert 0 < flops["distinct_prefix_tokens"] <= flops["completion_tokens"]
     assert 0 < result["rollout"]["distinct_prefix_fraction"] <= 1
     # the TRL baseline ran too (one round, checkpointing off), in a process of its own
