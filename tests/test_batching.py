@@ -64,9 +64,10 @@ def test_a_group_packs_as_its_prompt_then_its_tree_under_tree_attention():
 
 @pytest.mark.parametrize("groups", [_random_groups, _alike_groups], ids=["random", "alike"])
 @pytest.mark.parametrize("lockstep", [False, True], ids=["tree", "transformers"])
-def test_shared_prefix_logits_and_gradients_match_one_forward_per_sequence(tiny_model, groups, lockstep):
+def test_shared_prefix_logits_and_gradients_match_one_forward_per_sequence(tiny_model, groups, lockstep, monkeypatch):
     model = copy.deepcopy(tiny_model.model).train()
     assert tree_forward.supports(model)  # so lockstep=False takes the tree path, True transformers' forward
+    monkeypatch.setattr(batching, "TREE_COST_MARGIN", float("inf"))  # the tree path even where it would not pay
     prompts, completions = groups(model.config.vocab_size) if groups is _random_groups else groups()
     shared = completion_logits(model, prompts, completions, tiny_model.tokenizer.pad_token_id, lockstep=lockstep)
     shared.square().sum().backward()
@@ -143,3 +144,23 @@ def test_segments_longer_than_the_limit_take_the_per_row_path(tiny_model, monkey
         handle.remove()
     assert tree_forwards == 1 and len(forwards) - tree_forwards == 2  # one packed forward; prefill + completions
     torch.testing.assert_close(tree, rows, atol=1e-5, rtol=1e-5)
+
+
+def test_the_tree_path_is_taken_where_completions_share_and_not_where_they_do_not(tiny_model):
+    model, pad, hidden = tiny_model.model, tiny_model.tokenizer.pad_token_id, tiny_model.model.config.hidden_size
+    rng = random.Random(1)
+    prompts = [[5, 6, 7], [8, 9, 10]]
+    distinct = [[[rng.randrange(3, 50) for _ in range(40)] for _ in range(16)] for _ in prompts]
+    alike = [[list(group[0]) for _ in group] for group in distinct]  # the same 16 samples in each group
+    # forward positions: rows 2·3 + 32·39, per-row path; tree: 2 segments of 3 + 16·39 (no sharing) or 3 + 39
+    for completions, expected in ((distinct, False), (alike, True)):
+        trees = [prefix_tree(group) for group in completions]
+        assert batching.tree_pays(prompts, completions, trees, hidden) is expected
+        forwards = []
+        handle = model.get_input_embeddings().register_forward_hook(lambda *_: forwards.append(1))
+        try:
+            with torch.no_grad():
+                completion_logits(model, prompts, completions, pad)
+        finally:
+            handle.remove()
+        assert len(forwards) == (1 if expected else 2)

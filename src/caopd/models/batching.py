@@ -18,9 +18,12 @@ import torch
 
 from caopd.models import tree_forward
 
-# The longest prompt + prefix tree scored as one segment: its attention and bias grow with the square of its length
-# (each row of the other path only with its own), so long completions that share little take the other path.
-MAX_TREE_SEGMENT = 1024
+# The longest prompt + prefix tree scored as one segment: its attention scores and bias grow with the square of its
+# length, so longer ones take the per-row path whatever they share.
+MAX_TREE_SEGMENT = 2048
+# The tree path must cost less than this share of the per-row path: its packing and bias are extra work the cost
+# estimate leaves out (measured on the tiny model: at equal estimates the tree path was up to 1.2× slower).
+TREE_COST_MARGIN = 0.8
 
 
 def left_padded(prompt_ids: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu",
@@ -54,12 +57,13 @@ def completion_logits(model: Any, prompt_ids: Sequence[Sequence[int]],
 
     ``completions[g]`` are the completions that follow ``prompt_ids[g]``; the logits predicting completion token
     ``j`` are the model's output after the prompt and tokens ``< j``, exactly as in one forward over prompt +
-    completion, but the prompt is computed once per group. ``lockstep``: always two forwards, whatever the data
-    (sharded models gather their layers in every forward, on every process at once).
+    completion, but the prompt is computed once per group — and, for the models ``tree_forward`` supports, each
+    distinct completion prefix once (``tree_completion_logits``). ``lockstep``: always two forwards, whatever the
+    data (sharded models gather their layers in every forward, on every process at once).
     """
     if not lockstep and all(prompt_ids) and tree_forward.supports(model):
         trees = [prefix_tree(group) for group in completions]
-        if max(len(p) + len(t.tokens) for p, t in zip(prompt_ids, trees)) <= MAX_TREE_SEGMENT:
+        if tree_pays(prompt_ids, completions, trees, model.config.hidden_size):
             return tree_completion_logits(model, prompt_ids, completions, trees, pad_id)
     cache, first, mask, next_pos = prefill(model, prompt_ids, pad_id)
     device = first.device
@@ -180,6 +184,29 @@ def pack_trees(prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequen
                 index.append(last_prompt[g])
                 index.extend(last_prompt[g] + 1 + node for node in path)
     return PackedTrees(tokens, positions, sees, index)
+
+
+def tree_pays(prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequence[Sequence[int]]],
+              trees: Sequence[PrefixTree], hidden_size: int) -> bool:
+    """Whether scoring the packed prefix trees costs less than a row per completion.
+
+    Cost = forward positions + attention pairs (query × key) / (4 · hidden size): a position's matmuls grow with
+    the square of the hidden size and a pair's work with it, and on the CPU the pairs' softmax and bias are
+    memory-bound (fitted on the tiny model: ~580 pairs cost a position, at hidden size 128). The tree path wins where
+    completions share prefixes; without sharing its dense attention over whole segments loses (2.4× slower at
+    K = 16 × 60 distinct tokens)."""
+    sizes = [len(prompt) + len(tree.tokens) for prompt, tree in zip(prompt_ids, trees)]
+    if max(sizes) > MAX_TREE_SEGMENT:
+        return False
+    per_pair = 1 / (4 * hidden_size)
+    rows, width = len(pack_rows(sizes)), max(sizes)
+    tree_cost = rows * width * (1 + width * per_pair)
+    prompt_width = max(len(prompt) for prompt in prompt_ids)
+    n_rows = sum(len(group) for group in completions)
+    row_width = max((len(ids) - 1 for group in completions for ids in group), default=0)
+    rows_cost = (len(prompt_ids) * prompt_width * (1 + prompt_width * per_pair)
+                 + n_rows * row_width * (1 + (prompt_width + row_width) * per_pair))
+    return tree_cost < TREE_COST_MARGIN * rows_cost
 
 
 def tree_completion_logits(model: Any, prompt_ids: Sequence[Sequence[int]],
