@@ -18,9 +18,10 @@ from importlib.metadata import version
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("results")
-CASES = ("rollout", "training", "metrics", "run")
+CASES = ("rollout", "training", "scoring", "metrics", "run")
 QUICK = {"rollout": {"n_prompts": 4, "k": 2, "max_new_tokens": 8, "repeats": 2},
          "training": {"n_prompts": 2, "k": 2, "max_new_tokens": 8, "repeats": 2},
+         "scoring": {"shapes": [[3, 6, 2, 2], [3, 6, 4, 1]], "groups": 2, "repeats": 1},
          "metrics": {"n": 10_000, "repeats": 2},
          "run": {"args": ["--n-train", "8", "--n-eval", "8", "--k", "2", "--train.steps", "1",
                           "--train.prompts-per-step", "2"]}}
@@ -113,6 +114,13 @@ def summarize(raw: dict) -> dict:
                             for gc, runs in measured.items()}})
         if t["trl_same_attention"]:
             out["training"]["speedup_vs_trl_same_attention"] = (tokens / step) / rate(t["trl_same_attention"])
+    if "scoring" in raw:
+        out["scoring"] = [{**{key: shape[key] for key in ("prompt", "completion", "k", "answers", "tree_chosen",
+                                                          "distinct_prefix_fraction")},
+                           "tree_vs_rows": statistics.median(shape["tree_seconds"]) / statistics.median(
+                               shape["rows_seconds"]),
+                           "auto_vs_rows": statistics.median(shape["auto_seconds"]) / statistics.median(
+                               shape["rows_seconds"])} for shape in raw["scoring"]["shapes"]]
     if "metrics" in raw:
         m = raw["metrics"]
         out["metrics"] = {"seconds_1m": statistics.median(m["seconds"]) * 1_000_000 / m["n"],
@@ -162,6 +170,11 @@ def markdown(result: dict) -> str:
                     f"{t['cpu_peak_fraction']:.0%} | " + (f"{t['trl_cpu_peak_fraction']:.0%} |" if trl else "|") + " |")
         rows.append(f"| … counting each prompt and distinct prefix once (the work left to run) | "
                     f"{t['cpu_peak_fraction_distinct']:.0%} | | |")
+    if "scoring" in result:
+        worst = max(shape["auto_vs_rows"] for shape in result["scoring"])
+        best = min(shape["auto_vs_rows"] for shape in result["scoring"])
+        rows.append(f"| scoring time against a row per completion, {len(result['scoring'])} sharing levels "
+                    f"(`scoring`) | {best:.2f}–{worst:.2f}× | 1× | |")
     if "metrics" in result:
         rows.append(f"| metrics over 1 M predictions (s) | {result['metrics']['seconds_1m']:.3f} | | |")
     if "run" in result:

@@ -241,6 +241,51 @@ def trl_case(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24, repeats:
                              gradient_checkpointing=gradient_checkpointing, attention=attention)
 
 
+# --- 2b. scoring: the prefix-tree path against a row per completion, from no sharing to much ---------------------
+SHARING_SHAPES = ((5, 20, 8, 8), (5, 20, 8, 2), (30, 60, 8, 8), (30, 60, 8, 4), (30, 60, 8, 2), (5, 60, 16, 16))
+
+
+def scoring_case(shapes: tuple[tuple[int, int, int, int], ...] = SHARING_SHAPES, groups: int = 8,
+                 repeats: int = 5) -> dict[str, Any]:
+    """The student's scoring forward + backward (``completion_logits``) on synthetic groups — prompt length, completion
+    length, K, distinct answers among the K — by the tree path, a row per completion, and the automatic choice
+    between them (``batching.tree_pays``), in turn. Random tokens, so completions share nothing beyond coinciding
+    answers: where the tree path does not pay, the automatic choice must not lose."""
+    import random
+
+    from caopd.models import batching
+    from caopd.models.loading import load_model
+
+    model = load_model("tiny").model.train()
+    rng = random.Random(0)
+    results = []
+    for prompt_len, completion_len, k, answers in shapes:
+        prompts = [[rng.randrange(3, 54) for _ in range(prompt_len)] for _ in range(groups)]
+        completions = []
+        for _ in prompts:
+            choices = [[rng.randrange(3, 54) for _ in range(completion_len)] for _ in range(answers)]
+            completions.append([list(rng.choice(choices)) for _ in range(k)])
+
+        def score(margin: float | None) -> None:
+            saved = batching.TREE_COST_MARGIN
+            if margin is not None:
+                batching.TREE_COST_MARGIN = margin
+            try:
+                batching.completion_logits(model, prompts, completions, 0).logsumexp(-1).sum().backward()
+            finally:
+                batching.TREE_COST_MARGIN = saved
+
+        (tree, rows, auto), _ = _timed_in_turn([lambda: score(float("inf")), lambda: score(0.0),
+                                                 lambda: score(None)], repeats)
+        trees = [batching.prefix_tree(group) for group in completions]
+        results.append({"prompt": prompt_len, "completion": completion_len, "k": k, "answers": answers,
+                        "distinct_prefix_fraction": sum(len(t.tokens) for t in trees) / sum(
+                            len(ids) - 1 for group in completions for ids in group),
+                        "tree_chosen": batching.tree_pays(prompts, completions, trees, model.config.hidden_size),
+                        "tree_seconds": tree, "rows_seconds": rows, "auto_seconds": auto})
+    return {"shapes": results, "groups": groups}
+
+
 # --- 3. metrics ----------------------------------------------------------------------------------------
 def metrics_case(n: int = 1_000_000, repeats: int = 5) -> dict[str, Any]:
     from caopd.metrics import calibration_metrics

@@ -6,7 +6,7 @@ from benchmarks.__main__ import main
 
 
 def test_benchmarks_run_on_a_tiny_size_and_write_the_report(tmp_path, capsys):
-    assert main(["--quick", "--cases", "rollout,training,metrics,run", "--out", str(tmp_path)]) == 0
+    assert main(["--quick", "--cases", "rollout,training,scoring,metrics,run", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "latest.json").read_text())
     for key in ("rollout.speedup_vs_generate", "training.cpu_peak_fraction", "metrics.seconds_1m", "run.seconds"):
         case, metric = key.split(".")
@@ -25,6 +25,9 @@ def test_benchmarks_run_on_a_tiny_size_and_write_the_report(tmp_path, capsys):
     # the TRL baseline ran too (one round, checkpointing off), in a process of its own
     assert result["training"]["speedup_vs_trl"] > 0 and result["training"]["trl_gradient_checkpointing"] is False
     assert result["raw"]["training"]["trl"]["False"][0]["config"]["attention"] == "sdpa"
+    # the scoring case times both paths and the automatic choice; the all-alike groups go the tree path
+    assert [shape["tree_chosen"] for shape in result["scoring"]] == [False, True]
+    assert all(shape["tree_vs_rows"] > 0 and shape["auto_vs_rows"] > 0 for shape in result["scoring"])
     table = (tmp_path / "latest.md").read_text()
     assert "rollouts (completions/s)" in table and "`caopd run`" in table
 
