@@ -203,7 +203,7 @@ def tree_pays(prompt_ids: Sequence[Sequence[int]], completions: Sequence[Sequenc
     tree_cost = rows * width * (1 + width * per_pair)
     prompt_width = max(len(prompt) for prompt in prompt_ids)
     n_rows = sum(len(group) for group in completions)
-    row_width = max((len(ids) - 1 for group in completions for ids in group), default=0)
+    row_width = max((max(len(ids) - 1, 0) for group in completions for ids in group), default=0)
     rows_cost = (len(prompt_ids) * prompt_width * (1 + prompt_width * per_pair)
                  + n_rows * row_width * (1 + (prompt_width + row_width) * per_pair))
     return tree_cost < TREE_COST_MARGIN * rows_cost
