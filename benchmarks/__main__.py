@@ -99,7 +99,8 @@ def summarize(raw: dict) -> dict:
         if measured:
             best = max(measured, key=lambda gc: rate(measured[gc]))  # the faster TRL configuration is the baseline
             trl_rss = max(run["peak_memory_bytes"] for run in measured[best])
-            trl_useful = flops["per_sequence"]["total"] / statistics.median(pooled(measured[best], "step_seconds")) / 1e9
+            trl_step = statistics.median(pooled(measured[best], "step_seconds"))
+            trl_useful = flops["per_sequence"]["total"] / trl_step / 1e9
             out["training"].update({
                 "trl_trained_tokens_per_s": rate(measured[best]),
                 "trl_step_seconds": spread(pooled(measured[best], "step_seconds")),

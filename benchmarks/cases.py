@@ -247,9 +247,9 @@ SHARING_SHAPES = ((5, 20, 8, 8), (5, 20, 8, 2), (30, 60, 8, 8), (30, 60, 8, 4), 
 
 def scoring_case(shapes: tuple[tuple[int, int, int, int], ...] = SHARING_SHAPES, groups: int = 8,
                  repeats: int = 5) -> dict[str, Any]:
-    """The student's scoring forward + backward (``completion_logits``) on synthetic groups — prompt length, completion
-    length, K, distinct answers among the K — by the tree path, a row per completion, and the automatic choice
-    between them (``batching.tree_pays``), in turn. Random tokens, so completions share nothing beyond coinciding
+    """The student's scoring forward + backward (``completion_logits``) on synthetic groups — prompt length,
+    completion length, K, distinct answers among the K — by the tree path, a row per completion, and the automatic
+    choice between them (``batching.tree_pays``), in turn. Random tokens, so completions share nothing beyond coinciding
     answers: where the tree path does not pay, the automatic choice must not lose."""
     import random
 
@@ -300,7 +300,8 @@ def metrics_case(n: int = 1_000_000, repeats: int = 5) -> dict[str, Any]:
 
 # --- 4. the whole run -------------------------------------------------------------------------------------
 def run_case(args: tuple[str, ...] = ()) -> dict[str, Any]:
-    """``caopd run`` once on the defaults (five 5-minute runs would not fit the 15-minute budget)."""
+    """``caopd run`` once on the defaults (a warm-up and five more 2-minute runs would not fit in the benchmark's
+    15 minutes)."""
     import resource
     import subprocess
     import sys
