@@ -126,8 +126,8 @@ def rollout_case(n_prompts: int = 64, k: int = 8, max_new_tokens: int = 24, repe
         [lambda: engine.generate(prompts, sampling), lambda: plain_generate(stock), lambda: plain_generate(model)],
         repeats)
     ours_tokens = sum(len(c.token_ids) for group in ours for c in group)
-    # new tokens whose forward was shared with another sample of the same prompt (the engine computes each distinct
-    # prefix once): how much of the speed-up comes from this workload's samples coinciding
+    # distinct prefixes among the new tokens (the engine computes each once): how much of the speed-up comes from this
+    # workload's samples coinciding
     distinct = sum(len({tuple(c.token_ids[:j]) for c in group for j in range(1, len(c.token_ids) + 1)})
                    for group in ours)
     new = generated[:, width:]
@@ -241,7 +241,7 @@ def trl_case(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24, repeats:
                              gradient_checkpointing=gradient_checkpointing, attention=attention)
 
 
-# --- 2b. scoring: the prefix-tree path against a row per completion, from no sharing to much ---------------------
+# --- 3. scoring: the prefix-tree path against a row per completion, from no sharing to much ----------------------
 SHARING_SHAPES = ((5, 20, 8, 8), (5, 20, 8, 2), (30, 60, 8, 8), (30, 60, 8, 4), (30, 60, 8, 2), (5, 60, 16, 16))
 
 
@@ -286,7 +286,7 @@ def scoring_case(shapes: tuple[tuple[int, int, int, int], ...] = SHARING_SHAPES,
     return {"shapes": results, "groups": groups}
 
 
-# --- 3. metrics ----------------------------------------------------------------------------------------
+# --- 4. metrics ----------------------------------------------------------------------------------------
 def metrics_case(n: int = 1_000_000, repeats: int = 5) -> dict[str, Any]:
     from caopd.metrics import calibration_metrics
 
@@ -298,7 +298,7 @@ def metrics_case(n: int = 1_000_000, repeats: int = 5) -> dict[str, Any]:
     return {"seconds": times, "n": n}
 
 
-# --- 4. the whole run -------------------------------------------------------------------------------------
+# --- 5. the whole run -------------------------------------------------------------------------------------
 def run_case(args: tuple[str, ...] = ()) -> dict[str, Any]:
     """``caopd run`` once on the defaults (a warm-up and five more 2-minute runs would not fit in the benchmark's
     15 minutes)."""
