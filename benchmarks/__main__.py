@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
               "seconds_total": time.perf_counter() - started, "raw": raw}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from caopd.data import write_json, write_text
+    from caopd.io import write_json, write_text
 
     write_json(out / "latest.json", result)
     write_text(out / "latest.md", markdown(result))

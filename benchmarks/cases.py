@@ -7,45 +7,14 @@ Every timed figure is taken ``repeats`` times after one warm-up of the same work
 from __future__ import annotations
 
 import copy
-import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-
-class PeakRss:
-    """Peak resident memory of this process, sampled every 5 ms by a thread (torch allocates outside Python, so
-    tracemalloc would not see it). A context manager, or ``start()`` / ``stop()`` around a span."""
-
-    def start(self) -> "PeakRss":
-        self.peak, self._stop = rss_bytes(), threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, rss_bytes())
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-
-    def __enter__(self) -> "PeakRss":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from benchmarks.memory import PeakRss
 
 
 def _timed(fn: Callable[[], Any], repeats: int) -> tuple[list[float], Any]:
@@ -81,10 +50,10 @@ def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:
 
 
 def _prompts(n: int, seed: int = 0) -> tuple[Any, list[str], list[Any]]:
+    from caopd.method.templates import render_prompt
     from caopd.models.loading import load_model
     from caopd.tasks import get_task
     from caopd.tasks.arithmetic import generate_rows
-    from caopd.templates import render_prompt
 
     loaded = load_model("tiny")
     task = get_task("arithmetic")
@@ -98,8 +67,8 @@ def rollout_case(n_prompts: int = 64, k: int = 8, max_new_tokens: int = 24, repe
 
     The baseline model is the same weights with transformers' default attention (SDPA), as a user of ``generate``
     gets; ``generate`` on the project's model (its CPU attention) is timed too, to show the engine's own share."""
+    from caopd.config.sampling import SamplingConfig
     from caopd.models.loading import encode_text
-    from caopd.rollout import SamplingConfig
     from caopd.rollout.transformers_engine import TransformersEngine
 
     loaded, prompts, _ = _prompts(n_prompts)
@@ -192,12 +161,12 @@ def training_case(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24, rep
     """One OPD/CaOPD step of the project (sampling, teacher scoring, loss, backward, optimizer) on the tiny model;
     ``trl_case`` is the baseline, run by ``benchmarks.__main__`` in turn with this one, each in a process of its
     own (so each side's peak memory is its own)."""
-    from caopd.distill.config import TrainConfig
-    from caopd.distill.teachers import Teacher
-    from caopd.distill.trainer import TrainItem, Trainer
-    from caopd.rollout import SamplingConfig
+    from caopd.config.sampling import SamplingConfig
+    from caopd.config.training import TrainConfig
     from caopd.rollout.transformers_engine import TransformersEngine
     from caopd.tasks import get_task
+    from caopd.training.teachers import Teacher
+    from caopd.training.trainer import Trainer, TrainItem
 
     loaded, _, examples = _prompts(n_prompts * (repeats + 1))
     # The default micro-batch (64 sequences), which is also TRL's per-device batch in the baseline.
@@ -288,7 +257,7 @@ def scoring_case(shapes: tuple[tuple[int, int, int, int], ...] = SHARING_SHAPES,
 
 # --- 4. metrics ----------------------------------------------------------------------------------------
 def metrics_case(n: int = 1_000_000, repeats: int = 5) -> dict[str, Any]:
-    from caopd.metrics import calibration_metrics
+    from caopd.evaluation.metrics import calibration_metrics
 
     rng = torch.Generator().manual_seed(0)
     confidence = torch.rand(n, generator=rng, dtype=torch.float64).numpy()

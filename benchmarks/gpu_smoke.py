@@ -71,13 +71,21 @@ def _version(name: str) -> str | None:
 
 
 def smoke(size: str, n_prompts: int, k: int, steps: int, prompts_per_step: int, work: Path) -> dict:
-    from caopd.data import write_jsonl
-    from caopd.distill.config import TrainConfig
-    from caopd.rollout import SamplingConfig
+    from caopd.config.sampling import SamplingConfig
+    from caopd.config.stages import (
+        ESTIMATES,
+        RECORDS,
+        ROLLOUTS,
+        RolloutConfig,
+        TargetsConfig,
+        TrainStageConfig,
+    )
+    from caopd.config.training import TrainConfig
+    from caopd.io import write_jsonl
     from caopd.rollout.vllm_engine import vllm_available
-    from caopd.stages.estimate import ESTIMATES, ROLLOUTS, RolloutConfig, run_rollout_estimation
-    from caopd.stages.targets import RECORDS, TargetsConfig, run_target_replacement
-    from caopd.stages.train import TrainStageConfig, run_training
+    from caopd.stages.estimate import run_rollout_estimation
+    from caopd.stages.targets import run_target_replacement
+    from caopd.stages.train import run_training
     from caopd.tasks.arithmetic import generate_rows
 
     model_dir, data = work / "model", work / "train.jsonl"
@@ -134,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     result.update({"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor(),
                    "gpu_extra": installed, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                    "versions": {name: _version(name) for name in ("torch", "transformers", "vllm", "caopd")}})
-    from caopd.data import write_json
+    from caopd.io import write_json
 
     write_json(Path(args.out), result)
     print(json.dumps(result, indent=2))

@@ -1,6 +1,6 @@
 """Baseline: seconds per step of TRL's on-policy distillation trainer on the packaged tiny model.
 
-Measures ``trl.DistillationTrainer`` (TRL 1.16) set up like the project's own step (``caopd.distill.trainer``):
+Measures ``trl.DistillationTrainer`` (TRL 1.16) set up like the project's own step (``caopd.training.trainer``):
 the tiny model as student, a frozen copy of it as teacher, ``n_prompts`` arithmetic prompts per step with ``k``
 student samples each (temperature 1.0, top-k/top-p off, at most ``max_new_tokens`` new tokens), forward KL
 (``beta=0``) over the full vocabulary, AdamW at lr 1.5e-4, clipping at 1.0, fp32 on CPU, torch's default threads,
@@ -57,11 +57,11 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 from trl import DistillationConfig, DistillationTrainer
 
-from benchmarks.cases import PeakRss, rss_bytes
-from caopd.distill.config import TrainConfig
+from benchmarks.memory import PeakRss, rss_bytes
+from caopd.config.training import TrainConfig
+from caopd.method.templates import render_prompt
 from caopd.models.loading import load_model
 from caopd.tasks.arithmetic import generate_rows
-from caopd.templates import render_prompt
 
 LEARNING_RATE = 1.5e-4
 MAX_GRAD_NORM = 1.0

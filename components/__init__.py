@@ -5,11 +5,19 @@ lives in ``caopd.stages``. Imports sit inside the component bodies because KFP s
 """
 
 from caopd.components.calibration_evaluation import calibration_evaluation
-from caopd.components.continual import continual_distillation, continual_enabled, continual_evaluation
+from caopd.components.continual import (
+           continual_distillation,
+           continual_enabled,
+           continual_evaluation,
+)
 from caopd.components.data_preparation import data_preparation
 from caopd.components.model_registration import model_registration
 from caopd.components.opd_training import opd_training, training_arms
-from caopd.components.rollout_estimation import merge_rollout_shards, rollout_estimation, rollout_shard_indices
+from caopd.components.rollout_estimation import (
+           merge_rollout_shards,
+           rollout_estimation,
+           rollout_shard_indices,
+)
 from caopd.components.target_replacement import target_replacement
 
 __all__ = ["calibration_evaluation", "continual_distillation", "continual_enabled", "continual_evaluation",

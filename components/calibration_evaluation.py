@@ -5,7 +5,7 @@ from typing import List
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
-from caopd.images import GPU_IMAGE
+from caopd.config.images import GPU_IMAGE
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
@@ -15,12 +15,13 @@ def calibration_evaluation(data: Input[Dataset], models: Input[List[Model]], tas
                            report: Output[HTML]):
     from pathlib import Path
 
-    from caopd.report import html_report
-    from caopd.rollout import SamplingConfig
-    from caopd.stage_tracking import tracked, tracker_if_configured
-    from caopd.stages.evaluate import EvaluateConfig, run_evaluation
-    from caopd.stages.prepare import EVAL, ood_set
+    from caopd.config.sampling import SamplingConfig
+    from caopd.config.stages import EVAL, EvaluateConfig
+    from caopd.evaluation.report import html_report
+    from caopd.stages.evaluate import run_evaluation
+    from caopd.stages.prepare import ood_set
     from caopd.stages.train import trained_arms
+    from caopd.tracking.stage_runs import tracked, tracker_if_configured
 
     trained = trained_arms([model.path for model in models])
     arms = {"base": base_model, **{m: str(trained[m]) for m in ("opd", "caopd") if m in trained}}

@@ -4,7 +4,7 @@ task A (before and after B) and on task B."""
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
-from caopd.images import CPU_IMAGE, GPU_IMAGE
+from caopd.config.images import CPU_IMAGE, GPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -20,14 +20,14 @@ def continual_distillation(data: Input[Dataset], model: Input[Model], task: str,
     import shutil
     from pathlib import Path
 
-    from caopd.continual import ContinualStepConfig, run_continual_step
-    from caopd.distill.checkpoints import checkpoint_root
-    from caopd.distill.config import TrainConfig
+    from caopd.config.experiments import ContinualStepConfig
+    from caopd.config.stages import CONTINUAL_TRAIN, MODEL_DIR
+    from caopd.config.training import TrainConfig
+    from caopd.experiments.continual import run_continual_step
     from caopd.models.loading import METADATA_FILE
-    from caopd.stage_tracking import tracked, tracker_if_configured
-    from caopd.stages.prepare import CONTINUAL_TRAIN
-    from caopd.stages.train import MODEL_DIR
-    from caopd.tracking import TAG_METHOD
+    from caopd.tracking.stage_runs import tracked, tracker_if_configured
+    from caopd.tracking.tracker import TAG_METHOD
+    from caopd.training.checkpoints import checkpoint_root
 
     start = Path(model.path) / MODEL_DIR
     # Task B trains with task A's settings: the checkpoint records them.
@@ -50,14 +50,12 @@ def continual_evaluation(data: Input[Dataset], model: Input[Model], continual_mo
                          report: Output[HTML]):
     from pathlib import Path
 
-    from caopd.continual import evaluate_forgetting
-    from caopd.report import html_report
-    from caopd.rollout import SamplingConfig
-    from caopd.stage_tracking import tracked, tracker_if_configured
-    from caopd.stages.evaluate import EvaluateConfig
-    from caopd.stages.prepare import CONTINUAL_EVAL, EVAL
-    from caopd.stages.train import MODEL_DIR
-    from caopd.tracking import TAG_METHOD
+    from caopd.config.sampling import SamplingConfig
+    from caopd.config.stages import CONTINUAL_EVAL, EVAL, MODEL_DIR, EvaluateConfig
+    from caopd.evaluation.report import html_report
+    from caopd.experiments.continual import evaluate_forgetting
+    from caopd.tracking.stage_runs import tracked, tracker_if_configured
+    from caopd.tracking.tracker import TAG_METHOD
 
     method = model.metadata["method"]
     models = {f"{method}_after_a": str(Path(model.path) / MODEL_DIR),

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Output
 
-from caopd.images import CPU_IMAGE
+from caopd.config.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -12,8 +12,9 @@ def data_preparation(task: str, train_source: str, eval_source: str, n_train: in
                      continual_kinds: list, mlflow_settings: dict, pipeline_run_id: str, data: Output[Dataset]):
     from pathlib import Path
 
-    from caopd.stage_tracking import tracked, tracker_if_configured
-    from caopd.stages.prepare import CONTINUAL_TRAIN, EVAL, OOD, TRAIN, DataConfig, run_data_preparation
+    from caopd.config.stages import CONTINUAL_TRAIN, EVAL, OOD, TRAIN, DataConfig
+    from caopd.stages.prepare import run_data_preparation
+    from caopd.tracking.stage_runs import tracked, tracker_if_configured
 
     cfg = DataConfig(task=task, train_source=train_source, eval_source=eval_source, n_train=n_train,
                      n_eval=n_eval, seed=seed, kind_weights=kind_weights, ood_kinds=ood_kinds, ood_source=ood_source,

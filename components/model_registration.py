@@ -5,7 +5,7 @@ from typing import List
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
 
-from caopd.images import CPU_IMAGE
+from caopd.config.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -14,11 +14,12 @@ def model_registration(models: Input[List[Model]], evaluation: Input[Dataset], m
                        registered: Output[Model]):
     from pathlib import Path
 
-    from caopd.data import read_json
-    from caopd.gates import GateConfig
-    from caopd.stage_tracking import tracker_if_configured
-    from caopd.stages.register import RegisterConfig, run_registration
+    from caopd.config.gates import GateConfig
+    from caopd.config.stages import RegisterConfig
+    from caopd.io import read_json
+    from caopd.stages.register import run_registration
     from caopd.stages.train import trained_arms
+    from caopd.tracking.stage_runs import tracker_if_configured
 
     trained = trained_arms([m.path for m in models])
     if "caopd" not in trained:

@@ -5,7 +5,7 @@ from typing import List
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Model, Output
 
-from caopd.images import CPU_IMAGE, GPU_IMAGE
+from caopd.config.images import CPU_IMAGE, GPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -24,15 +24,15 @@ def opd_training(records: Input[Dataset], task: str, base_model: str, method: st
     import shutil
     from pathlib import Path
 
-    from caopd.cluster.jobs import WORKSPACE_MOUNT
-    from caopd.distill.checkpoints import checkpoint_root
-    from caopd.distill.config import TrainConfig
-    from caopd.report import html_report
-    from caopd.stage_tracking import tracked, tracker_if_configured
-    from caopd.tracking import TAG_METHOD
-    from caopd.rollout import SamplingConfig
-    from caopd.stages.targets import RECORDS
-    from caopd.stages.train import CURVES, TrainStageConfig, run_training_stage
+    from caopd.config.launch import WORKSPACE_MOUNT
+    from caopd.config.sampling import SamplingConfig
+    from caopd.config.stages import CURVES, RECORDS, TrainStageConfig
+    from caopd.config.training import TrainConfig
+    from caopd.evaluation.report import html_report
+    from caopd.launch.remote import run_training_stage
+    from caopd.tracking.stage_runs import tracked, tracker_if_configured
+    from caopd.tracking.tracker import TAG_METHOD
+    from caopd.training.checkpoints import checkpoint_root
 
     if method == "opd" and variant == "decoupled":
         variant = "faithful"  # the decoupled loss needs P; the baseline arm trains the paper's plain OPD

@@ -5,7 +5,7 @@ from typing import List
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Output
 
-from caopd.images import CPU_IMAGE, GPU_IMAGE
+from caopd.config.images import CPU_IMAGE, GPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -21,11 +21,10 @@ def rollout_estimation(data: Input[Dataset], task: str, base_model: str, k: int,
                        mlflow_settings: dict, pipeline_run_id: str, rollouts: Output[Dataset]):
     from pathlib import Path
 
-    from caopd.stage_tracking import tracked, tracker_if_configured
-
-    from caopd.rollout import SamplingConfig
-    from caopd.stages.estimate import RolloutConfig, run_rollout_estimation
-    from caopd.stages.prepare import TRAIN
+    from caopd.config.sampling import SamplingConfig
+    from caopd.config.stages import TRAIN, RolloutConfig
+    from caopd.stages.estimate import run_rollout_estimation
+    from caopd.tracking.stage_runs import tracked, tracker_if_configured
 
     cfg = RolloutConfig(model=base_model, task=task, data=str(Path(data.path) / TRAIN), k=k, engine=engine,
                         sampling=SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed),

@@ -3,7 +3,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Output
 
-from caopd.images import CPU_IMAGE
+from caopd.config.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
@@ -12,12 +12,10 @@ def target_replacement(data: Input[Dataset], rollouts: Input[Dataset], task: str
                        records: Output[Dataset]):
     from pathlib import Path
 
-    from caopd.stage_tracking import tracked, tracker_if_configured
-    from caopd.tracking import TAG_METHOD
-
-    from caopd.stages.estimate import ESTIMATES, ROLLOUTS
-    from caopd.stages.prepare import TRAIN
-    from caopd.stages.targets import TargetsConfig, run_target_replacement
+    from caopd.config.stages import ESTIMATES, ROLLOUTS, TRAIN, TargetsConfig
+    from caopd.stages.targets import run_target_replacement
+    from caopd.tracking.stage_runs import tracked, tracker_if_configured
+    from caopd.tracking.tracker import TAG_METHOD
 
     cfg = TargetsConfig(method=method, teacher_context=teacher_context, task=task, model=base_model,
                         data=str(Path(data.path) / TRAIN), rollouts=str(Path(rollouts.path) / ROLLOUTS),

@@ -30,7 +30,7 @@ def compile_pipeline(path: str | Path = COMPILED_PIPELINE, workspace_pvc: str = 
     mounts that PVC on the training step (checkpoints that outlive the pod; multi-node jobs)."""
     from kfp import compiler
 
-    from caopd.data import write_text
+    from caopd.io import write_text
 
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "pipeline.yaml"

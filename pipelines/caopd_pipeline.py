@@ -15,17 +15,26 @@ mounts a shared ReadWriteMany volume on the training step: its checkpoints then 
 # No `from __future__ import annotations`: KFP reads the real annotation objects.
 from typing import NamedTuple
 
+from caopd.components import (
+    calibration_evaluation,
+    continual_distillation,
+    continual_enabled,
+    continual_evaluation,
+    data_preparation,
+    merge_rollout_shards,
+    model_registration,
+    opd_training,
+    rollout_estimation,
+    rollout_shard_indices,
+    target_replacement,
+    training_arms,
+)
 from kfp import dsl, kubernetes
 from kfp.dsl import Dataset, Model
 
-from caopd.cluster.jobs import WORKSPACE_MOUNT
-from caopd.components import (calibration_evaluation, continual_distillation, continual_enabled, continual_evaluation,
-                              data_preparation, merge_rollout_shards, model_registration, opd_training,
-                              rollout_estimation, rollout_shard_indices, target_replacement, training_arms)
-from caopd.distill.config import TrainConfig
-from caopd.stages.prepare import DataConfig
-from caopd.stages.register import RegisterConfig
-from caopd.stages.train import TrainStageConfig
+from caopd.config.launch import WORKSPACE_MOUNT
+from caopd.config.stages import DataConfig, RegisterConfig, TrainStageConfig
+from caopd.config.training import TrainConfig
 
 PIPELINE_NAME = "caopd"
 # The GPU stages' pod shape. /dev/shm is memory-backed and large because vLLM and torch DataLoader workers
@@ -103,7 +112,7 @@ def build_pipeline(workspace_pvc: str = ""):
         lr: float = _TRAIN.lr,
         train_options: dict = {},
         # where training runs: {} = in the training pod; {"procs_per_node": 4} = torchrun over its 4 GPUs;
-        # {"kind": "trainjob" | "pytorchjob", "num_nodes": ..., ...} = a job on several nodes (caopd.cluster.jobs.
+        # {"kind": "trainjob" | "pytorchjob", "num_nodes": ..., ...} = a job on several nodes (caopd.config.launch.
         # LaunchConfig; needs a pipeline compiled with a workspace PVC)
         train_launch: dict = {},
         # with several processes: "replicate" (data parallel) or "fsdp" (weights, gradients and optimizer state

@@ -20,7 +20,7 @@ def tiny_model():
 @pytest.fixture
 def arithmetic_files(tmp_path):
     """Small train / eval prompt files for end-to-end runs."""
-    from caopd.data import write_jsonl
+    from caopd.io import write_jsonl
     from caopd.tasks.arithmetic import generate_rows
 
     train, evaluation = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
@@ -32,8 +32,9 @@ def arithmetic_files(tmp_path):
 @pytest.fixture
 def records(tmp_path, arithmetic_files):
     """Training records (CaOPD targets) of the small training file: K = 2 rollouts of the tiny model per prompt."""
-    from caopd.stages.estimate import RolloutConfig, run_rollout_estimation
-    from caopd.stages.targets import TargetsConfig, run_target_replacement
+    from caopd.config.stages import RolloutConfig, TargetsConfig
+    from caopd.stages.estimate import run_rollout_estimation
+    from caopd.stages.targets import run_target_replacement
 
     train, _ = arithmetic_files
     run_rollout_estimation(RolloutConfig(data=str(train), k=2), tmp_path / "rollouts", progress=False)

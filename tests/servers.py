@@ -10,8 +10,8 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import threading
+import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path

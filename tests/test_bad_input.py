@@ -14,15 +14,16 @@ import pytest
 import torch
 
 from caopd.cli import main
-from caopd.data import DATA_ROOT_ENV, write_jsonl, write_parquet
-from caopd.metrics import calibration_metrics
+from caopd.evaluation.metrics import calibration_metrics
+from caopd.io import write_jsonl, write_parquet
+from caopd.method.protocol import parse_confidence
 from caopd.models import tiny
 from caopd.models.loading import load_model
-from caopd.protocol import parse_confidence
-from caopd.stages.common import score_completions
 from caopd.rollout.base import Completion
+from caopd.stages.common import score_completions
 from caopd.tasks import get_task
 from caopd.tasks.arithmetic import generate_rows
+from caopd.tasks.datasets import DATA_ROOT_ENV
 
 GOOD = generate_rows(3, 0, ["add_1x1"], id_prefix="ok")
 

@@ -7,9 +7,15 @@ import random
 import pytest
 import torch
 
-from caopd.distill.trainer import PromptGroup, micro_batches
 from caopd.models import batching, tree_forward
-from caopd.models.batching import completion_logits, left_padded, pack_rows, pack_trees, prefix_tree
+from caopd.models.batching import (
+    completion_logits,
+    left_padded,
+    pack_rows,
+    pack_trees,
+    prefix_tree,
+)
+from caopd.training.trainer import PromptGroup, micro_batches
 
 
 def _random_groups(vocab: int, seed: int = 0):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from caopd.cli import EXIT_BAD_INPUT, main
-from caopd.data import write_jsonl
-from caopd.metrics import METRIC_KEYS
+from caopd.evaluation.metrics import METRIC_KEYS
+from caopd.io import write_jsonl
 from caopd.tasks.arithmetic import generate_rows
 
 

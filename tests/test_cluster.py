@@ -5,19 +5,32 @@ command as real torchrun processes on 127.0.0.1."""
 import json
 
 import pytest
+from k8s_fake_server import FakeKubernetes
 from kubernetes_validate import validate
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from caopd.cluster.jobs import LaunchConfig, job_manifest, job_name, pytorchjob_manifest, trainjob_manifest
-from caopd.cluster.launcher import JobLauncher, JobRef, job_state, trainer_error
-from caopd.cluster.remote import STAGED_RECORDS, checkpoint_progress, train_on_cluster, workspace_stage
-from caopd.distill.checkpoints import checkpoint_root
-from caopd.distill.config import TrainConfig
+from caopd.config.launch import LaunchConfig
+from caopd.config.sampling import SamplingConfig
+from caopd.config.stages import TrainStageConfig
+from caopd.config.training import TrainConfig
 from caopd.errors import CaopdServiceError, TrainingJobFailed
-from caopd.rollout import SamplingConfig
-from caopd.stages.train import TrainStageConfig, run_training, run_training_stage
-from k8s_fake_server import FakeKubernetes
+from caopd.launch.jobs import (
+    job_manifest,
+    job_name,
+    pytorchjob_manifest,
+    trainjob_manifest,
+)
+from caopd.launch.launcher import JobLauncher, JobRef, job_state, trainer_error
+from caopd.launch.remote import (
+    STAGED_RECORDS,
+    checkpoint_progress,
+    run_training_stage,
+    train_on_cluster,
+    workspace_stage,
+)
+from caopd.stages.train import run_training
+from caopd.training.checkpoints import checkpoint_root
 
 K8S_VERSION = "1.37.0"
 GPU_LAUNCH = dict(workspace_pvc="caopd-workspace", num_nodes=3, procs_per_node=4, gpus_per_node=4, cpu="32",

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from caopd.cli import main
-from caopd.compare import ARMS, CompareConfig, acceptance_checks, paper_table
+from caopd.config.experiments import ARMS, CompareConfig
+from caopd.experiments.compare import acceptance_checks, paper_table
 
 
 def _arm(accuracy, ece, intervals=None):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from caopd.cli import main
-from caopd.continual import ContinualConfig
+from caopd.config.experiments import ContinualConfig
 
 
 def test_continual_run_scores_task_a_before_and_after_task_b(tmp_path, capsys):

@@ -3,10 +3,20 @@ import os
 import numpy as np
 import pytest
 
-from caopd.data import (atomic_dir, file_digest, load_examples, load_rows, read_json, read_jsonl,
-                        read_parquet, rows_digest, write_json, write_jsonl, write_parquet)
 from caopd.errors import CaopdInputError
+from caopd.io import (
+    atomic_dir,
+    file_digest,
+    read_json,
+    read_jsonl,
+    read_parquet,
+    rows_digest,
+    write_json,
+    write_jsonl,
+    write_parquet,
+)
 from caopd.tasks import get_task
+from caopd.tasks.datasets import load_examples, load_rows
 
 ROWS = [
     {"id": "a", "prompt": "1+2=", "answer": "3", "kind": "add_1x1"},

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from caopd.distill.distributed import World
+from caopd.models.distributed import World
 
 # Greedy sampling makes the completions independent of how the step's prompts are split across processes, so the
 # two runs see the same samples and differ only in the order of float sums.

@@ -6,8 +6,13 @@ import math
 import numpy as np
 import pytest
 
-from caopd.metrics import METRIC_KEYS, aurc, bootstrap_intervals, risk_coverage
-from caopd.report import intervals_table
+from caopd.evaluation.metrics import (
+    METRIC_KEYS,
+    aurc,
+    bootstrap_intervals,
+    risk_coverage,
+)
+from caopd.evaluation.report import intervals_table
 
 
 def test_risk_coverage_and_aurc_by_hand():
@@ -51,7 +56,8 @@ def test_intervals_table_shows_low_and_high_per_metric():
 
 
 def test_evaluation_report_has_aurc_intervals_and_the_risk_coverage_plot(tmp_path, arithmetic_files):
-    from caopd.stages.evaluate import EvaluateConfig, run_evaluation
+    from caopd.config.stages import EvaluateConfig
+    from caopd.stages.evaluate import run_evaluation
 
     _, evaluation = arithmetic_files
     cfg = EvaluateConfig(models={"base": "tiny"}, data=str(evaluation), bootstrap_resamples=50)
@@ -65,8 +71,9 @@ def test_evaluation_report_has_aurc_intervals_and_the_risk_coverage_plot(tmp_pat
 
 
 def test_extra_prompt_sets_are_scored_and_reported_beside_the_in_domain_one(tmp_path):
-    from caopd.data import write_jsonl
-    from caopd.stages.evaluate import EvaluateConfig, run_evaluation
+    from caopd.config.stages import EvaluateConfig
+    from caopd.io import write_jsonl
+    from caopd.stages.evaluate import run_evaluation
     from caopd.tasks.arithmetic import generate_rows
 
     write_jsonl(tmp_path / "eval.jsonl", generate_rows(5, 1, ["add_2x1"], id_prefix="eval"))
@@ -85,8 +92,9 @@ def test_extra_prompt_sets_are_scored_and_reported_beside_the_in_domain_one(tmp_
 
 
 def test_an_extra_set_of_another_task_is_verified_by_its_own_task(tmp_path):
-    from caopd.data import write_jsonl
-    from caopd.stages.evaluate import EvaluateConfig, run_evaluation
+    from caopd.config.stages import EvaluateConfig
+    from caopd.io import write_jsonl
+    from caopd.stages.evaluate import run_evaluation
     from caopd.tasks.arithmetic import generate_rows
 
     write_jsonl(tmp_path / "eval.jsonl", generate_rows(6, 1, ["add_1x1"], id_prefix="eval"))
@@ -110,7 +118,7 @@ def test_an_extra_set_of_another_task_is_verified_by_its_own_task(tmp_path):
     ({"extra_data": {"chem": "c.jsonl"}, "extra_tasks": {"chem": "poetry"}}, "unknown task"),
 ])
 def test_bad_extra_tasks_are_refused(bad, message):
-    from caopd.stages.evaluate import EvaluateConfig
+    from caopd.config.stages import EvaluateConfig
 
     with pytest.raises(ValueError, match=message):
         EvaluateConfig(models={"base": "tiny"}, data="e.jsonl", **bad)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from caopd.images import CPU_IMAGE, GPU_IMAGE
+from caopd.config.images import CPU_IMAGE, GPU_IMAGE
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {"cpu": ROOT / "images" / "cpu" / "Dockerfile", "gpu": ROOT / "images" / "gpu" / "Dockerfile"}

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from caopd.distill.losses import token_cross_entropy, token_divergence
-from caopd.distill.teachers import Teacher
+from caopd.training.losses import token_cross_entropy, token_divergence
+from caopd.training.teachers import Teacher
 
 
 @pytest.fixture

@@ -10,8 +10,13 @@ import numpy as np
 import pytest
 
 from caopd.errors import CaopdInputError
-from caopd.metrics import (
-    METRIC_KEYS, bin_indices, calibration_metrics, load_predictions, metrics_by_group, reliability_bins,
+from caopd.evaluation.metrics import (
+    METRIC_KEYS,
+    bin_indices,
+    calibration_metrics,
+    load_predictions,
+    metrics_by_group,
+    reliability_bins,
 )
 
 TOL = 1e-6

@@ -9,11 +9,11 @@ import sys
 
 import pytest
 import yaml
-
-from caopd.distill.config import TrainConfig
 from caopd.pipelines import COMPILED_PIPELINE, caopd_pipeline, compile_pipeline
-from caopd.cluster.jobs import WORKSPACE_MOUNT
-from caopd.stages.prepare import DataConfig
+
+from caopd.config.launch import WORKSPACE_MOUNT
+from caopd.config.stages import DataConfig
+from caopd.config.training import TrainConfig
 
 GPU_STAGES = {"rollout-estimation", "opd-training", "calibration-evaluation", "continual-distillation",
               "continual-evaluation"}
@@ -197,8 +197,9 @@ def test_parameters_are_ordered_by_stage():
 
 
 def test_local_run_fans_rollouts_out_skips_the_baseline_scores_held_out_kinds_and_continues_on_task_b(tmp_path):
-    from caopd.runner import RunConfig, run_main_job
-    from caopd.data import read_json
+    from caopd.config.run import RunConfig
+    from caopd.io import read_json
+    from caopd.kfp.local import run_main_job
 
     print_before = builtins.print
     cfg = RunConfig.model_validate({"n_train": 10, "n_eval": 12, "k": 2, "rollout_shards": 2, "train_baseline": False,

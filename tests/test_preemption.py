@@ -13,15 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from caopd.distill.checkpoints import latest_checkpoint
-from caopd.distill.config import TrainConfig
-from caopd.distill.teachers import Teacher
-from caopd.distill.trainer import Trainer
+from caopd.config.training import TrainConfig
 from caopd.errors import TrainingStopped
 from caopd.models.loading import load_model
 from caopd.rollout.transformers_engine import TransformersEngine
 from caopd.stages.train import items_from_records
 from caopd.tasks import get_task
+from caopd.training.checkpoints import latest_checkpoint
+from caopd.training.teachers import Teacher
+from caopd.training.trainer import Trainer
 
 STEPS = 12
 TRAIN_FLAGS = ["--train.steps", str(STEPS), "--train.prompts-per-step", "3", "--train.k", "2",
@@ -98,7 +98,7 @@ def test_a_non_finite_loss_stops_with_the_last_good_checkpoint_kept(tmp_path, re
 
 def test_sigterm_outside_training_keeps_its_usual_meaning():
     # The handler is installed only while the loop runs: afterwards SIGTERM ends a process as before.
-    script = ("import signal, os, sys\nfrom caopd.distill.trainer import sigterm_flag\n"
+    script = ("import signal, os, sys\nfrom caopd.training.trainer import sigterm_flag\n"
               "with sigterm_flag() as flag:\n    os.kill(os.getpid(), signal.SIGTERM)\n"
               "    assert flag.is_set()\nos.kill(os.getpid(), signal.SIGTERM)\nsys.exit(0)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ.copy())

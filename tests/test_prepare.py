@@ -3,7 +3,8 @@ out for the out-of-distribution set never reach training."""
 
 import pytest
 
-from caopd.stages.prepare import DEFAULT_KIND_WEIGHTS, TRAIN, DataConfig, run_data_preparation
+from caopd.config.stages import DEFAULT_KIND_WEIGHTS, TRAIN, DataConfig
+from caopd.stages.prepare import run_data_preparation
 
 
 def test_kind_weight_order_does_not_change_the_data(tmp_path):
@@ -15,8 +16,8 @@ def test_kind_weight_order_does_not_change_the_data(tmp_path):
 
 
 def test_ood_kinds_are_held_out_of_training_and_scored_apart(tmp_path):
-    from caopd.data import read_jsonl
-    from caopd.stages.prepare import OOD, TRAIN
+    from caopd.config.stages import OOD, TRAIN
+    from caopd.io import read_jsonl
 
     summary = run_data_preparation(DataConfig(n_train=60, n_eval=30, ood_kinds=["mul_2x2", "add_1x1"]), tmp_path)
     train_kinds = {row["kind"] for row in read_jsonl(tmp_path / TRAIN)}
@@ -42,8 +43,9 @@ CHEMISTRY_ROWS = __import__("pathlib").Path(__file__).with_name("fixtures") / "s
 
 
 def test_an_ood_set_of_another_task_is_validated_by_that_task(tmp_path):
-    from caopd.data import read_jsonl
-    from caopd.stages.prepare import OOD, ood_set
+    from caopd.config.stages import OOD
+    from caopd.io import read_jsonl
+    from caopd.stages.prepare import ood_set
 
     summary = run_data_preparation(DataConfig(n_train=10, n_eval=5, ood_source=str(CHEMISTRY_ROWS),
                                               ood_task="mcq"), tmp_path / "cross")
@@ -75,8 +77,9 @@ def test_bad_ood_source_settings_are_refused_up_front(bad, message):
 
 def test_dataset_paths_cannot_escape_the_data_root(tmp_path, monkeypatch, capsys):
     from caopd.cli import main
-    from caopd.data import DATA_ROOT_ENV, write_jsonl
+    from caopd.io import write_jsonl
     from caopd.tasks.arithmetic import generate_rows
+    from caopd.tasks.datasets import DATA_ROOT_ENV
 
     root, outside = tmp_path / "data", tmp_path / "private"
     root.mkdir(), outside.mkdir()

@@ -1,6 +1,11 @@
 import pytest
 
-from caopd.protocol import format_confidence, parse_confidence, replace_confidence, strip_confidence
+from caopd.method.protocol import (
+    format_confidence,
+    parse_confidence,
+    replace_confidence,
+    strip_confidence,
+)
 
 
 @pytest.mark.parametrize("text, expected", [

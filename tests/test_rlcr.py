@@ -6,12 +6,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from caopd.data import read_jsonl
-from caopd.distill.config import TrainConfig
-from caopd.distill.rlcr import group_advantages, policy_gradient_terms, rlcr_reward
+from caopd.config.sampling import SamplingConfig
+from caopd.config.stages import TrainStageConfig
+from caopd.config.training import TrainConfig
+from caopd.io import read_jsonl
 from caopd.models.loading import load_model
-from caopd.rollout.base import SamplingConfig
-from caopd.stages.train import TrainStageConfig, run_training
+from caopd.stages.train import run_training
+from caopd.training.rlcr import group_advantages, policy_gradient_terms, rlcr_reward
 
 
 @pytest.mark.parametrize("correct, confidence, reward", [

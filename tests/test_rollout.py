@@ -2,8 +2,12 @@
 
 import torch
 
-from caopd.rollout.base import SamplingConfig
-from caopd.rollout.transformers_engine import TransformersEngine, chunk_generator, sample_next
+from caopd.config.sampling import SamplingConfig
+from caopd.rollout.transformers_engine import (
+    TransformersEngine,
+    chunk_generator,
+    sample_next,
+)
 
 PROMPTS = ["12*34=", "3+4=", "56*7=", "88+19="]
 
@@ -89,12 +93,12 @@ class RecordingEngine(TransformersEngine):
 def test_an_engine_with_its_own_weights_is_handed_each_steps_weights_and_the_resumed_ones(tmp_path, records):
     from safetensors.torch import load_file
 
-    from caopd.distill.config import TrainConfig
-    from caopd.distill.teachers import Teacher
-    from caopd.distill.trainer import Trainer
+    from caopd.config.training import TrainConfig
     from caopd.models.loading import load_model
     from caopd.stages.train import items_from_records
     from caopd.tasks import get_task
+    from caopd.training.teachers import Teacher
+    from caopd.training.trainer import Trainer
 
     cfg = TrainConfig(steps=3, prompts_per_step=2, k=2, save_every=1, micro_batch_size=4)
 

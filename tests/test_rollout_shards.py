@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from caopd.data import read_jsonl
+from caopd.config.stages import ESTIMATES, ROLLOUTS, SUMMARY, RolloutConfig
 from caopd.errors import CaopdInputError
-from caopd.stages.estimate import (ESTIMATES, ROLLOUTS, SUMMARY, RolloutConfig, merge_rollout_shards,
-                                   run_rollout_estimation, shard)
+from caopd.io import read_jsonl
+from caopd.stages.estimate import merge_rollout_shards, run_rollout_estimation, shard
 
 
 def test_shards_are_contiguous_and_cover_everything_once():

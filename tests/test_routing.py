@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 
 from caopd.cli import main
-from caopd.routing import ConfidenceRouter, cheapest_point, routing_curve, routing_summary
+from caopd.experiments.routing import (
+    ConfidenceRouter,
+    cheapest_point,
+    routing_curve,
+    routing_summary,
+)
 
 # Four prompts: the small model is right on the two it is sure of (0.9), wrong on 0.2 and 0.5.
 CONF, SMALL = [0.2, 0.9, 0.5, 0.9], [False, True, False, True]

@@ -1,8 +1,15 @@
 """The three target-replacement edits of DESIGN.md, and the plain-OPD baseline."""
 
-from caopd.targets import empirical_confidence, student_target, teacher_context
-from caopd.templates import (DEMO_CLOSING, DEMO_INTRO, SOLUTION_CLOSING, SOLUTION_INTRO, PrivilegedContext,
-                             confidence_note, teacher_prompt)
+from caopd.method.targets import empirical_confidence, student_target, teacher_context
+from caopd.method.templates import (
+    DEMO_CLOSING,
+    DEMO_INTRO,
+    SOLUTION_CLOSING,
+    SOLUTION_INTRO,
+    PrivilegedContext,
+    confidence_note,
+    teacher_prompt,
+)
 
 DEMO = "<answer>B</answer>\nConfidence: 1.00"
 ROLLOUT = "I think it is C.\n<answer>C</answer>\nConfidence: 0.95"

@@ -2,10 +2,11 @@ from pathlib import Path
 
 import pytest
 
-from caopd.data import load_examples, write_jsonl
 from caopd.errors import CaopdInputError
-from caopd.protocol import parse_confidence
+from caopd.io import write_jsonl
+from caopd.method.protocol import parse_confidence
 from caopd.tasks import get_task, task_names
+from caopd.tasks.datasets import load_examples
 
 CHEMISTRY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sciknoweval_chemistry_eval"
 # The first six rows of that dataset, verbatim, so the verifier is pinned on real rows in any checkout.

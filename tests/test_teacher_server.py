@@ -6,14 +6,15 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from caopd.distill.config import TrainConfig
-from caopd.distill.losses import sparse_token_divergence, token_divergence
-from caopd.distill.teacher_server import TeacherServer
-from caopd.errors import CaopdServiceError
-from caopd.rollout import SamplingConfig
-from caopd.stages.train import TrainStageConfig, run_training
 from vllm_fake_server import FakeVLLM
+
+from caopd.config.sampling import SamplingConfig
+from caopd.config.stages import TrainStageConfig
+from caopd.config.training import TrainConfig
+from caopd.errors import CaopdServiceError
+from caopd.stages.train import run_training
+from caopd.training.losses import sparse_token_divergence, token_divergence
+from caopd.training.teacher_server import TeacherServer
 
 TOP_K = 5
 

@@ -5,13 +5,14 @@ import shutil
 import pytest
 import torch
 
+from caopd.config.pretrain import PretrainConfig
+from caopd.config.sampling import SamplingConfig
 from caopd.errors import CaopdInputError
 from caopd.models import tiny
 from caopd.models.loading import load_model
-from caopd.models.pretrain import PretrainConfig, pretrain_tiny
-from caopd.rollout.base import SamplingConfig
 from caopd.rollout.transformers_engine import TransformersEngine
 from caopd.tasks.arithmetic import ArithmeticTask, generate_rows
+from caopd.training.pretrain import pretrain_tiny
 
 
 def test_tokenizer_is_character_level_and_round_trips():

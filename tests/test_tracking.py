@@ -4,21 +4,52 @@ import time
 
 import boto3
 import pytest
+from servers import (
+    BUCKET,
+    S3_KEY_ID,
+    S3_SECRET,
+    free_port,
+    s3_env,
+    start_mlflow,
+    start_s3,
+)
 
-from caopd.data import file_digest, write_jsonl
-from caopd.distill.config import TrainConfig
+from caopd.config.gates import GateConfig
+from caopd.config.sampling import SamplingConfig
+from caopd.config.stages import (
+    ESTIMATES,
+    MODEL_DIR,
+    RECORDS,
+    ROLLOUTS,
+    EvaluateConfig,
+    RolloutConfig,
+    TargetsConfig,
+    TrainStageConfig,
+)
+from caopd.config.tracking import TrackingConfig
+from caopd.config.training import TrainConfig
 from caopd.errors import CaopdServiceError
-from caopd.gates import GateConfig
-from caopd.registry import CHALLENGER, CHAMPION, lineage, promote, register_version
-from caopd.rollout import SamplingConfig
-from caopd.stage_tracking import register_in_mlflow, tracked
-from caopd.stages.estimate import ESTIMATES, ROLLOUTS, RolloutConfig, run_rollout_estimation
-from caopd.stages.evaluate import EvaluateConfig, run_evaluation
-from caopd.stages.targets import RECORDS, TargetsConfig, run_target_replacement
-from caopd.stages.train import MODEL_DIR, TrainStageConfig, run_training
+from caopd.io import file_digest, write_jsonl
+from caopd.stages.estimate import run_rollout_estimation
+from caopd.stages.evaluate import run_evaluation
+from caopd.stages.targets import run_target_replacement
+from caopd.stages.train import run_training
 from caopd.tasks.arithmetic import generate_rows
-from caopd.tracking import TAG_METHOD, TAG_STAGE, Tracker, TrackingConfig, flat_params, redact_uri
-from servers import BUCKET, S3_KEY_ID, S3_SECRET, free_port, s3_env, start_mlflow, start_s3
+from caopd.tracking.registry import (
+    CHALLENGER,
+    CHAMPION,
+    lineage,
+    promote,
+    register_version,
+)
+from caopd.tracking.stage_runs import register_in_mlflow, tracked
+from caopd.tracking.tracker import (
+    TAG_METHOD,
+    TAG_STAGE,
+    Tracker,
+    flat_params,
+    redact_uri,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -276,7 +307,7 @@ def test_large_weights_go_up_in_parts_with_their_checksums(s3_client_env, tmp_pa
     import json
     import os
 
-    from caopd.storage import MANIFEST, MULTIPART_THRESHOLD, upload_folder
+    from caopd.tracking.storage import MANIFEST, MULTIPART_THRESHOLD, upload_folder
 
     folder = tmp_path / "weights"
     (folder / "shards").mkdir(parents=True)
@@ -292,8 +323,9 @@ def test_large_weights_go_up_in_parts_with_their_checksums(s3_client_env, tmp_pa
 
 
 def test_rerunning_a_stage_in_the_same_pipeline_run_leaves_one_run(tmp_path):
-    from caopd.stage_tracking import tracked
-    from caopd.stages.prepare import DataConfig, run_data_preparation
+    from caopd.config.stages import DataConfig
+    from caopd.stages.prepare import run_data_preparation
+    from caopd.tracking.stage_runs import tracked
 
     tracker = _tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path, "idempotent", "kfp-run-7")
     cfg = DataConfig(n_train=5, n_eval=5)

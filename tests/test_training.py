@@ -4,15 +4,16 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from caopd.data import read_jsonl
-from caopd.distill.checkpoints import latest_checkpoint
-from caopd.distill.config import TrainConfig
-from caopd.distill.trainer import completion_tokens, prompt_order
+from caopd.config.sampling import SamplingConfig
+from caopd.config.stages import TrainStageConfig
+from caopd.config.training import TrainConfig
+from caopd.io import read_jsonl
 from caopd.models.loading import load_model
 from caopd.models.tiny import build_tokenizer
-from caopd.rollout.base import SamplingConfig
 from caopd.rollout.transformers_engine import TransformersEngine
-from caopd.stages.train import TrainStageConfig, run_training
+from caopd.stages.train import run_training
+from caopd.training.checkpoints import latest_checkpoint
+from caopd.training.trainer import completion_tokens, prompt_order
 
 SMALL = dict(steps=3, prompts_per_step=3, k=2, save_every=1, micro_batch_size=4,
              sampling=SamplingConfig(max_new_tokens=24))

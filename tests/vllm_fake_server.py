@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import threading
-import torch
 
+import torch
 from servers import InProcessHTTP, QuietHandler
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
 
-from caopd.rollout.base import Completion, RolloutEngine, SamplingConfig
-
-EngineName = Literal["auto", "transformers", "vllm"]
+from caopd.config.sampling import SamplingConfig
+from caopd.method.types import EngineName
+from caopd.rollout.base import Completion, RolloutEngine
 
 
 def make_engine(loaded, engine: EngineName = "auto") -> RolloutEngine:

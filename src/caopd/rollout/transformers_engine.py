@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from caopd.config.sampling import SamplingConfig
 from caopd.models.batching import prefill
 from caopd.models.loading import encode_text
-from caopd.rollout.base import Completion, RolloutEngine, SamplingConfig
+from caopd.rollout.base import Completion, RolloutEngine
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from caopd.rollout.base import Completion, RolloutEngine, SamplingConfig
+from caopd.config.sampling import SamplingConfig
+from caopd.rollout.base import Completion, RolloutEngine
 
 
 def vllm_available() -> bool:
@@ -35,7 +36,7 @@ class VLLMEngine(RolloutEngine):
     def sync_weights(self, model: Any) -> None:
         """Load the student's current weights into the engine, one tensor at a time (whole ones under FSDP: every
         process takes part in gathering each), and drop the prefix cache computed with the old ones."""
-        from caopd.distill.distributed import full_tensor
+        from caopd.models.distributed import full_tensor
 
         runner = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
         for name, param in model.named_parameters():

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from caopd.errors import CaopdInputError
+from caopd.method.protocol import parse_confidence
+from caopd.method.templates import render_prompt
 from caopd.models.loading import encode_text
-from caopd.protocol import parse_confidence
 from caopd.rollout.base import Completion
 from caopd.tasks.base import Example, Task
-from caopd.templates import render_prompt
 
 
 def score_completions(task: Task, examples: Sequence[Example], outputs: Sequence[Sequence[Completion]]

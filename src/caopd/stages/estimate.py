@@ -6,36 +6,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from caopd.data import file_digest, load_examples, read_json, read_jsonl, write_json, write_jsonl
+from caopd.config.stages import ESTIMATES, ROLLOUTS, SUMMARY, RolloutConfig
 from caopd.errors import CaopdInputError
-from caopd.metrics import calibration_metrics
+from caopd.evaluation.metrics import calibration_metrics
+from caopd.io import file_digest, read_json, read_jsonl, write_json, write_jsonl
+from caopd.method.templates import render_prompt
 from caopd.models.loading import load_model
-from caopd.rollout import EngineName, SamplingConfig, make_engine
+from caopd.rollout import make_engine
 from caopd.stages.common import context_length, fit_to_context, score_completions
 from caopd.tasks import get_task
-from caopd.templates import render_prompt
-
-ROLLOUTS, ESTIMATES, SUMMARY = "rollouts.jsonl", "estimates.jsonl", "summary.json"
-
-
-class RolloutConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field("tiny", description="base model: 'tiny', a local checkpoint folder or a hub id")
-    task: str = Field("arithmetic", description="task name (arithmetic, mcq, tooluse, or a registered one)")
-    data: str = Field(..., description="prompts: a load_from_disk folder, .jsonl or .parquet")
-    k: int = Field(8, ge=1, description="rollouts per prompt (K)")
-    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_new_tokens=24),
-                                     description="rollout sampling (n is set from k)")
-    engine: EngineName = Field("auto", description="auto: vLLM on a GPU when installed, else transformers")
-    shard_index: int = Field(0, ge=0, description="this shard's index (prompts are split into contiguous shards)")
-    num_shards: int = Field(1, ge=1, description="number of shards")
-
-    def model_post_init(self, _: Any) -> None:
-        if self.shard_index >= self.num_shards:
-            raise ValueError(f"shard_index {self.shard_index} must be below num_shards {self.num_shards}")
+from caopd.tasks.datasets import load_examples
 
 
 def shard(items: list, index: int, count: int) -> list:

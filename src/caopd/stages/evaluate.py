@@ -5,60 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from caopd.data import file_digest, load_examples, write_json, write_jsonl, write_text
-from caopd.metrics import aurc, bootstrap_intervals, calibration_metrics, load_predictions, metrics_by_group
+from caopd.config.stages import REPORT, SUMMARY, EvaluateConfig
+from caopd.evaluation.metrics import (
+    aurc,
+    bootstrap_intervals,
+    calibration_metrics,
+    load_predictions,
+    metrics_by_group,
+)
+from caopd.evaluation.report import (
+    by_kind_table,
+    comparison_table,
+    intervals_table,
+    plot_confidence_histogram,
+    plot_reliability_diagram,
+    plot_risk_coverage,
+)
+from caopd.io import file_digest, write_json, write_jsonl, write_text
+from caopd.method.templates import render_prompt
 from caopd.models.loading import load_model
-from caopd.report import (by_kind_table, comparison_table, intervals_table, plot_confidence_histogram,
-                          plot_reliability_diagram, plot_risk_coverage)
-from caopd.rollout import EngineName, SamplingConfig, make_engine
+from caopd.rollout import make_engine
 from caopd.stages.common import context_length, fit_to_context, score_completions
 from caopd.tasks import get_task
-from caopd.templates import render_prompt
-
-SUMMARY, REPORT = "summary.json", "report.md"
-
-
-class EvaluateConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    models: dict[str, str] = Field(..., description="arm name -> model ('tiny', a folder or a hub id)")
-    task: str = Field("arithmetic", description="task name")
-    data: str = Field(..., description="held-out prompts: a load_from_disk folder, .jsonl or .parquet")
-    extra_data: dict[str, str] = Field(default_factory=dict, description="other prompt sets scored beside `data`, "
-                                       "name -> file (e.g. ood -> prompts of kinds never trained on)")
-    extra_tasks: dict[str, str] = Field(default_factory=dict, description="the task of an extra set when it is not "
-                                        "`task`, name -> task (e.g. chemistry -> mcq after training on tooluse)")
-    sampling: SamplingConfig = Field(
-        default_factory=lambda: SamplingConfig(n=1, temperature=1.0, max_new_tokens=24, seed=1234),
-        description="decoding at test time; the default samples as rollout estimation does, so that the "
-                    "confidence a model learned (its sampled success rate) is scored against the same policy")
-    engine: EngineName = Field("auto", description="auto: vLLM on a GPU when installed, else transformers")
-    bootstrap_resamples: int = Field(1000, ge=0, description="resamples for the 95 % bootstrap interval of every "
-                                                             "metric (0: no intervals)")
-
-    @field_validator("models", "extra_data")
-    @classmethod
-    def _names(cls, value: dict[str, str], info) -> dict[str, str]:
-        if info.field_name == "models" and not value:
-            raise ValueError("at least one model to evaluate")
-        bad = [name for name in value if not name.replace("_", "").replace("-", "").isalnum()]
-        if bad:
-            raise ValueError(f"names must be letters, digits, '-' or '_': {bad}")
-        return value
-
-    @model_validator(mode="after")
-    def _known_set_tasks(self) -> "EvaluateConfig":
-        unknown = sorted(set(self.extra_tasks) - set(self.extra_data))
-        if unknown:
-            raise ValueError(f"extra_tasks names sets that extra_data does not give: {unknown}")
-        for task in {self.task, *self.extra_tasks.values()}:
-            get_task(task)  # an unknown task fails here, naming the known ones
-        return self
-
-    def task_of(self, set_name: str | None) -> str:
-        return self.extra_tasks.get(set_name, self.task) if set_name is not None else self.task
+from caopd.tasks.datasets import load_examples
 
 
 def _suffix(set_name: str | None) -> str:

@@ -10,28 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from caopd.config.stages import RegisterConfig
 from caopd.errors import CaopdInputError
-from caopd.gates import GateConfig
-from caopd.metrics import METRIC_KEYS
+from caopd.evaluation.metrics import METRIC_KEYS
 from caopd.models.loading import check_checkpoint_folder
-from caopd.tracking import Tracker, redact_uri
-
-
-class RegisterConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field("caopd-tiny", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="registered model name")
-    model_dir: str = Field(..., description="the trained checkpoint folder")
-    base_model: str = Field("tiny", description="the model it was post-trained from (a lineage tag)")
-    metrics: dict[str, Any] = Field(default_factory=dict, description="its evaluation metrics (the eight keys)")
-    gates: GateConfig = Field(default_factory=GateConfig, description="promotion gates against the champion")
+from caopd.tracking.tracker import Tracker, redact_uri
 
 
 def run_registration(cfg: RegisterConfig, tracker: Tracker) -> dict[str, Any]:
     """Register the model in the tracker's registry, linked to the stage runs of the tracker's pipeline run."""
-    from caopd.stage_tracking import register_in_mlflow
+    from caopd.tracking.stage_runs import register_in_mlflow
 
     model_dir = Path(cfg.model_dir)
     if not model_dir.is_dir():

@@ -6,30 +6,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from caopd.data import file_digest, load_examples, read_jsonl, write_json, write_jsonl
+from caopd.config.stages import RECORDS, SUMMARY, TargetsConfig
 from caopd.errors import CaopdInputError
+from caopd.io import file_digest, read_jsonl, write_json, write_jsonl
+from caopd.method.targets import choose_reference, student_target, teacher_context
+from caopd.method.templates import TEMPLATES, teacher_prompt
 from caopd.models.loading import model_template, resolve_model_path
-from caopd.targets import Method, choose_reference, student_target, teacher_context
 from caopd.tasks import get_task
-from caopd.templates import TEMPLATES, TeacherMode, teacher_prompt
-
-RECORDS, SUMMARY = "records.jsonl", "summary.json"
-
-
-class TargetsConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    method: Method = Field("caopd", description="caopd: edit targets with P; opd: keep completions, teacher says 1.00")
-    teacher_context: TeacherMode = Field("demo", description="demo: gold demonstration; correct_solution: a verified "
-                                         "correct rollout (falls back to the demo when none exists)")
-    task: str = Field("arithmetic", description="task name")
-    data: str = Field(..., description="the prompts the rollouts came from")
-    rollouts: str = Field(..., description="rollouts.jsonl from rollout estimation")
-    estimates: str = Field(..., description="estimates.jsonl from rollout estimation")
-    model: str = Field("tiny", description="base model (only its teacher-context template is read)")
-    template: str | None = Field(None, description="teacher-context template; default: the model's own")
+from caopd.tasks.datasets import load_examples
 
 
 def run_target_replacement(cfg: TargetsConfig, out_dir: str | Path) -> dict[str, Any]:

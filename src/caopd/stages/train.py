@@ -5,44 +5,21 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
-from caopd.cluster.jobs import LaunchConfig
-from caopd.data import atomic_dir, file_digest, read_jsonl, write_json, write_jsonl
-from caopd.distill.config import TrainConfig
-from caopd.distill.checkpoints import full_weights
-from caopd.distill.distributed import init_world, shard_model
-from caopd.distill.teachers import Teacher, check_same_tokenizer
-from caopd.distill.trainer import TrainItem, Trainer
+from caopd.config.stages import CURVES, MODEL_DIR, SUMMARY, TRAIN_LOG, TrainStageConfig
 from caopd.errors import CaopdInputError
+from caopd.io import atomic_dir, file_digest, read_jsonl, write_json, write_jsonl
+from caopd.models.distributed import init_world, shard_model
 from caopd.models.loading import METADATA_FILE, hf_progress_bars, load_model
-from caopd.rollout import EngineName, make_training_engine
+from caopd.rollout import make_training_engine
 from caopd.tasks import get_task
 from caopd.tasks.base import Example
-
-MODEL_DIR, LOG, SUMMARY, CURVES = "model", "train_log.jsonl", "summary.json", "training_curves.png"
-
-
-class TrainStageConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field("tiny", description="the student's starting point: 'tiny', a folder or a hub id")
-    task: str = Field("arithmetic", description="task used to verify the training rollouts")
-    records: str = Field(..., description="records.jsonl from target replacement")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="the distillation settings")
-    engine: EngineName = Field("transformers", description="rollout engine for training samples: transformers "
-                               "samples from the live student; vllm runs beside it on its GPU, synced every step")
-    vllm_gpu_memory_utilization: float = Field(0.3, gt=0.0, lt=1.0, description="share of the GPU the colocated "
-                                               "vLLM engine may take (the rest is the trainer's)")
-    sharding: Literal["replicate", "fsdp"] = Field(
-        "replicate", description="under torchrun: replicate = every process holds the whole model (data parallel); "
-        "fsdp = weights, gradients and optimizer state sharded across the processes (FSDP2; the weights are "
-        "gathered whole only to sample), for models whose training state does not fit one GPU")
-    launch: LaunchConfig = Field(default_factory=LaunchConfig, description="where training runs: this process "
-                                 "(torchrun around it for several GPUs), or a TrainJob / PyTorchJob on several nodes")
+from caopd.training.checkpoints import full_weights
+from caopd.training.teachers import Teacher, check_same_tokenizer
+from caopd.training.trainer import Trainer, TrainItem
 
 
 def items_from_records(path: str) -> list[TrainItem]:
@@ -77,19 +54,6 @@ def trained_arms(artifact_dirs: list[str | Path]) -> dict[str, Path]:
     return arms
 
 
-def run_training_stage(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = True,
-                       pipeline_run_id: str = "") -> dict[str, Any]:
-    """The training stage wherever ``cfg.launch`` puts it: in this process, under torchrun in this pod, in the
-    shared workspace (checkpoints outlive the pod), or as a job on the cluster that this waits for."""
-    from caopd.cluster import remote
-
-    if cfg.launch.kind != "local":
-        return remote.train_on_cluster(cfg, out_dir, pipeline_run_id)
-    if cfg.launch.workspace_pvc:
-        return remote.train_in_workspace(cfg, out_dir, pipeline_run_id, progress)
-    return remote.train_here(cfg, out_dir, progress)
-
-
 def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Train, then write the model, log, curves and summary. Under torchrun every process trains on its share of
     each step and rank 0 alone writes (checkpoints included); the other ranks return a short summary."""
@@ -107,7 +71,7 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
     kind = "student" if cfg.train.method == "rlcr" else cfg.train.teacher
     server = None
     if cfg.train.teacher == "server":
-        from caopd.distill.teacher_server import TeacherServer
+        from caopd.training.teacher_server import TeacherServer
 
         server = TeacherServer(cfg.train.teacher_server, cfg.train.top_k)
     teacher = Teacher(kind, loaded.model, cfg.train.ema_rate, separate, server)
@@ -131,8 +95,8 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
         (Path(tmp) / METADATA_FILE).write_text(json.dumps(
             {"template": loaded.template, "base_model": cfg.model, "method": cfg.train.method,
              "train": cfg.train.model_dump()}, indent=2) + "\n")
-    write_jsonl(out / LOG, log)
-    from caopd.report import plot_training_curves
+    write_jsonl(out / TRAIN_LOG, log)
+    from caopd.evaluation.report import plot_training_curves
 
     plot_training_curves(log, out / CURVES, title=f"{cfg.train.method} training")
     summary = {"stage": "opd-training", "config": cfg.model_dump(), "steps": len(log),

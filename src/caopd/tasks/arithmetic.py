@@ -5,8 +5,15 @@ from __future__ import annotations
 import random
 from typing import Any, Mapping, Sequence
 
-from caopd.protocol import format_confidence, strip_confidence
-from caopd.tasks.base import Example, FieldError, Task, register_task, require_str, row_id
+from caopd.method.protocol import format_confidence, strip_confidence
+from caopd.tasks.base import (
+    Example,
+    FieldError,
+    Task,
+    register_task,
+    require_str,
+    row_id,
+)
 
 # kind -> (operator, digits of the left operand, digits of the right operand); easy to hard.
 KINDS: dict[str, tuple[str, int, int]] = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-from caopd.protocol import format_confidence
+from caopd.method.protocol import format_confidence
 from caopd.tasks.base import Example, FieldError, Task, register_task, row_id
 
 # Every <answer>...</answer> span; the verifier judges only the last one's content.

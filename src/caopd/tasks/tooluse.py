@@ -11,8 +11,15 @@ import json
 import re
 from typing import Any, Mapping
 
-from caopd.protocol import format_confidence
-from caopd.tasks.base import Example, FieldError, Task, register_task, require_str, row_id
+from caopd.method.protocol import format_confidence
+from caopd.tasks.base import (
+    Example,
+    FieldError,
+    Task,
+    register_task,
+    require_str,
+    row_id,
+)
 from caopd.tasks.mcq import chat_messages
 
 # "Action:" but not "Action Input:"; ToolAlpaca transcripts may prefix it ("ASSISTANT Action: ...").

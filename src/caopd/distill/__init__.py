@@ -1,1 +1,0 @@
-"""On-policy distillation: losses, teachers and the training loop."""

@@ -1,0 +1,148 @@
+"""Baselines in one command: every method the paper compares, from the same base model, data and rollouts.
+
+Arms: the base model; plain OPD with the demonstration teacher (SDFT-style) and with the verified-correct-solution
+teacher (SDPO-style); CaOPD in both teacher modes; and RLCR, the RL route to calibration (reward = correctness −
+Brier). Every step is a stage function; the rollouts of the base model are estimated once and shared, each arm's
+targets and training are its own, and one evaluation scores all of them on the in-domain prompts and, when kinds
+are held out, on the out-of-distribution ones — with bootstrap intervals — into the paper-style table.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from caopd.config.experiments import ARMS, CompareConfig
+from caopd.config.sampling import SamplingConfig
+from caopd.config.stages import (
+    ESTIMATES,
+    EVAL,
+    MODEL_DIR,
+    OOD,
+    RECORDS,
+    ROLLOUTS,
+    TRAIN,
+    EvaluateConfig,
+    RolloutConfig,
+    TargetsConfig,
+    TrainStageConfig,
+)
+from caopd.evaluation.metrics import METRIC_KEYS
+from caopd.evaluation.report import by_kind_table, plot_compare
+from caopd.io import write_json, write_text
+from caopd.stages.estimate import run_rollout_estimation
+from caopd.stages.evaluate import run_evaluation
+from caopd.stages.prepare import run_data_preparation
+from caopd.stages.targets import run_target_replacement
+from caopd.stages.train import run_training
+
+BASE_DESCRIPTION = "base model, untrained"
+TABLE_KEYS = ("accuracy", "ece", "brier", "auroc", "spr", "overconfidence_gap")
+
+
+def _targets(cfg: CompareConfig, data: Path, rollouts: Path, method: str, context: str, out: Path) -> str:
+    folder = out / f"targets_{method}_{context}"
+    run_target_replacement(TargetsConfig(method=method, teacher_context=context, data=str(data / TRAIN),
+                                         model=cfg.model, rollouts=str(rollouts / ROLLOUTS),
+                                         estimates=str(rollouts / ESTIMATES)), folder)
+    return str(folder / RECORDS)
+
+
+def run_compare(cfg: CompareConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    data = out / "data"
+    run_data_preparation(cfg.data_config(), data)
+    sampling = cfg.train.sampling.model_copy(update={"seed": cfg.seed})
+    run_rollout_estimation(RolloutConfig(model=cfg.model, data=str(data / TRAIN), k=cfg.k, sampling=sampling),
+                           out / "rollouts", progress=progress)
+    models, seconds, records_of = {"base": cfg.model}, {}, {}
+    for arm in cfg.arms:
+        method, context, _ = ARMS[arm]
+        # RLCR reads only the prompts and answers of the records; the targets' edits do not reach it.
+        key = ("opd" if method == "rlcr" else method, context)
+        if key not in records_of:  # one target replacement per (method, context), made from this run's rollouts
+            records_of[key] = _targets(cfg, data, out / "rollouts", *key, out)
+        records = records_of[key]
+        train = cfg.train.model_copy(update={"method": method, "teacher_context": context, "k": cfg.k,
+                                             "seed": cfg.seed})
+        summary = run_training(TrainStageConfig(model=cfg.model, records=records, train=train), out / f"train_{arm}",
+                               progress=progress)
+        models[arm], seconds[arm] = str(out / f"train_{arm}" / MODEL_DIR), summary["seconds"]
+    ood = {"ood": str(data / OOD)} if cfg.ood_kinds else {}
+    evaluation = run_evaluation(
+        EvaluateConfig(models=models, data=str(data / EVAL), extra_data=ood,
+                       sampling=SamplingConfig(n=1, max_new_tokens=cfg.train.sampling.max_new_tokens,
+                                               seed=cfg.seed + 1),
+                       bootstrap_resamples=cfg.bootstrap_resamples),
+        out / "evaluation", progress=progress)
+    sets = {"in_domain": evaluation["arms"], **{name: s["arms"] for name, s in evaluation["sets"].items()}}
+    results = {set_name: {arm: {**{k: m[k] for k in (*METRIC_KEYS, "aurc")}, "intervals": m.get("intervals", {}),
+                                "by_kind": m.get("by_kind", {})}
+                          for arm, m in arms.items()} for set_name, arms in sets.items()}
+    summary = {"config": cfg.model_dump(), "sets": results, "checks": acceptance_checks(results),
+               "training_seconds": seconds, "seconds": round(time.perf_counter() - start, 1)}
+    write_json(out / "summary.json", summary)
+    write_text(out / "report.md", compare_report(results, summary["checks"], cfg))
+    plot_compare(results, out / "compare.png")
+    return summary
+
+
+def acceptance_checks(results: dict[str, dict[str, dict[str, Any]]], max_accuracy_drop: float = 0.03,
+                      ) -> dict[str, dict[str, Any]]:
+    """Per CaOPD arm: is its ECE below every OPD arm's on every set, and how far is its accuracy from the best OPD
+    arm's in-domain (the paper's claims)? Empty when the run trained no CaOPD or no OPD arm."""
+    in_domain = results["in_domain"]
+    opd = [arm for arm in in_domain if arm in ARMS and ARMS[arm][0] == "opd"]
+    caopd = [arm for arm in in_domain if arm in ARMS and ARMS[arm][0] == "caopd"]
+    if not opd:
+        return {}
+    best_opd = max(in_domain[arm]["accuracy"] for arm in opd)
+    checks = {}
+    for arm in caopd:
+        ece_below = {set_name: all(arms[arm]["ece"] < arms[o]["ece"] for o in opd)
+                     for set_name, arms in results.items()}
+        gap = in_domain[arm]["accuracy"] - best_opd
+        checks[arm] = {"ece_below_every_opd_arm": ece_below, "accuracy_minus_best_opd": round(gap, 4),
+                       "accuracy_within": gap >= -max_accuracy_drop}
+    return checks
+
+
+def _with_interval(metrics: dict[str, Any], key: str) -> str:
+    value = metrics[key]
+    if value is None or value != value:
+        return "n/a"
+    low_high = metrics.get("intervals", {}).get(key)
+    return f"{value:.3f} ({low_high[0]:.3f}–{low_high[1]:.3f})" if low_high else f"{value:.3f}"
+
+
+def paper_table(arms: dict[str, dict[str, Any]]) -> str:
+    """One row per arm, the paper's metrics with their 95 % bootstrap interval in brackets."""
+    lines = ["| arm | method | " + " | ".join(TABLE_KEYS) + " |", "|---|---|" + "---:|" * len(TABLE_KEYS)]
+    for arm, metrics in arms.items():
+        what = ARMS[arm][2] if arm in ARMS else BASE_DESCRIPTION
+        lines.append(f"| {arm} | {what} | " + " | ".join(_with_interval(metrics, k) for k in TABLE_KEYS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_report(results: dict[str, dict[str, dict[str, Any]]], checks: dict[str, dict[str, Any]],
+                   cfg: CompareConfig) -> str:
+    text = ("# Baselines from one base model\n\n"
+            f"Base `{cfg.model}`, {cfg.n_train} training prompts, K = {cfg.k}, {cfg.train.steps} steps of "
+            f"{cfg.train.prompts_per_step} prompts, lr {cfg.train.lr:g}, seed {cfg.seed}; {cfg.n_eval} held-out "
+            "prompts per set. Brackets: 95 % bootstrap intervals.\n\n")
+    for set_name, arms in results.items():
+        title = "In-domain" if set_name == "in_domain" else f"Out of distribution ({', '.join(cfg.ood_kinds)})"
+        text += f"## {title}\n\n" + paper_table(arms) + "\n"
+        if by_kind := by_kind_table(arms):
+            text += "Accuracy / mean stated confidence by kind:\n\n" + by_kind + "\n"
+    if checks:
+        text += "## The paper's claims, checked\n\n| CaOPD arm | " + " | ".join(
+            f"ECE below every OPD arm ({s})" for s in results) + " | accuracy − best OPD |\n"
+        text += "|---|" + "---|" * len(results) + "---:|\n"
+        for arm, check in checks.items():
+            cells = ["yes" if check["ece_below_every_opd_arm"][s] else "no" for s in results]
+            text += f"| {arm} | " + " | ".join(cells) + f" | {check['accuracy_minus_best_opd']:+.3f} |\n"
+    return text

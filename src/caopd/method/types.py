@@ -1,0 +1,22 @@
+"""Literal types shared across layers: the one place each set of choices is spelled."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+# Per-token divergences (GKD conventions): forward_kl = KL(teacher ‖ student), reverse_kl = KL(student ‖ teacher).
+Divergence = Literal["forward_kl", "reverse_kl", "jsd"]
+
+TeacherKind = Literal["frozen", "student", "ema", "separate", "server"]
+
+# How targets are built: plain OPD (the baseline) or CaOPD.
+Method = Literal["opd", "caopd"]
+
+# The privileged context: the gold demonstration, or a verified correct rollout.
+TeacherMode = Literal["demo", "correct_solution"]
+
+EngineName = Literal["auto", "transformers", "vllm"]
+
+TrainMethod = Literal["opd", "caopd", "rlcr"]
+Variant = Literal["faithful", "decoupled"]
+Sharding = Literal["replicate", "fsdp"]
