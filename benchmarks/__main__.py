@@ -29,8 +29,8 @@ QUICK = {"rollout": {"n_prompts": 4, "k": 2, "max_new_tokens": 8, "repeats": 2},
 
 def run_case(name: str, kwargs: dict) -> dict:
     """One case in a fresh interpreter, so its peak memory and warm-up are its own."""
-    code = ("import json, sys; from benchmarks.cases import {0}_case as case; "
-            "json.dump(case(**json.loads(sys.argv[1])), sys.stdout)").format(name)
+    code = (f"import json, sys; from benchmarks.cases import {name}_case as case; "
+            "json.dump(case(**json.loads(sys.argv[1])), sys.stdout)")
     done = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], check=True, capture_output=True,
                           text=True, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TQDM_DISABLE": "1"})
     return json.loads(done.stdout.strip().splitlines()[-1])

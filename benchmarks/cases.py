@@ -9,8 +9,9 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -235,7 +236,7 @@ def scoring_case(shapes: tuple[tuple[int, int, int, int], ...] = SHARING_SHAPES,
             choices = [[rng.randrange(3, 54) for _ in range(completion_len)] for _ in range(answers)]
             completions.append([list(rng.choice(choices)) for _ in range(k)])
 
-        def score(margin: float | None) -> None:
+        def score(margin: float | None, prompts=prompts, completions=completions) -> None:
             saved = batching.TREE_COST_MARGIN
             if margin is not None:
                 batching.TREE_COST_MARGIN = margin

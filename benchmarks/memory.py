@@ -10,7 +10,7 @@ class PeakRss:
     """Peak resident memory of this process, sampled every 5 ms by a thread (torch allocates outside Python, so
     tracemalloc would not see it). A context manager, or ``start()`` / ``stop()`` around a span."""
 
-    def start(self) -> "PeakRss":
+    def start(self) -> PeakRss:
         self.peak, self._stop = rss_bytes(), threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -25,7 +25,7 @@ class PeakRss:
         self._thread.join()
         self.peak = max(self.peak, rss_bytes())
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:
         return self.start()
 
     def __exit__(self, *exc) -> None:

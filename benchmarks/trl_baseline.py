@@ -36,10 +36,10 @@ What is measured:
 - ``trained_tokens``: TRL's own count of the tokens in the loss per step (``num_items_in_batch``, the sum of the
   completion mask: sampled tokens up to and including the first EOS), read from
   ``_generate_and_score_completions``. The project counts the same way (sampled ids + EOS when finished).
-- ``peak_memory_bytes``: the highest resident set size (``/proc/self/statm``, the same sampler as the project's case) seen by a background thread
-  sampling every 5 ms during the measured steps. This is process RSS, so it includes both models, the optimizer
-  state, the Python heap and torch's CPU allocator caches. ``baseline_rss_bytes`` is the RSS just before the
-  first measured step, so the growth during a step is ``peak - baseline``.
+- ``peak_memory_bytes``: the highest resident set size (``/proc/self/statm``, the same sampler as the project's case)
+  seen by a background thread sampling every 5 ms during the measured steps. This is process RSS, so it includes
+  both models, the optimizer state, the Python heap and torch's CPU allocator caches. ``baseline_rss_bytes`` is the
+  RSS just before the first measured step, so the growth during a step is ``peak - baseline``.
 """
 
 from __future__ import annotations

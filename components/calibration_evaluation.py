@@ -1,6 +1,5 @@
 """calibration-evaluation: the base model and every trained arm on the same held-out prompts."""
 
-from typing import List
 
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
@@ -9,7 +8,7 @@ from caopd.config.images import GPU_IMAGE
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def calibration_evaluation(data: Input[Dataset], models: Input[List[Model]], task: str, base_model: str,
+def calibration_evaluation(data: Input[Dataset], models: Input[list[Model]], task: str, base_model: str,
                            temperature: float, max_new_tokens: int, seed: int, engine: str, mlflow_settings: dict,
                            pipeline_run_id: str, evaluation: Output[Dataset], metrics: Output[Metrics],
                            report: Output[HTML]):

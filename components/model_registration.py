@@ -1,6 +1,5 @@
 """model-registration: the CaOPD model into the MLflow registry with its lineage, gated (never cached)."""
 
-from typing import List
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
@@ -9,7 +8,7 @@ from caopd.config.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def model_registration(models: Input[List[Model]], evaluation: Input[Dataset], model_name: str, base_model: str,
+def model_registration(models: Input[list[Model]], evaluation: Input[Dataset], model_name: str, base_model: str,
                        promotion_gates: dict, mlflow_settings: dict, pipeline_run_id: str,
                        registered: Output[Model]):
     from pathlib import Path

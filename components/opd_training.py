@@ -1,6 +1,5 @@
 """opd-training: on-policy distillation of one arm (plain OPD or CaOPD) from its target records."""
 
-from typing import List
 
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Model, Output
@@ -9,7 +8,7 @@ from caopd.config.images import CPU_IMAGE, GPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def training_arms(train_baseline: bool) -> List[str]:
+def training_arms(train_baseline: bool) -> list[str]:
     """CaOPD, and plain OPD beside it when the baseline is on: the pipeline trains them in one ParallelFor."""
     return ["caopd", "opd"] if train_baseline else ["caopd"]
 

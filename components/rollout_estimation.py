@@ -1,6 +1,5 @@
 """rollout-estimation (one shard) and its fan-out / fan-in helpers."""
 
-from typing import List
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Output
@@ -9,7 +8,7 @@ from caopd.config.images import CPU_IMAGE, GPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def rollout_shard_indices(num_shards: int) -> List[int]:
+def rollout_shard_indices(num_shards: int) -> list[int]:
     if num_shards < 1:
         raise ValueError(f"rollout_shards must be >= 1, got {num_shards}")
     return list(range(num_shards))
@@ -36,7 +35,7 @@ def rollout_estimation(data: Input[Dataset], task: str, base_model: str, k: int,
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def merge_rollout_shards(shards: Input[List[Dataset]], rollouts: Output[Dataset], base_metrics: Output[Metrics]):
+def merge_rollout_shards(shards: Input[list[Dataset]], rollouts: Output[Dataset], base_metrics: Output[Metrics]):
     from caopd.stages.estimate import merge_rollout_shards as merge
 
     summary = merge([shard.path for shard in shards], rollouts.path)

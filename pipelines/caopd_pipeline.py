@@ -15,6 +15,9 @@ mounts a shared ReadWriteMany volume on the training step: its checkpoints then 
 # No `from __future__ import annotations`: KFP reads the real annotation objects.
 from typing import NamedTuple
 
+from kfp import dsl, kubernetes
+from kfp.dsl import Dataset, Model
+
 from caopd.components import (
     calibration_evaluation,
     continual_distillation,
@@ -29,9 +32,6 @@ from caopd.components import (
     target_replacement,
     training_arms,
 )
-from kfp import dsl, kubernetes
-from kfp.dsl import Dataset, Model
-
 from caopd.config.launch import WORKSPACE_MOUNT
 from caopd.config.stages import DataConfig, RegisterConfig, TrainStageConfig
 from caopd.config.training import TrainConfig

@@ -46,7 +46,7 @@ class Server:
         self.argv, self.health, self.env, self.log, self.timeout_s = argv, health, env, log, timeout_s
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         handle = self.log.open("ab")
         self.process = subprocess.Popen(self.argv, stdout=handle, stderr=subprocess.STDOUT, env=self.env,
                                         start_new_session=True)

@@ -297,6 +297,6 @@ def test_unreadable_confidences_are_counted_as_missing_not_dropped():
 def test_a_checkpoints_code_runs_only_when_the_user_opts_in(tmp_path, monkeypatch):
     folder = _checkpoint_with_code(tmp_path)
     monkeypatch.setenv("CAOPD_TRUST_REMOTE_CODE", "1")
-    with pytest.raises(Exception):  # this code defines no model; what matters is that it was run
+    with pytest.raises(Exception):  # noqa: B017 -- this code defines no model; what matters is that it was run
         load_model(folder)
     assert (tmp_path / "ran").exists()

@@ -139,7 +139,7 @@ def test_segments_longer_than_the_limit_take_the_per_row_path(tiny_model, monkey
     model, pad = tiny_model.model.eval(), tiny_model.tokenizer.pad_token_id
     prompts, completions = _alike_groups()
     forwards = []
-    handle = model.get_input_embeddings().register_forward_hook(lambda *_: forwards.append(1))
+    handle = model.get_input_embeddings().register_forward_hook(lambda *_, forwards=forwards: forwards.append(1))
     try:
         with torch.no_grad():
             tree = completion_logits(model, prompts, completions, pad)
@@ -163,7 +163,7 @@ def test_the_tree_path_is_taken_where_completions_share_and_not_where_they_do_no
         trees = [prefix_tree(group) for group in completions]
         assert batching.tree_pays(prompts, completions, trees, hidden) is expected
         forwards = []
-        handle = model.get_input_embeddings().register_forward_hook(lambda *_: forwards.append(1))
+        handle = model.get_input_embeddings().register_forward_hook(lambda *_, calls=forwards: calls.append(1))
         try:
             with torch.no_grad():
                 completion_logits(model, prompts, completions, pad)

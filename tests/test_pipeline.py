@@ -9,11 +9,11 @@ import sys
 
 import pytest
 import yaml
-from caopd.pipelines import COMPILED_PIPELINE, caopd_pipeline, compile_pipeline
 
 from caopd.config.launch import WORKSPACE_MOUNT
 from caopd.config.stages import DataConfig
 from caopd.config.training import TrainConfig
+from caopd.pipelines import COMPILED_PIPELINE, caopd_pipeline, compile_pipeline
 
 GPU_STAGES = {"rollout-estimation", "opd-training", "calibration-evaluation", "continual-distillation",
               "continual-evaluation"}

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from caopd.pipelines import COMPILED_PIPELINE
 from kfp_fake_server import FakeKfp
 
 from caopd.cli import main
 from caopd.errors import CaopdInputError
 from caopd.kfp.submit import check_cron, parse_params, pipeline_parameters, read_token
+from caopd.pipelines import COMPILED_PIPELINE
 
 TOKEN = "s3cret-token"
 

@@ -99,11 +99,12 @@ def run_stages(tracker, out):
         targets_cfg = TargetsConfig(method=method, data=str(train), rollouts=str(out / "rollouts" / ROLLOUTS),
                                     estimates=str(out / "rollouts" / ESTIMATES))
         tracked(tracker, "target-replacement", targets_cfg,
-                lambda: run_target_replacement(targets_cfg, out / f"targets_{method}"), out / f"targets_{method}",
-                tags={TAG_METHOD: method})
+                lambda cfg=targets_cfg, method=method: run_target_replacement(cfg, out / f"targets_{method}"),
+                out / f"targets_{method}", tags={TAG_METHOD: method})
         train_cfg = TrainStageConfig(records=str(out / f"targets_{method}" / RECORDS), train=TrainConfig(
             method=method, steps=2, prompts_per_step=2, k=2, sampling=sampling))
-        tracked(tracker, "opd-training", train_cfg, lambda: run_training(train_cfg, out / f"train_{method}", False),
+        tracked(tracker, "opd-training", train_cfg,
+                lambda cfg=train_cfg, method=method: run_training(cfg, out / f"train_{method}", False),
                 out / f"train_{method}", inputs={"records": (out / f"targets_{method}" / RECORDS, "training")},
                 tags={TAG_METHOD: method})
         models[method] = str(out / f"train_{method}" / MODEL_DIR)

@@ -14,9 +14,10 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Mapping
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
@@ -207,7 +208,7 @@ def file_digest(path: PathLike) -> str:
     digest = hashlib.sha256()
     files = {p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file()}
     for relative in sorted(files):
-        digest.update(f"{relative}\0{file_digest(files[relative])}\n".encode("utf-8"))
+        digest.update(f"{relative}\0{file_digest(files[relative])}\n".encode())
     return digest.hexdigest()
 
 

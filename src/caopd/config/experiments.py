@@ -60,7 +60,7 @@ class CompareConfig(BaseModel):
         return [arm for arm in ARMS if arm in value]  # the table's order, duplicates dropped
 
     @model_validator(mode="after")
-    def _valid_data_settings(self) -> "CompareConfig":
+    def _valid_data_settings(self) -> CompareConfig:
         try:  # checked here, before any work, by the data stage's own config
             self.data_config()
         except ValidationError as err:
@@ -91,7 +91,7 @@ class ContinualConfig(BaseModel):
                                description="training settings of every run (method is set per arm)")
 
     @model_validator(mode="after")
-    def _disjoint_known_kinds(self) -> "ContinualConfig":
+    def _disjoint_known_kinds(self) -> ContinualConfig:
         unknown = sorted(set(self.task_a_kinds + self.task_b_kinds) - set(KINDS))
         if unknown:
             raise ValueError(f"unknown arithmetic kinds {unknown}; choose from {list(KINDS)}")
@@ -128,7 +128,7 @@ class RouteConfig(BaseModel):
     target_accuracy: float = Field(..., ge=0.0, le=1.0, description="the accuracy the cascade must reach")
 
     @model_validator(mode="after")
-    def _one_large_model(self) -> "RouteConfig":
+    def _one_large_model(self) -> RouteConfig:
         if (self.large is None) == (self.large_accuracy is None):
             raise ValueError("give the large model's predictions (large) or its accuracy (large_accuracy), "
                              "exactly one of them")

@@ -69,7 +69,7 @@ class LaunchConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "LaunchConfig":
+    def _consistent(self) -> LaunchConfig:
         if self.kind == "local":
             return self
         if not self.workspace_pvc:

@@ -26,7 +26,7 @@ class PretrainConfig(BaseModel):
                               "empirical-confidence Note; the rest are teacher format without it")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "PretrainConfig":
+    def _consistent(self) -> PretrainConfig:
         unknown = sorted(set(self.kind_weights) - set(KINDS))
         if unknown:
             raise ValueError(f"unknown arithmetic kinds {unknown}; choose from {list(KINDS)}")

@@ -93,7 +93,7 @@ class DataConfig(BaseModel):
         return {kind: float(value[kind]) for kind in KINDS if kind in value}
 
     @model_validator(mode="after")
-    def _sources_for_other_tasks(self) -> "DataConfig":
+    def _sources_for_other_tasks(self) -> DataConfig:
         get_task(self.task)  # an unknown task fails here, naming the known ones
         if self.task != "arithmetic" and not (self.train_source and self.eval_source):
             raise ValueError(f"task {self.task!r} has no synthetic generator: give train_source and eval_source")
@@ -212,7 +212,7 @@ class EvaluateConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _known_set_tasks(self) -> "EvaluateConfig":
+    def _known_set_tasks(self) -> EvaluateConfig:
         unknown = sorted(set(self.extra_tasks) - set(self.extra_data))
         if unknown:
             raise ValueError(f"extra_tasks names sets that extra_data does not give: {unknown}")

@@ -52,7 +52,7 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1, description="how many recent checkpoints to keep")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TrainConfig":
+    def _consistent(self) -> TrainConfig:
         if self.teacher == "separate" and not self.teacher_model:
             raise ValueError("teacher='separate' needs teacher_model (a folder or hub id with the same tokenizer)")
         if self.teacher != "separate" and self.teacher_model:

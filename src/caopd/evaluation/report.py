@@ -302,7 +302,7 @@ def plot_compare(sets: Mapping[str, Mapping[str, Mapping[str, object]]], path: s
             ece, acc = float(metrics["ece"]), float(metrics["accuracy"])
             intervals = metrics.get("intervals") or {}
 
-            def err(key: str, value: float) -> list[list[float]] | None:
+            def err(key: str, value: float, intervals=intervals) -> list[list[float]] | None:
                 if key not in intervals:
                     return None
                 low, high = intervals[key]

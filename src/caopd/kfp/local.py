@@ -14,8 +14,9 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from caopd.config.run import _TRAIN_PARAMETERS, _TRAIN_SET_BY_PIPELINE, ARMS, RunConfig
 from caopd.config.training import TrainConfig

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from caopd.errors import CaopdServiceError, TrainingJobFailed
 from caopd.launch.jobs import (
@@ -57,7 +58,7 @@ class JobRef:
         return TRAINJOB_CONTAINER if self.kind == "TrainJob" else PYTORCHJOB_CONTAINER
 
     @classmethod
-    def of(cls, manifest: dict[str, Any]) -> "JobRef":
+    def of(cls, manifest: dict[str, Any]) -> JobRef:
         meta = manifest["metadata"]
         return cls(manifest["kind"], meta["namespace"], meta["name"])
 

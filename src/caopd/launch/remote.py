@@ -11,8 +11,9 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from caopd.config.launch import LaunchConfig
 from caopd.config.stages import CURVES, MODEL_DIR, SUMMARY, TRAIN_LOG, TrainStageConfig

@@ -29,8 +29,8 @@ def parse_confidence(text: str) -> float | None:
     clipped to [0, 1]. A ``Confidence:`` with no number after it does not count as a match.
     """
     last = None
-    for last in _CONFIDENCE_RE.finditer(text):
-        pass
+    for match in _CONFIDENCE_RE.finditer(text):
+        last = match
     if last is None:
         return None
     value = float(last.group(1))

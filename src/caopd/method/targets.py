@@ -10,7 +10,7 @@ Every stage that builds training targets (the offline stage and the online train
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from caopd.method.protocol import replace_confidence
 from caopd.method.templates import PrivilegedContext

@@ -10,8 +10,9 @@ one sequence under tree attention, so each distinct prefix is computed once too.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch

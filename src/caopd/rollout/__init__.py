@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from caopd.config.sampling import SamplingConfig
 from caopd.method.types import EngineName
 from caopd.rollout.base import Completion, RolloutEngine

@@ -24,6 +24,6 @@ class RolloutEngine(ABC):
                  progress: bool = False) -> list[list[Completion]]:
         """``sampling.n`` completions for each prompt, in prompt order."""
 
-    def sync_weights(self, model: Any) -> None:
+    def sync_weights(self, model: Any) -> None:  # noqa: B027 -- a no-op default, not an abstract method
         """Take the trained weights after an optimizer step (and after a resume). Engines that sample from the live
         model need nothing; an engine holding its own copy (colocated vLLM) loads them."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from caopd.errors import CaopdInputError
 from caopd.method.protocol import parse_confidence

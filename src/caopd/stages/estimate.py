@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from caopd.config.stages import ESTIMATES, ROLLOUTS, SUMMARY, RolloutConfig
 from caopd.errors import CaopdInputError

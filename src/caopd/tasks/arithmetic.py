@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from caopd.method.protocol import format_confidence, strip_confidence
 from caopd.tasks.base import (

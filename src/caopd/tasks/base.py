@@ -8,8 +8,9 @@ which validates every row and names the file, row and field of anything wrong.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar
 
 from caopd.errors import CaopdInputError
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from caopd.method.protocol import format_confidence
 from caopd.tasks.base import Example, FieldError, Task, register_task, row_id

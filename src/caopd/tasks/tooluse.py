@@ -9,7 +9,8 @@ from __future__ import annotations
 import ast
 import json
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from caopd.method.protocol import format_confidence
 from caopd.tasks.base import (

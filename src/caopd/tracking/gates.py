@@ -7,8 +7,8 @@ With no champion yet only the absolute thresholds apply.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Mapping
 
 from caopd.config.gates import GateConfig, GateMode
 

@@ -7,8 +7,9 @@ digests. Without a tracker the stage simply runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from caopd.config.gates import GateConfig
 from caopd.io import file_digest, read_jsonl

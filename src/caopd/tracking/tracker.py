@@ -23,8 +23,9 @@ import urllib.parse
 import urllib.request
 import uuid
 import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from caopd.config.tracking import TrackingConfig
 from caopd.errors import CaopdServiceError
@@ -140,7 +141,7 @@ class Tracker:
 
     @contextlib.contextmanager
     def stage(self, name: str, config: Mapping[str, Any], tags: Mapping[str, str] | None = None
-              ) -> Iterator["StageRun"]:
+              ) -> Iterator[StageRun]:
         """A nested run for one stage: config as params; FINISHED on success, FAILED (and re-raised) on error.
 
         Idempotent: a stage run again in the same pipeline run with the same config and tags (a KFP retry, a

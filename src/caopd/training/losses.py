@@ -60,4 +60,5 @@ def _divergence(s_log: torch.Tensor, t_log: torch.Tensor, divergence: Divergence
 
 def token_cross_entropy(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy per position towards fixed target token ids (the decoupled variant's confidence term)."""
-    return F.cross_entropy(student_logits.float().flatten(0, -2), targets.flatten(), reduction="none").view(targets.shape)
+    flat = F.cross_entropy(student_logits.float().flatten(0, -2), targets.flatten(), reduction="none")
+    return flat.view(targets.shape)

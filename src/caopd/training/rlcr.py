@@ -9,7 +9,7 @@ of fresh samples keeps the importance ratio at 1, so PPO-style clipping would ne
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -5,7 +5,8 @@ log-probabilities at every completion token (``prompt_logprobs``, nothing genera
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
