@@ -16,7 +16,7 @@ def calibration_evaluation(data: Input[Dataset], models: Input[list[Model]], tas
 
     from caopd.config.sampling import SamplingConfig
     from caopd.config.stages import EVAL, EvaluateConfig
-    from caopd.evaluation.report import html_report
+    from caopd.evaluation.html import html_report
     from caopd.stages.evaluate import run_evaluation
     from caopd.stages.prepare import ood_set
     from caopd.stages.train import trained_arms

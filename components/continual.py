@@ -52,7 +52,7 @@ def continual_evaluation(data: Input[Dataset], model: Input[Model], continual_mo
 
     from caopd.config.sampling import SamplingConfig
     from caopd.config.stages import CONTINUAL_EVAL, EVAL, MODEL_DIR, EvaluateConfig
-    from caopd.evaluation.report import html_report
+    from caopd.evaluation.html import html_report
     from caopd.experiments.continual import evaluate_forgetting
     from caopd.tracking.stage_runs import tracked, tracker_if_configured
     from caopd.tracking.tracker import TAG_METHOD

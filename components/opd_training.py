@@ -27,7 +27,7 @@ def opd_training(records: Input[Dataset], task: str, base_model: str, method: st
     from caopd.config.sampling import SamplingConfig
     from caopd.config.stages import CURVES, RECORDS, TrainStageConfig
     from caopd.config.training import TrainConfig
-    from caopd.evaluation.report import html_report
+    from caopd.evaluation.html import html_report
     from caopd.launch.remote import run_training_stage
     from caopd.tracking.stage_runs import tracked, tracker_if_configured
     from caopd.tracking.tracker import TAG_METHOD

@@ -12,7 +12,7 @@ from caopd.evaluation.metrics import (
     bootstrap_intervals,
     risk_coverage,
 )
-from caopd.evaluation.report import intervals_table
+from caopd.evaluation.tables import intervals_table
 
 
 def test_risk_coverage_and_aurc_by_hand():

@@ -8,15 +8,10 @@ import matplotlib.image
 import pytest
 from rich.console import Console
 
+from caopd.evaluation.html import html_report
 from caopd.evaluation.metrics import METRIC_KEYS, calibration_metrics
-from caopd.evaluation.report import (
-    by_kind_table,
-    comparison_table,
-    html_report,
-    plot_confidence_histogram,
-    plot_reliability_diagram,
-    print_comparison,
-)
+from caopd.evaluation.plots import plot_confidence_histogram, plot_reliability_diagram
+from caopd.evaluation.tables import by_kind_table, comparison_table, print_comparison
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CONF = [0.95, 0.9, 0.3, 0.6, 0.7, 1.0, 0.0, None, 0.45, None]

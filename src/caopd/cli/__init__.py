@@ -17,6 +17,13 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from caopd.config.stages import (
+    CALIBRATION_EVALUATION,
+    DATA_PREPARATION,
+    OPD_TRAINING,
+    ROLLOUT_ESTIMATION,
+    TARGET_REPLACEMENT,
+)
 from caopd.errors import (
     CaopdInputError,
     CaopdServiceError,
@@ -138,7 +145,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     from caopd.stages.estimate import run_rollout_estimation
 
     cfg = _config_from_args(RolloutConfig, args)
-    summary = _tracked(args, "rollout-estimation", cfg,
+    summary = _tracked(args, ROLLOUT_ESTIMATION.id, cfg,
                        lambda: run_rollout_estimation(cfg, args.out, progress=not args.quiet), args.out,
                        inputs={"train": (cfg.data, "training")})
     _print_json({"n_prompts": summary["n_prompts"], "skipped_too_long": summary["skipped_too_long"],
@@ -152,7 +159,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
     from caopd.tracking.tracker import TAG_METHOD
 
     cfg = _config_from_args(TargetsConfig, args)
-    summary = _tracked(args, "target-replacement", cfg, lambda: run_target_replacement(cfg, args.out), args.out,
+    summary = _tracked(args, TARGET_REPLACEMENT.id, cfg, lambda: run_target_replacement(cfg, args.out), args.out,
                        tags={TAG_METHOD: cfg.method})
     _print_json({k: summary[k] for k in ("n_prompts", "n_records", "teacher_modes", "mean_target_confidence")})
     return 0
@@ -171,7 +178,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     # A job launched from a shell is new each time; a pipeline's retry passes its run id and adopts its job.
     run_id = args.pipeline_run_id or uuid.uuid4().hex
-    summary = _tracked(args, "opd-training", cfg, lambda: run_training_stage(cfg, args.out, not args.quiet, run_id),
+    summary = _tracked(args, OPD_TRAINING.id, cfg, lambda: run_training_stage(cfg, args.out, not args.quiet, run_id),
                        args.out, inputs={"records": (cfg.records, "training")}, tags={TAG_METHOD: cfg.train.method})
     _print_json({"steps": summary["steps"], "seconds": summary["seconds"], "final": summary["final"]})
     return 0
@@ -179,11 +186,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from caopd.config.stages import EvaluateConfig
-    from caopd.evaluation.report import print_comparison
+    from caopd.evaluation.tables import print_comparison
     from caopd.stages.evaluate import run_evaluation
 
     cfg = _config_from_args(EvaluateConfig, args)
-    summary = _tracked(args, "calibration-evaluation", cfg,
+    summary = _tracked(args, CALIBRATION_EVALUATION.id, cfg,
                        lambda: run_evaluation(cfg, args.out, progress=not args.quiet), args.out,
                        inputs={"eval": (cfg.data, "evaluation")})
     print_comparison(summary["arms"])
@@ -314,7 +321,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     cfg = _config_from_args(DataConfig, args)
     out = Path(args.out)
-    summary = _tracked(args, "data-preparation", cfg, lambda: run_data_preparation(cfg, out), args.out,
+    summary = _tracked(args, DATA_PREPARATION.id, cfg, lambda: run_data_preparation(cfg, out), args.out,
                        inputs={"train": (out / TRAIN, "training"), "eval": (out / EVAL, "evaluation")})
     _print_json({k: summary[k] for k in ("n_train", "n_eval", "outputs")})
     return 0

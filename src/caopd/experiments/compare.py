@@ -29,7 +29,8 @@ from caopd.config.stages import (
     TrainStageConfig,
 )
 from caopd.evaluation.metrics import METRIC_KEYS
-from caopd.evaluation.report import by_kind_table, plot_compare
+from caopd.evaluation.plots import plot_compare
+from caopd.evaluation.tables import by_kind_table
 from caopd.io import write_json, write_text
 from caopd.stages.estimate import run_rollout_estimation
 from caopd.stages.evaluate import run_evaluation

@@ -30,7 +30,7 @@ from caopd.config.stages import (
     TrainStageConfig,
 )
 from caopd.evaluation.metrics import METRIC_KEYS
-from caopd.evaluation.report import comparison_table
+from caopd.evaluation.tables import comparison_table
 from caopd.io import write_json, write_text
 from caopd.method.types import EngineName
 from caopd.stages.estimate import run_rollout_estimation

@@ -23,6 +23,7 @@ from caopd.evaluation.metrics import (
     read_prediction_records,
     validate_predictions,
 )
+from caopd.evaluation.tables import markdown_table
 from caopd.method.protocol import parse_confidence
 
 
@@ -133,7 +134,7 @@ def aligned(small: dict[str, tuple[float, bool]], large: dict[str, tuple[float, 
 
 def run_routing(cfg: RouteConfig, out_dir: str | Path) -> dict:
     """Sweep every small model's threshold; write routing.json, routing.md and routing.png to ``out_dir``."""
-    from caopd.evaluation.report import plot_routing
+    from caopd.evaluation.plots import plot_routing
     from caopd.io import write_json, write_text
 
     large = load_keyed_predictions(cfg.large) if cfg.large else None
@@ -168,16 +169,16 @@ def run_routing(cfg: RouteConfig, out_dir: str | Path) -> dict:
 
 
 def routing_table(chosen: dict, target_accuracy: float, large_cost: float) -> str:
-    lines = [f"Target accuracy {target_accuracy:.3f}; the large model on every prompt costs {large_cost:g} per prompt.",
-             "", "| small model | alone: accuracy | threshold | accuracy | cost per prompt | escalated | saving |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = []
     for name, point in chosen.items():
         if point["reachable"]:
             threshold = "all" if point["threshold"] is None else f"{point['threshold']:.3f}"
-            lines.append(f"| {name} | {point['small_alone_accuracy']:.3f} | {threshold} | "
-                         f"{point['accuracy']:.3f} | {point['cost_per_prompt']:.2f} | {point['escalated']:.1%} | "
-                         f"{point['saving_vs_large']:.1%} |")
+            rows.append([name, f"{point['small_alone_accuracy']:.3f}", threshold, f"{point['accuracy']:.3f}",
+                         f"{point['cost_per_prompt']:.2f}", f"{point['escalated']:.1%}",
+                         f"{point['saving_vs_large']:.1%}"])
         else:
-            lines.append(f"| {name} | {point['small_alone_accuracy']:.3f} | not reachable (best "
-                         f"{point['best_accuracy']:.3f}) | | | | |")
-    return "\n".join(lines) + "\n"
+            rows.append([name, f"{point['small_alone_accuracy']:.3f}",
+                         f"not reachable (best {point['best_accuracy']:.3f})", "", "", "", ""])
+    header = ["small model", "alone: accuracy", "threshold", "accuracy", "cost per prompt", "escalated", "saving"]
+    return (f"Target accuracy {target_accuracy:.3f}; the large model on every prompt costs {large_cost:g} per prompt."
+            "\n\n" + markdown_table(header, rows))

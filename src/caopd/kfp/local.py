@@ -22,7 +22,7 @@ from caopd.config.run import _TRAIN_PARAMETERS, _TRAIN_SET_BY_PIPELINE, ARMS, Ru
 from caopd.config.training import TrainConfig
 from caopd.errors import CaopdServiceError
 from caopd.evaluation.metrics import METRIC_KEYS
-from caopd.evaluation.report import comparison_table, print_comparison
+from caopd.evaluation.tables import comparison_table, print_comparison
 from caopd.experiments.continual import FORGETTING, forgetting_table
 from caopd.io import atomic_dir, read_json, write_json, write_text
 

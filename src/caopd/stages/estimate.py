@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from caopd.config.stages import ESTIMATES, ROLLOUTS, SUMMARY, RolloutConfig
+from caopd.config.stages import ESTIMATES, ROLLOUT_ESTIMATION, ROLLOUTS, SUMMARY, RolloutConfig
 from caopd.errors import CaopdInputError
 from caopd.evaluation.metrics import calibration_metrics
 from caopd.io import file_digest, read_json, read_jsonl, write_json, write_jsonl
@@ -72,7 +72,7 @@ def _write_outputs(out_dir: str | Path, rows: list[dict[str, Any]], skipped: lis
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / ROLLOUTS, rows)
     write_jsonl(out / ESTIMATES, estimates)
-    summary = {"stage": "rollout-estimation", **provenance, "n_prompts": len(estimates), "n_rollouts": len(rows),
+    summary = {"stage": ROLLOUT_ESTIMATION.id, **provenance, "n_prompts": len(estimates), "n_rollouts": len(rows),
                "skipped_too_long": len(skipped), "skipped_ids": skipped[:100], "base_metrics": metrics,
                "outputs": {name: file_digest(out / name) for name in (ROLLOUTS, ESTIMATES)}}
     write_json(out / SUMMARY, summary)

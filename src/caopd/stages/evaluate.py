@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from caopd.config.stages import REPORT, SUMMARY, EvaluateConfig
+from caopd.config.stages import CALIBRATION_EVALUATION, REPORT, SUMMARY, EvaluateConfig
 from caopd.evaluation.metrics import (
     aurc,
     bootstrap_intervals,
@@ -13,14 +13,8 @@ from caopd.evaluation.metrics import (
     load_predictions,
     metrics_by_group,
 )
-from caopd.evaluation.report import (
-    by_kind_table,
-    comparison_table,
-    intervals_table,
-    plot_confidence_histogram,
-    plot_reliability_diagram,
-    plot_risk_coverage,
-)
+from caopd.evaluation.plots import plot_confidence_histogram, plot_reliability_diagram, plot_risk_coverage
+from caopd.evaluation.tables import by_kind_table, comparison_table, intervals_table, markdown_table
 from caopd.io import file_digest, write_json, write_jsonl, write_text
 from caopd.method.templates import render_prompt
 from caopd.models.loading import load_model
@@ -88,7 +82,7 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: str | Path, progress: bool = Tr
     if cfg.extra_data:
         report += side_by_side(results)
     write_text(out / REPORT, report)
-    summary = {"stage": "calibration-evaluation", "config": cfg.model_dump(), "data_digest": file_digest(cfg.data),
+    summary = {"stage": CALIBRATION_EVALUATION.id, "config": cfg.model_dump(), "data_digest": file_digest(cfg.data),
                "arms": results[None],
                "sets": {name: {"arms": results[name], "data_digest": file_digest(path), "task": cfg.task_of(name)}
                         for name, path in cfg.extra_data.items()}}
@@ -101,9 +95,5 @@ def side_by_side(results: dict[str | None, dict[str, Any]]) -> str:
     distribution."""
     keys = ("accuracy", "ece", "auroc", "overconfidence_gap")
     names = ["in-domain" if s is None else s for s in results]
-    lines = ["## Side by side", "", "| arm | " + " | ".join(f"{k} ({n})" for k in keys for n in names) + " |",
-             "|---|" + "---:|" * (len(keys) * len(names))]
-    for arm in results[None]:
-        cells = [f"{results[s][arm][k]:.3f}" for k in keys for s in results]
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[arm, *(f"{results[s][arm][k]:.3f}" for k in keys for s in results)] for arm in results[None]]
+    return "## Side by side\n\n" + markdown_table(["arm", *(f"{k} ({n})" for k in keys for n in names)], rows)

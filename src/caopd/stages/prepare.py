@@ -12,6 +12,7 @@ from typing import Any
 from caopd.config.stages import (
     CONTINUAL_EVAL,
     CONTINUAL_TRAIN,
+    DATA_PREPARATION,
     EVAL,
     OOD,
     SUMMARY,
@@ -59,7 +60,7 @@ def run_data_preparation(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]
               CONTINUAL_EVAL: _kind_rows(cfg, cfg.continual_kinds, cfg.n_eval, cfg.seed + 40_000, "b_eval")} \
         if cfg.continual_kinds else {}
     out = Path(out_dir)
-    summary = {"stage": "data-preparation", "config": cfg.model_dump(), "n_train": len(train),
+    summary = {"stage": DATA_PREPARATION.id, "config": cfg.model_dump(), "n_train": len(train),
                "n_eval": len(evaluation),
                "outputs": {TRAIN: write_jsonl(out / TRAIN, train), EVAL: write_jsonl(out / EVAL, evaluation)}}
     if ood is not None:

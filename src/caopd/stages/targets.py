@@ -6,7 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from caopd.config.stages import RECORDS, SUMMARY, TargetsConfig
+from caopd.config.stages import RECORDS, SUMMARY, TARGET_REPLACEMENT, TargetsConfig
 from caopd.errors import CaopdInputError
 from caopd.io import file_digest, read_jsonl, write_json, write_jsonl
 from caopd.method.targets import choose_reference, student_target, teacher_context
@@ -58,7 +58,7 @@ def run_target_replacement(cfg: TargetsConfig, out_dir: str | Path) -> dict[str,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / RECORDS, records)
-    summary = {"stage": "target-replacement", "config": cfg.model_dump(), "template": template,
+    summary = {"stage": TARGET_REPLACEMENT.id, "config": cfg.model_dump(), "template": template,
                "n_prompts": len(by_prompt), "n_records": len(records),
                "teacher_modes": {m: sum(r["teacher_mode"] == m for r in records) for m in ("demo", "correct_solution")},
                "mean_target_confidence": sum(r["target_confidence"] for r in records) / max(1, len(records)),

@@ -96,7 +96,7 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
             {"template": loaded.template, "base_model": cfg.model, "method": cfg.train.method,
              "train": cfg.train.model_dump()}, indent=2) + "\n")
     write_jsonl(out / TRAIN_LOG, log)
-    from caopd.evaluation.report import plot_training_curves
+    from caopd.evaluation.plots import plot_training_curves
 
     plot_training_curves(log, out / CURVES, title=f"{cfg.train.method} training")
     summary = {"stage": "opd-training", "config": cfg.model_dump(), "steps": len(log),

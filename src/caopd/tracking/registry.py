@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from caopd.config.gates import GateConfig
+from caopd.config.stages import CALIBRATION_EVALUATION, OPD_TRAINING, ROLLOUT_ESTIMATION
 from caopd.errors import CaopdInputError
 from caopd.evaluation.metrics import METRIC_KEYS
 from caopd.tracking.gates import GateDecision, evaluate_gates
@@ -21,7 +22,7 @@ from caopd.tracking.tracker import TAG_PIPELINE_RUN, service_errors
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 METRIC_TAG, RUN_TAG, DATA_TAG = "caopd.metric.", "caopd.run.", "caopd.data."
-LINEAGE_STAGES = ("rollout-estimation", "opd-training", "calibration-evaluation")
+LINEAGE_STAGES = (ROLLOUT_ESTIMATION.id, OPD_TRAINING.id, CALIBRATION_EVALUATION.id)
 
 
 def _version_for_pipeline_run(client: Any, name: str, pipeline_run_id: str) -> Any | None:

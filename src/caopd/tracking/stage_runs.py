@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from caopd.config.gates import GateConfig
+from caopd.config.stages import CALIBRATION_EVALUATION, MODEL_REGISTRATION, OPD_TRAINING, SUMMARY
 from caopd.io import file_digest, read_jsonl
 from caopd.tracking.registry import DATA_TAG, LINEAGE_STAGES, RUN_TAG, register_version
 from caopd.tracking.tracker import TAG_METHOD, Tracker
@@ -32,7 +33,7 @@ def log_outputs(stage_run: Any, stage: str, summary: Mapping[str, Any], out_dir:
             stage_run.log_metrics(metrics, prefix=f"{set_name}_{arm}_")
     if (out / "train_log.jsonl").is_file():
         stage_run.log_history(read_jsonl(out / "train_log.jsonl"))
-    stage_run.log_artifacts(sorted(out.glob("*.png")) + sorted(out.glob("*.md")) + sorted(out.glob("summary.json")))
+    stage_run.log_artifacts(sorted(out.glob("*.png")) + sorted(out.glob("*.md")) + sorted(out.glob(SUMMARY)))
 
 
 def tracked(tracker: Tracker | None, stage: str, config: Any, run: Callable[[], dict[str, Any]],
@@ -57,9 +58,9 @@ def lineage_tags(tracker: Tracker) -> dict[str, str]:
     tags: dict[str, str] = {}
     for stage in LINEAGE_STAGES:
         found = [r for r in runs.get(stage, []) if r.info.status == "FINISHED"]  # not a failed try before a retry
-        if stage == "opd-training":
+        if stage == OPD_TRAINING.id:
             found = [r for r in found if r.data.tags.get(TAG_METHOD) == "caopd"][:1]
-        elif stage == "calibration-evaluation":
+        elif stage == CALIBRATION_EVALUATION.id:
             found = found[:1]
         if found:
             tags[f"{RUN_TAG}{stage}"] = ",".join(r.info.run_id for r in found)
@@ -76,7 +77,7 @@ def register_in_mlflow(tracker: Tracker, name: str, model_dir: str | Path, metri
 
     model_dir = Path(model_dir)
     digest = file_digest(model_dir)
-    with tracker.stage("model-registration", {"name": name, "model_dir": str(model_dir), "gates": gates.model_dump(),
+    with tracker.stage(MODEL_REGISTRATION.id, {"name": name, "model_dir": str(model_dir), "gates": gates.model_dump(),
                                               "artifact_root": artifact_root}) as stage_run:
         if artifact_root.startswith("s3://"):
             manifest = upload_folder(model_dir, f"{artifact_root.rstrip('/')}/models/{name}/{digest[:16]}")

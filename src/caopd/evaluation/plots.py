@@ -1,4 +1,4 @@
-"""Plots (reliability diagram, confidence histogram) and the metric comparison table across arms.
+"""Plots: reliability diagram, confidence histogram, risk–coverage, training curves, routing and comparison.
 
 Plots use matplotlib's object API with the Agg canvas, never pyplot: no display is needed, and no global
 backend or figure state leaks into the caller's process. Every PNG is written atomically.
@@ -6,7 +6,6 @@ backend or figure state leaks into the caller's process. Every PNG is written at
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -14,13 +13,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from rich import box
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from caopd.evaluation.metrics import (
-    METRIC_KEYS,
     aurc,
     bin_indices,
     ece_from_bins,
@@ -125,82 +119,6 @@ def plot_risk_coverage(arms: Mapping[str, tuple[Sequence[float | None] | np.ndar
     return _save_png_atomic(fig, path)
 
 
-def intervals_table(arms: Mapping[str, Mapping[str, object]]) -> str:
-    """Markdown table of each arm's bootstrap intervals (``arms[name]["intervals"][metric] = (low, high)``)."""
-    keys = [*METRIC_KEYS, "aurc"]
-    lines = ["| arm | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
-    for name, metrics in arms.items():
-        intervals = metrics.get("intervals") or {}
-        cells = [f"{_format_metric(intervals[k][0])}–{_format_metric(intervals[k][1])}" if k in intervals else "n/a"
-                 for k in keys]
-        lines.append("| " + " | ".join([name.replace("|", "\\|"), *cells]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def by_kind_rows(arms: Mapping[str, Mapping[str, object]]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the per-kind table: each arm's accuracy / mean stated confidence per kind
-    (``arms[name]["by_kind"][kind]`` holds that kind's metrics); no rows when no arm has kinds."""
-    kinds = sorted({kind for metrics in arms.values() for kind in (metrics.get("by_kind") or {})})
-    if not kinds:
-        return [], []
-    of_arm = {name: metrics.get("by_kind") or {} for name, metrics in arms.items()}
-    sizes = {kind: max(int(by_kind.get(kind, {}).get("n", 0)) for by_kind in of_arm.values()) for kind in kinds}
-    header = ["arm", *(f"{kind} (n = {sizes[kind]})" for kind in kinds)]
-    rows = [[name, *(f"{_format_metric(by_kind[k]['accuracy'])} / {_format_metric(by_kind[k]['mean_confidence'])}"
-                     if k in by_kind else "n/a" for k in kinds)] for name, by_kind in of_arm.items()]
-    return header, rows
-
-
-def by_kind_table(arms: Mapping[str, Mapping[str, object]]) -> str:
-    """``by_kind_rows`` as Markdown; empty when no arm has kinds. A pooled ECE can hide a model that is calibrated on
-    average and wrong on every kind."""
-    header, rows = by_kind_rows(arms)
-    if not rows:
-        return ""
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    lines += ["| " + " | ".join([row[0].replace("|", "\\|"), *row[1:]]) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-# Column headers for the terminal; the Markdown table uses the metric keys themselves.
-_TERMINAL_HEADERS = {
-    "accuracy": "accuracy", "ece": "ECE", "brier": "Brier", "auroc": "AUROC", "spr": "SPR",
-    "mean_confidence": "mean\nconf", "overconfidence_gap": "overconf\ngap", "missing_rate": "missing\nrate",
-}
-
-
-def _format_metric(value: float | int | None) -> str:
-    """3 decimals; NaN, None or an absent key (e.g. an older champion's metrics) read "n/a"."""
-    if value is None or math.isnan(value):
-        return "n/a"
-    return f"{value:.3f}"
-
-
-def _comparison_rows(arms: Mapping[str, Mapping[str, float]]) -> list[list[str]]:
-    return [[name, *(_format_metric(metrics.get(key)) for key in METRIC_KEYS)] for name, metrics in arms.items()]
-
-
-def comparison_table(arms: Mapping[str, Mapping[str, float]]) -> str:
-    """Markdown table: one row per arm (base, opd, caopd, ...), one column per metric in ``METRIC_KEYS``."""
-    lines = ["| arm | " + " | ".join(METRIC_KEYS) + " |",
-             "|---|" + "---:|" * len(METRIC_KEYS)]
-    for name, *values in _comparison_rows(arms):
-        lines.append("| " + " | ".join([name.replace("|", "\\|"), *values]) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def print_comparison(arms: Mapping[str, Mapping[str, float]], console: Console | None = None) -> None:
-    """Print the comparison table to the terminal with rich."""
-    # A borderless layout with two-line headers keeps every number whole on an 80-column terminal.
-    table = Table(title="Calibration metrics", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    table.add_column("arm", style="bold")
-    for key in METRIC_KEYS:
-        table.add_column(_TERMINAL_HEADERS[key], justify="right")
-    for name, *values in _comparison_rows(arms):
-        table.add_row(escape(name), *values)  # an arm name like "[x]" is text, not rich markup
-    (console or Console()).print(table)
-
-
 def plot_training_curves(log: Sequence[Mapping[str, float]], path: str | Path, title: str) -> Path:
     """Loss, the sampled accuracy against the stated confidence, and the mean target P, per training step.
 
@@ -224,52 +142,6 @@ def plot_training_curves(log: Sequence[Mapping[str, float]], path: str | Path, t
     cal_ax.legend(loc="lower right")
     fig.suptitle(title)
     return _save_png_atomic(fig, path)
-
-
-def html_report(title: str, images: Sequence[str | Path] = (), arms: Mapping[str, Mapping[str, float]] | None = None,
-                values: Mapping[str, object] | None = None,
-                other_sets: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None) -> str:
-    """A self-contained HTML page (the KFP UI renders HTML artifacts): a metric table per arm (and one per other
-    prompt set, such as OOD), or a key/value table, then the plots embedded as base64 PNGs so the page needs no
-    other file."""
-    import base64
-    import html
-
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif}table{border-collapse:collapse}"
-             "td,th{border:1px solid #bbb;padding:3px 8px;text-align:right}</style></head><body>",
-             f"<h2>{html.escape(title)}</h2>"]
-    tables = ({"in-domain" if other_sets else "": arms} if arms else {}) | dict(other_sets or {})
-    for heading, table_arms in tables.items():
-        if heading:
-            parts.append(f"<h3>{html.escape(heading)}</h3>")
-        parts.append("<table><tr><th>arm</th>" + "".join(f"<th>{k}</th>" for k in METRIC_KEYS) + "</tr>")
-        for name, *cells in _comparison_rows(table_arms):
-            parts.append(f"<tr><th>{html.escape(name)}</th>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-        parts.append("</table>")
-        header, rows = by_kind_rows(table_arms)
-        if rows:
-            parts.append("<p>Accuracy / mean stated confidence by kind:</p><table><tr>"
-                         + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
-            parts += ["<tr><th>" + html.escape(row[0]) + "</th>" + "".join(f"<td>{c}</td>" for c in row[1:]) + "</tr>"
-                      for row in rows]
-            parts.append("</table>")
-    if values:
-        parts.append("<table>" + "".join(
-            f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_format_value(v))}</td></tr>"
-            for k, v in values.items()) + "</table>")
-    for image in map(Path, images):
-        if image.is_file():
-            encoded = base64.b64encode(image.read_bytes()).decode("ascii")
-            parts.append(f"<p><img alt='{html.escape(image.name)}' src='data:image/png;base64,{encoded}'></p>")
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
-
-
-def _format_value(value: object) -> str:
-    if isinstance(value, float):
-        return _format_metric(value)
-    return str(value)
 
 
 def plot_routing(curves: Mapping[str, object], chosen: Mapping[str, Mapping[str, object]], target_accuracy: float,
