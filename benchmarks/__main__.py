@@ -143,44 +143,46 @@ def machine() -> dict:
 
 
 def markdown(result: dict) -> str:
-    rows = ["| case | ours | baseline | ratio |", "|---|---:|---:|---:|"]
+    from caopd.evaluation.tables import markdown_table
+
+    rows = []
     if "rollout" in result:
         r = result["rollout"]
-        rows.append(f"| rollouts (completions/s) | {r['ours_completions_per_s']:.0f} | "
-                    f"{r['generate_completions_per_s']:.0f} (`model.generate`) | {r['speedup_vs_generate']:.2f}× |")
-        rows.append(f"| … against `generate` on the project's CPU attention | | | "
-                    f"{r['speedup_vs_generate_same_attention']:.2f}× |")
-        rows.append(f"| … distinct prefixes per new token (computed once each) | {r['distinct_prefix_fraction']:.0%} "
-                    f"| 100% | |")
+        rows += [["rollouts (completions/s)", f"{r['ours_completions_per_s']:.0f}",
+                  f"{r['generate_completions_per_s']:.0f} (`model.generate`)", f"{r['speedup_vs_generate']:.2f}×"],
+                 ["… against `generate` on the project's CPU attention", "", "",
+                  f"{r['speedup_vs_generate_same_attention']:.2f}×"],
+                 ["… distinct prefixes per new token (computed once each)", f"{r['distinct_prefix_fraction']:.0%}",
+                  "100%", ""]]
     if "training" in result:
         t = result["training"]
-        if "speedup_vs_trl" in t:
-            rows.append(f"| training step (trained tokens/s) | {t['ours_trained_tokens_per_s']:.0f} | "
-                        f"{t['trl_trained_tokens_per_s']:.0f} (TRL DistillationTrainer) | "
-                        f"{t['speedup_vs_trl']:.2f}× |")
-            if "speedup_vs_trl_same_attention" in t:
-                rows.append(f"| … against TRL on the project's CPU attention | | | "
-                            f"{t['speedup_vs_trl_same_attention']:.2f}× |")
-            rows.append(f"| training peak memory (MiB) | {t['ours_peak_rss'] / 2**20:.0f} | "
-                        f"{t['trl_peak_rss'] / 2**20:.0f} | {t['peak_memory_ratio_vs_trl']:.2f}× |")
         trl = "speedup_vs_trl" in t
-        rows.append(f"| training useful GFLOP/s (every sequence's prompt + completion) | {t['useful_gflops']:.1f} | "
-                    + (f"{t['trl_useful_gflops']:.1f} (TRL) | {t['useful_gflops'] / t['trl_useful_gflops']:.2f}× |"
-                       if trl else "| |"))
-        rows.append(f"| … fraction of the fp32 matmul peak ({t['matmul_peak_gflops']:.1f} GFLOP/s) | "
-                    f"{t['cpu_peak_fraction']:.0%} | " + (f"{t['trl_cpu_peak_fraction']:.0%} |" if trl else "|") + " |")
-        rows.append(f"| … counting each prompt and distinct prefix once (the work left to run) | "
-                    f"{t['cpu_peak_fraction_distinct']:.0%} | | |")
+        if trl:
+            rows.append(["training step (trained tokens/s)", f"{t['ours_trained_tokens_per_s']:.0f}",
+                         f"{t['trl_trained_tokens_per_s']:.0f} (TRL DistillationTrainer)",
+                         f"{t['speedup_vs_trl']:.2f}×"])
+            if "speedup_vs_trl_same_attention" in t:
+                rows.append(["… against TRL on the project's CPU attention", "", "",
+                             f"{t['speedup_vs_trl_same_attention']:.2f}×"])
+            rows.append(["training peak memory (MiB)", f"{t['ours_peak_rss'] / 2**20:.0f}",
+                         f"{t['trl_peak_rss'] / 2**20:.0f}", f"{t['peak_memory_ratio_vs_trl']:.2f}×"])
+        rows.append(["training useful GFLOP/s (every sequence's prompt + completion)", f"{t['useful_gflops']:.1f}",
+                     f"{t['trl_useful_gflops']:.1f} (TRL)" if trl else "",
+                     f"{t['useful_gflops'] / t['trl_useful_gflops']:.2f}×" if trl else ""])
+        rows.append([f"… fraction of the fp32 matmul peak ({t['matmul_peak_gflops']:.1f} GFLOP/s)",
+                     f"{t['cpu_peak_fraction']:.0%}", f"{t['trl_cpu_peak_fraction']:.0%}" if trl else "", ""])
+        rows.append(["… counting each prompt and distinct prefix once (the work left to run)",
+                     f"{t['cpu_peak_fraction_distinct']:.0%}", "", ""])
     if "scoring" in result:
         worst = max(shape["auto_vs_rows"] for shape in result["scoring"])
         best = min(shape["auto_vs_rows"] for shape in result["scoring"])
-        rows.append(f"| scoring time against a row per completion, {len(result['scoring'])} sharing levels "
-                    f"(`scoring`) | {best:.2f}–{worst:.2f}× | 1× | |")
+        rows.append([f"scoring time against a row per completion, {len(result['scoring'])} sharing levels "
+                     "(`scoring`)", f"{best:.2f}–{worst:.2f}×", "1×", ""])
     if "metrics" in result:
-        rows.append(f"| metrics over 1 M predictions (s) | {result['metrics']['seconds_1m']:.3f} | | |")
+        rows.append(["metrics over 1 M predictions (s)", f"{result['metrics']['seconds_1m']:.3f}", "", ""])
     if "run" in result:
-        rows.append(f"| `caopd run` (s) | {result['run']['seconds']:.0f} | | |")
-    return "\n".join(rows) + "\n"
+        rows.append(["`caopd run` (s)", f"{result['run']['seconds']:.0f}", "", ""])
+    return markdown_table(["case", "ours", "baseline", "ratio"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,10 @@ def test_names_left_numbers_right_and_a_pipe_in_a_cell_is_escaped():
     assert text == "| arm | ece |\n|---|---:|\n| a\\|b | 0.100 |\n| c | 0.200 |\n"
 
 
+def test_an_empty_cell_is_one_space():
+    assert markdown_table(["case", "ratio"], [["x", ""]]).splitlines()[-1] == "| x | |"
+
+
 def test_alignment_can_be_given_per_column():
     assert markdown_table(["x", "y", "z"], [], align="lrl").splitlines()[1] == "|---|---:|---|"
 

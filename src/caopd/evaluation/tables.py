@@ -23,7 +23,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], alig
         raise ValueError(f"a table of {len(header)} columns needs {len(header)} cells in every row and alignment")
 
     def line(cells: Sequence[object]) -> str:
-        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+        texts = (str(cell).replace("|", "\\|") for cell in cells)
+        return "|" + "|".join(f" {text} " if text else " " for text in texts) + "|"
 
     rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
     return "\n".join([line(header), rule, *map(line, rows)]) + "\n"
