@@ -1,4 +1,4 @@
-"""The three target-replacement edits of DESIGN.md, and the plain-OPD baseline."""
+"""The three target-replacement edits of CaOPD (docs/method.md), and the plain-OPD baseline."""
 
 from caopd.method.targets import empirical_confidence, student_target, teacher_context
 from caopd.method.templates import (

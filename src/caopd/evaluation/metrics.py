@@ -1,6 +1,6 @@
 """Calibration metrics: the one home of ECE, Brier, AUROC, Strict Pairwise Ranking and their binning.
 
-Conventions (DESIGN.md §1 "Metrics"):
+Conventions (docs/method.md, "Metrics"):
 
 * A missing confidence (None or NaN) counts as 0.0 in every metric; its share is ``missing_rate``.
 * ECE uses ``n_bins`` equal-width bins; a confidence on an edge belongs to the bin it opens (0.3 is in
