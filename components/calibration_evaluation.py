@@ -15,7 +15,7 @@ def calibration_evaluation(data: Input[Dataset], models: Input[list[Model]], tas
     from pathlib import Path
 
     from caopd.config.sampling import SamplingConfig
-    from caopd.config.stages import EVAL, EvaluateConfig
+    from caopd.config.stages import CALIBRATION_EVALUATION, EVAL, EvaluateConfig
     from caopd.evaluation.html import html_report
     from caopd.stages.evaluate import run_evaluation
     from caopd.stages.prepare import ood_set
@@ -30,7 +30,7 @@ def calibration_evaluation(data: Input[Dataset], models: Input[list[Model]], tas
                          sampling=SamplingConfig(n=1, temperature=temperature, max_new_tokens=max_new_tokens,
                                                  seed=seed))
     tracker = tracker_if_configured(mlflow_settings, pipeline_run_id, Path(evaluation.path).parent / "mlflow")
-    summary = tracked(tracker, "calibration-evaluation", cfg, lambda: run_evaluation(cfg, evaluation.path),
+    summary = tracked(tracker, CALIBRATION_EVALUATION.id, cfg, lambda: run_evaluation(cfg, evaluation.path),
                       evaluation.path, inputs={"eval": (cfg.data, "evaluation"),
                                                **{name: (path, "evaluation") for name, path in cfg.extra_data.items()}})
     scored = {"": summary["arms"], **{f"{name}_": s["arms"] for name, s in summary["sets"].items()}}

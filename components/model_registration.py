@@ -14,7 +14,7 @@ def model_registration(models: Input[list[Model]], evaluation: Input[Dataset], m
     from pathlib import Path
 
     from caopd.config.gates import GateConfig
-    from caopd.config.stages import RegisterConfig
+    from caopd.config.stages import SUMMARY, RegisterConfig
     from caopd.io import read_json
     from caopd.stages.register import run_registration
     from caopd.stages.train import trained_arms
@@ -24,7 +24,7 @@ def model_registration(models: Input[list[Model]], evaluation: Input[Dataset], m
     if "caopd" not in trained:
         raise ValueError(f"no CaOPD model among the trained arms ({sorted(trained)})")
     cfg = RegisterConfig(name=model_name, model_dir=str(trained["caopd"]), base_model=base_model,
-                         metrics=read_json(Path(evaluation.path) / "summary.json")["arms"]["caopd"],
+                         metrics=read_json(Path(evaluation.path) / SUMMARY)["arms"]["caopd"],
                          gates=GateConfig(**promotion_gates))
     # Without a tracking server the registry is a SQLite store in this task's output, kept by the artifact store.
     tracker = tracker_if_configured(mlflow_settings, pipeline_run_id, registered.path, required=True)

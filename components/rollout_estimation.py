@@ -21,7 +21,7 @@ def rollout_estimation(data: Input[Dataset], task: str, base_model: str, k: int,
     from pathlib import Path
 
     from caopd.config.sampling import SamplingConfig
-    from caopd.config.stages import TRAIN, RolloutConfig
+    from caopd.config.stages import ROLLOUT_ESTIMATION, TRAIN, RolloutConfig
     from caopd.stages.estimate import run_rollout_estimation
     from caopd.tracking.stage_runs import tracked, tracker_if_configured
 
@@ -29,7 +29,7 @@ def rollout_estimation(data: Input[Dataset], task: str, base_model: str, k: int,
                         sampling=SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed),
                         shard_index=shard_index, num_shards=num_shards)
     tracker = tracker_if_configured(mlflow_settings, pipeline_run_id, Path(rollouts.path).parent / "mlflow")
-    summary = tracked(tracker, "rollout-estimation", cfg, lambda: run_rollout_estimation(cfg, rollouts.path),
+    summary = tracked(tracker, ROLLOUT_ESTIMATION.id, cfg, lambda: run_rollout_estimation(cfg, rollouts.path),
                       rollouts.path, inputs={"train": (cfg.data, "training")})
     rollouts.metadata.update({"n_prompts": summary["n_prompts"], "skipped_too_long": summary["skipped_too_long"]})
 

@@ -12,7 +12,7 @@ def target_replacement(data: Input[Dataset], rollouts: Input[Dataset], task: str
                        records: Output[Dataset]):
     from pathlib import Path
 
-    from caopd.config.stages import ESTIMATES, ROLLOUTS, TRAIN, TargetsConfig
+    from caopd.config.stages import ESTIMATES, ROLLOUTS, TARGET_REPLACEMENT, TRAIN, TargetsConfig
     from caopd.stages.targets import run_target_replacement
     from caopd.tracking.stage_runs import tracked, tracker_if_configured
     from caopd.tracking.tracker import TAG_METHOD
@@ -21,7 +21,7 @@ def target_replacement(data: Input[Dataset], rollouts: Input[Dataset], task: str
                         data=str(Path(data.path) / TRAIN), rollouts=str(Path(rollouts.path) / ROLLOUTS),
                         estimates=str(Path(rollouts.path) / ESTIMATES))
     tracker = tracker_if_configured(mlflow_settings, pipeline_run_id, Path(records.path).parent / "mlflow")
-    summary = tracked(tracker, "target-replacement", cfg, lambda: run_target_replacement(cfg, records.path),
+    summary = tracked(tracker, TARGET_REPLACEMENT.id, cfg, lambda: run_target_replacement(cfg, records.path),
                       records.path, tags={TAG_METHOD: method})
     records.metadata.update({"method": method, "n_records": summary["n_records"],
                              "mean_target_confidence": summary["mean_target_confidence"]})

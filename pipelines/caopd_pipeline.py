@@ -5,7 +5,9 @@ target-replacement → opd-training (ParallelFor over the arms: CaOPD, and plain
 calibration-evaluation → model-registration (never cached). With ``continual_kinds`` (task B), each arm then
 continues on task B from its model and is scored on task A before and after (the calibration-forgetting check).
 
-Parameters are ordered by stage; their defaults run the tiny default model end to end. The GPU stages
+Parameters are ordered by stage; their defaults run the tiny default model end to end. Each one's description (in
+the compiled spec, shown by the Kubeflow UI's Create-run form) comes from the one mapping between the configs and
+the parameters, ``caopd.config.parameters``, through the generated docstring's ``Args:``. The GPU stages
 (rollouts, training, evaluation) take their accelerator, node selector and tolerations from parameters, so one
 compiled spec serves every cluster; the CPU stages never request a GPU. ``build_pipeline(workspace_pvc=...)``
 mounts a shared ReadWriteMany volume on the training step: its checkpoints then outlive the pod, and
@@ -33,6 +35,7 @@ from caopd.components import (
     training_arms,
 )
 from caopd.config.launch import WORKSPACE_MOUNT
+from caopd.config.parameters import pipeline_docstring
 from caopd.config.stages import DataConfig, RegisterConfig, TrainStageConfig
 from caopd.config.training import TrainConfig
 
@@ -65,6 +68,22 @@ def _on_cpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task.set_cpu_request(CPU_STAGE_CPU).set_memory_request(CPU_STAGE_MEMORY)
 
 
+def _by_name(component, parameters: dict, **given) -> dsl.PipelineTask:
+    """A task of ``component``: the inputs ``given``, and every other input from the pipeline parameter of the same
+    name. For the stages whose config the mapping builds from their inputs (data preparation, training), so that
+    neither the pipeline nor the component lists the config's fields again."""
+    names = component.component_spec.inputs or {}
+    return component(**{name: parameters[name] for name in names if name in parameters and name not in given},
+                     **given)
+
+
+class Outputs(NamedTuple):
+    """The pipeline's outputs (kfp reads the class's fields and their annotations, as from NamedTuple(...))."""
+
+    evaluation: Dataset
+    registered: Model
+
+
 DESCRIPTION = ("Calibration-Aware On-Policy Distillation: rollouts estimate each prompt's success rate P, training "
                "distils towards 'Confidence: P', evaluation compares base, plain OPD and CaOPD, and the CaOPD model is "
                "registered.")
@@ -74,7 +93,6 @@ def build_pipeline(workspace_pvc: str = ""):
     """The pipeline; with ``workspace_pvc`` (a PVC's name: fixed at compile time, since a volume is part of the pod
     spec, not a run parameter) the training step mounts it at WORKSPACE_MOUNT."""
 
-    @dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)
     def caopd_pipeline(
         # 0 · data preparation
         task: str = "arithmetic",
@@ -136,16 +154,15 @@ def build_pipeline(workspace_pvc: str = ""):
         gpu_tolerations: list = DEFAULT_GPU_TOLERATIONS,
         gpu_cpu_request: str = "4",
         gpu_memory_request: str = "32Gi",
-    ) -> NamedTuple("Outputs", evaluation=Dataset, registered=Model):
+    ) -> Outputs:
+        parameters = dict(locals())  # name -> channel, before any other local exists
+
         def gpu(t: dsl.PipelineTask) -> dsl.PipelineTask:
             return _on_gpu(t, accelerator_type, accelerator_count, gpu_node_selector, gpu_tolerations,
                            gpu_cpu_request, gpu_memory_request)
 
         tracking = dict(mlflow_settings=mlflow_settings, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-        data = _on_cpu(data_preparation(task=task, train_source=train_source, eval_source=eval_source,
-                                        n_train=n_train, n_eval=n_eval, seed=seed, kind_weights=kind_weights,
-                                        ood_kinds=ood_kinds, ood_source=ood_source, ood_task=ood_task,
-                                        continual_kinds=continual_kinds, **tracking))
+        data = _on_cpu(_by_name(data_preparation, parameters, **tracking))
         data.set_retry(2)
 
         shards = _on_cpu(rollout_shard_indices(num_shards=rollout_shards))
@@ -166,15 +183,8 @@ def build_pipeline(workspace_pvc: str = ""):
                                                  task=task, base_model=base_model, method=method,
                                                  teacher_context=teacher_context, **tracking))
             targets.set_retry(2)
-            trained = gpu(opd_training(records=targets.outputs["records"], task=task, base_model=base_model,
-                                       method=method, teacher_context=teacher_context, divergence=divergence, beta=beta,
-                                       top_k=top_k, variant=variant, teacher=teacher, teacher_model=teacher_model,
-                                       ema_rate=ema_rate, p_source=p_source, steps=steps,
-                                       prompts_per_step=prompts_per_step, k=k, lr=lr, temperature=temperature,
-                                       max_new_tokens=max_new_tokens, seed=seed, train_options=train_options,
-                                       train_launch=train_launch, train_sharding=train_sharding,
-                                       train_engine=train_engine,
-                                       workspace_pvc=workspace_pvc, **tracking))
+            trained = gpu(_by_name(opd_training, parameters, records=targets.outputs["records"], method=method,
+                                   workspace_pvc=workspace_pvc, **tracking))
             # Its own GPU count: 0 when the step only launches and watches a job on other nodes.
             trained.set_accelerator_limit(training_gpus)
             trained.register_pipeline_channels([training_gpus])
@@ -194,8 +204,9 @@ def build_pipeline(workspace_pvc: str = ""):
                 forgetting.set_retry(2)
 
         # Each consumer of the arms' models gets its own Collected: kfp 2.17 fails to compile a shared one.
-        evaluation = gpu(calibration_evaluation(data=data.outputs["data"], models=dsl.Collected(trained.outputs["model"]),
-                                                task=task, base_model=base_model, temperature=temperature,
+        evaluation = gpu(calibration_evaluation(data=data.outputs["data"],
+                                                models=dsl.Collected(trained.outputs["model"]), task=task,
+                                                base_model=base_model, temperature=temperature,
                                                 max_new_tokens=max_new_tokens, seed=eval_seed, engine=engine,
                                                 **tracking))
         evaluation.set_retry(2)
@@ -205,10 +216,11 @@ def build_pipeline(workspace_pvc: str = ""):
                                                   base_model=base_model, promotion_gates=promotion_gates, **tracking))
         # A registry write is a side effect: a cached "success" would skip it without registering anything.
         registration.set_caching_options(False)
-        Outputs = NamedTuple("Outputs", evaluation=Dataset, registered=Model)
         return Outputs(evaluation=evaluation.outputs["evaluation"], registered=registration.outputs["registered"])
 
-    return caopd_pipeline
+    # kfp fills each parameter's description from the docstring's Args: set it before the decorator reads it.
+    caopd_pipeline.__doc__ = pipeline_docstring("The CaOPD pipeline.")
+    return dsl.pipeline(name=PIPELINE_NAME, description=DESCRIPTION)(caopd_pipeline)
 
 
 caopd_pipeline = build_pipeline()

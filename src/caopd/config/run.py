@@ -4,21 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from caopd.config.parameters import train_fields_set_by_the_run
 from caopd.config.stages import DEFAULT_KIND_WEIGHTS
 from caopd.config.training import TrainConfig
 
 ARMS = ("base", "opd", "caopd")
-
-
-# TrainConfig fields the pipeline takes as parameters of their own; the rest travel in `train_options`.
-_TRAIN_PARAMETERS = ("divergence", "beta", "top_k", "variant", "teacher", "teacher_model", "ema_rate", "p_source",
-                     "steps", "prompts_per_step", "lr")
-
-
-# Set per arm and from the shared settings by the pipeline itself.
-_TRAIN_SET_BY_PIPELINE = ("method", "teacher_context", "k", "seed", "sampling")
 
 
 class RunConfig(BaseModel):
@@ -47,3 +39,12 @@ class RunConfig(BaseModel):
     cache: bool = Field(False, description="reuse tasks that already ran with the same inputs under this --out "
                         "(kfp.local caching); off by default so that a changed library is never skipped")
 
+    @model_validator(mode="after")
+    def _train_leaves_the_run_its_own(self) -> RunConfig:
+        # The run sets these TrainConfig fields itself (k, seed, temperature, ... are shared with the rollouts and
+        # the evaluation; the method is each arm's): a value given under `train` would be ignored, so say so.
+        defaults = TrainConfig()
+        for name, source in train_fields_set_by_the_run().items():
+            if getattr(self.train, name) != getattr(defaults, name):
+                raise ValueError(f"train.{name} is not read by `caopd run`, which sets it from {source}")
+        return self

@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from caopd.config.run import _TRAIN_PARAMETERS, _TRAIN_SET_BY_PIPELINE, ARMS, RunConfig
-from caopd.config.training import TrainConfig
+from caopd.config.parameters import run_arguments
+from caopd.config.run import ARMS, RunConfig
+from caopd.config.stages import SUMMARY
 from caopd.errors import CaopdServiceError
 from caopd.evaluation.metrics import METRIC_KEYS
 from caopd.evaluation.tables import comparison_table, print_comparison
@@ -28,23 +29,10 @@ from caopd.io import atomic_dir, read_json, write_json, write_text
 
 
 def pipeline_arguments(cfg: RunConfig, mlflow_dir: Path) -> dict[str, Any]:
-    """The pipeline's parameters for this config (the rest keep the pipeline's own defaults)."""
-    train = cfg.train
-    defaults = TrainConfig()
-    options = {name: getattr(train, name) for name in type(train).model_fields
-               if name not in _TRAIN_PARAMETERS + _TRAIN_SET_BY_PIPELINE
-               and getattr(train, name) != getattr(defaults, name)}
+    """The pipeline's parameters for this config, read through the one mapping (caopd.config.parameters); the
+    rest keep the pipeline's own defaults."""
     return {
-        "n_train": cfg.n_train, "n_eval": cfg.n_eval, "kind_weights": cfg.kind_weights, "ood_kinds": cfg.ood_kinds,
-        "continual_kinds": cfg.continual_kinds,
-        "seed": cfg.seed,
-        "base_model": cfg.model, "k": cfg.k, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens,
-        "rollout_shards": cfg.rollout_shards,
-        "teacher_context": cfg.teacher_context,
-        "train_baseline": cfg.train_baseline,
-        **{name: getattr(train, name) for name in _TRAIN_PARAMETERS},
-        "top_k": train.top_k or 0, "teacher_model": train.teacher_model or "", "train_options": options,
-        "eval_seed": cfg.seed + 1,
+        **run_arguments(cfg),
         # Every stage logs to one local MLflow store (SQLite), and the registry lives there too.
         "mlflow_settings": {"tracking_uri": f"sqlite:///{mlflow_dir / 'mlflow.db'}",
                             "artifact_root": str(mlflow_dir / "artifacts"), "experiment": "caopd"},
@@ -99,7 +87,8 @@ def run_pipeline_locally(arguments: dict[str, Any], pipeline_root: Path, cache: 
         # can restore each other's swap, leaving every later print in this process indented. Put it back.
         stack.callback(setattr, builtins, "print", builtins.print)
         stack.enter_context(warnings.catch_warnings())
-        # The components name the project's images; locally the host Python runs them (see TOOLCHAIN.md).
+        # The components name the project's images; kfp.local's SubprocessRunner ignores them and runs every
+        # task with the host Python.
         warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
         warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*", category=UserWarning)
         stack.enter_context(_environment(task_environment(progress)))
@@ -135,7 +124,7 @@ def run_main_job(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> 
     (out / "mlflow").mkdir(exist_ok=True)
     outputs = run_pipeline_locally(pipeline_arguments(cfg, out / "mlflow"), out / "kfp", cfg.cache, progress)
     _copy_dir(outputs["evaluation"].path, out / "evaluation")
-    evaluation = read_json(out / "evaluation" / "summary.json")
+    evaluation = read_json(out / "evaluation" / SUMMARY)
     for arm in ("opd", "caopd"):
         if arm in evaluation["arms"]:  # its model folder sits in the training output, beside the curves and log
             _copy_dir(Path(evaluation["arms"][arm]["model"]).parent, out / f"train_{arm}")
@@ -156,7 +145,7 @@ def run_main_job(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> 
     if forgetting:  # the run trained each arm on task B too
         summary["continual"] = forgetting
         comparison += "\ncalibration forgetting (task A before and after task B):\n\n" + forgetting_table(forgetting)
-    write_json(out / "summary.json", summary)
+    write_json(out / SUMMARY, summary)
     write_text(out / "comparison.md", comparison)
     if progress:
         print_comparison(summary["arms"])
