@@ -166,8 +166,9 @@ def training_case(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24, rep
     from caopd.config.training import TrainConfig
     from caopd.rollout.transformers_engine import TransformersEngine
     from caopd.tasks import get_task
+    from caopd.training.objectives import TrainItem
     from caopd.training.teachers import Teacher
-    from caopd.training.trainer import Trainer, TrainItem
+    from caopd.training.trainer import Trainer
 
     loaded, _, examples = _prompts(n_prompts * (repeats + 1))
     # The default micro-batch (64 sequences), which is also TRL's per-device batch in the baseline.

@@ -72,42 +72,23 @@ def _version(name: str) -> str | None:
 
 def smoke(size: str, n_prompts: int, k: int, steps: int, prompts_per_step: int, work: Path) -> dict:
     from caopd.config.sampling import SamplingConfig
-    from caopd.config.stages import (
-        ESTIMATES,
-        RECORDS,
-        ROLLOUTS,
-        RolloutConfig,
-        TargetsConfig,
-        TrainStageConfig,
-    )
     from caopd.config.training import TrainConfig
+    from caopd.experiments.chain import run_chain
     from caopd.io import write_jsonl
     from caopd.rollout.vllm_engine import vllm_available
-    from caopd.stages.estimate import run_rollout_estimation
-    from caopd.stages.targets import run_target_replacement
-    from caopd.stages.train import run_training
     from caopd.tasks.arithmetic import generate_rows
 
     model_dir, data = work / "model", work / "train.jsonl"
     parameters = build_model(size, model_dir)
     write_jsonl(data, generate_rows(n_prompts, 0))
-    sampling = SamplingConfig(max_new_tokens=24)
+    # CaOPD; the rollout estimation samples as training does (K = k, 24 new tokens, seed 0)
+    train = TrainConfig(steps=steps, prompts_per_step=prompts_per_step, k=k, warmup_steps=1, save_every=steps,
+                        sampling=SamplingConfig(max_new_tokens=24))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    run_rollout_estimation(RolloutConfig(model=str(model_dir), data=str(data), k=k, sampling=sampling),
-                           work / "rollouts", progress=False)
-    rollout_s = time.perf_counter() - start
-    run_target_replacement(TargetsConfig(data=str(data), model=str(model_dir),
-                                         rollouts=str(work / "rollouts" / ROLLOUTS),
-                                         estimates=str(work / "rollouts" / ESTIMATES)), work / "targets")
-    train = TrainConfig(steps=steps, prompts_per_step=prompts_per_step, k=k, warmup_steps=1, save_every=steps,
-                        sampling=sampling)
-    start = time.perf_counter()
     # auto: with vLLM installed the training rollouts come from a colocated engine, synced after every step
-    trained = run_training(TrainStageConfig(model=str(model_dir), records=str(work / "targets" / RECORDS),
-                                            train=train, engine="auto"), work / "train", progress=False)
-    train_s = time.perf_counter() - start
+    done = run_chain(str(model_dir), str(data), train, work, rollout_engine="auto", train_engine="auto")
+    rollout_s, train_s, trained = done.seconds["rollouts"], done.seconds["training"], done.training
     log = [json.loads(line) for line in (work / "train" / "train_log.jsonl").read_text().splitlines() if line]
     return {
         "size": size, "parameters": parameters, "rollout_engine": "vllm" if vllm_available() else "transformers",

@@ -15,7 +15,7 @@ from caopd.models.batching import (
     pack_trees,
     prefix_tree,
 )
-from caopd.training.trainer import PromptGroup, micro_batches
+from caopd.training.objectives import PromptGroup, micro_batches
 
 
 def _random_groups(vocab: int, seed: int = 0):

@@ -13,7 +13,8 @@ from caopd.models.tiny import build_tokenizer
 from caopd.rollout.transformers_engine import TransformersEngine
 from caopd.stages.train import run_training
 from caopd.training.checkpoints import latest_checkpoint
-from caopd.training.trainer import completion_tokens, prompt_order
+from caopd.training.objectives import completion_tokens
+from caopd.training.trainer import prompt_order
 
 SMALL = dict(steps=3, prompts_per_step=3, k=2, save_every=1, micro_batch_size=4,
              sampling=SamplingConfig(max_new_tokens=24))

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from caopd.config.sampling import SamplingConfig
-from caopd.method.types import Divergence, TeacherKind, TrainMethod, Variant
+from caopd.method.types import TEACHERLESS_METHODS, Divergence, TeacherKind, TrainMethod, Variant
 
 
 class TrainConfig(BaseModel):
@@ -62,9 +62,10 @@ class TrainConfig(BaseModel):
                              "teacher's top-k log-probabilities, not its whole distribution)")
         if self.teacher != "server" and self.teacher_server:
             raise ValueError("teacher_server is only used with teacher='server'")
-        if self.method == "rlcr" and (self.teacher != "frozen" or self.variant != "faithful" or self.top_k):
-            raise ValueError("method='rlcr' has no teacher and no divergence: leave teacher, variant and top_k at "
-                             "their defaults")
+        if self.method in TEACHERLESS_METHODS and (self.teacher != "frozen" or self.variant != "faithful"
+                                                   or self.top_k):
+            raise ValueError(f"method={self.method!r} has no teacher and no divergence: leave teacher, variant and "
+                             "top_k at their defaults")
         if self.variant == "decoupled" and self.method != "caopd":
             raise ValueError("variant='decoupled' trains towards the replaced confidence: it needs method='caopd'")
         return self

@@ -15,39 +15,18 @@ from typing import Any
 
 from caopd.config.experiments import ARMS, CompareConfig
 from caopd.config.sampling import SamplingConfig
-from caopd.config.stages import (
-    ESTIMATES,
-    EVAL,
-    MODEL_DIR,
-    OOD,
-    RECORDS,
-    ROLLOUTS,
-    TRAIN,
-    EvaluateConfig,
-    RolloutConfig,
-    TargetsConfig,
-    TrainStageConfig,
-)
+from caopd.config.stages import EVAL, MODEL_DIR, OOD, TRAIN, EvaluateConfig
 from caopd.evaluation.metrics import METRIC_KEYS
 from caopd.evaluation.plots import plot_compare
 from caopd.evaluation.tables import by_kind_table
+from caopd.experiments.chain import estimate_rollouts, replace_targets, train_on
 from caopd.io import write_json, write_text
-from caopd.stages.estimate import run_rollout_estimation
 from caopd.stages.evaluate import run_evaluation
 from caopd.stages.prepare import run_data_preparation
-from caopd.stages.targets import run_target_replacement
-from caopd.stages.train import run_training
+from caopd.training.objectives import objective_for
 
 BASE_DESCRIPTION = "base model, untrained"
 TABLE_KEYS = ("accuracy", "ece", "brier", "auroc", "spr", "overconfidence_gap")
-
-
-def _targets(cfg: CompareConfig, data: Path, rollouts: Path, method: str, context: str, out: Path) -> str:
-    folder = out / f"targets_{method}_{context}"
-    run_target_replacement(TargetsConfig(method=method, teacher_context=context, data=str(data / TRAIN),
-                                         model=cfg.model, rollouts=str(rollouts / ROLLOUTS),
-                                         estimates=str(rollouts / ESTIMATES)), folder)
-    return str(folder / RECORDS)
 
 
 def run_compare(cfg: CompareConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
@@ -56,21 +35,21 @@ def run_compare(cfg: CompareConfig, out_dir: str | Path, progress: bool = True) 
     start = time.perf_counter()
     data = out / "data"
     run_data_preparation(cfg.data_config(), data)
-    sampling = cfg.train.sampling.model_copy(update={"seed": cfg.seed})
-    run_rollout_estimation(RolloutConfig(model=cfg.model, data=str(data / TRAIN), k=cfg.k, sampling=sampling),
-                           out / "rollouts", progress=progress)
+    train_data, rollouts = str(data / TRAIN), out / "rollouts"
+    shared = cfg.train.model_copy(update={"k": cfg.k, "seed": cfg.seed})  # every arm's, but method and context
+    estimate_rollouts(cfg.model, train_data, shared, rollouts, progress=progress)  # one estimation for every arm
     models, seconds, records_of = {"base": cfg.model}, {}, {}
     for arm in cfg.arms:
         method, context, _ = ARMS[arm]
-        # RLCR reads only the prompts and answers of the records; the targets' edits do not reach it.
-        key = ("opd" if method == "rlcr" else method, context)
-        if key not in records_of:  # one target replacement per (method, context), made from this run's rollouts
-            records_of[key] = _targets(cfg, data, out / "rollouts", *key, out)
-        records = records_of[key]
-        train = cfg.train.model_copy(update={"method": method, "teacher_context": context, "k": cfg.k,
-                                             "seed": cfg.seed})
-        summary = run_training(TrainStageConfig(model=cfg.model, records=records, train=train), out / f"train_{arm}",
-                               progress=progress)
+        train = shared.model_copy(update={"method": method, "teacher_context": context})
+        # One target replacement per (method of the records, context), made from this run's rollouts: the records an
+        # arm's objective trains from (RLCR reads only their prompts and answers: plain OPD ones serve it).
+        records_method = objective_for(train).targets_method
+        key = (records_method, context)
+        if key not in records_of:
+            records_of[key] = replace_targets(cfg.model, train_data, rollouts, train,
+                                              out / f"targets_{records_method}_{context}")
+        summary = train_on(cfg.model, records_of[key], train, out / f"train_{arm}", progress=progress)
         models[arm], seconds[arm] = str(out / f"train_{arm}" / MODEL_DIR), summary["seconds"]
     ood = {"ood": str(data / OOD)} if cfg.ood_kinds else {}
     evaluation = run_evaluation(

@@ -15,29 +15,14 @@ from typing import Any
 
 from caopd.config.experiments import ContinualConfig, ContinualStepConfig
 from caopd.config.sampling import SamplingConfig
-from caopd.config.stages import (
-    DEFAULT_KIND_WEIGHTS,
-    ESTIMATES,
-    EVAL,
-    MODEL_DIR,
-    RECORDS,
-    ROLLOUTS,
-    TRAIN,
-    DataConfig,
-    EvaluateConfig,
-    RolloutConfig,
-    TargetsConfig,
-    TrainStageConfig,
-)
+from caopd.config.stages import DEFAULT_KIND_WEIGHTS, EVAL, TRAIN, DataConfig, EvaluateConfig
 from caopd.evaluation.metrics import METRIC_KEYS
 from caopd.evaluation.tables import comparison_table
+from caopd.experiments.chain import run_chain
 from caopd.io import write_json, write_text
 from caopd.method.types import EngineName
-from caopd.stages.estimate import run_rollout_estimation
 from caopd.stages.evaluate import run_evaluation
 from caopd.stages.prepare import run_data_preparation
-from caopd.stages.targets import run_target_replacement
-from caopd.stages.train import run_training
 
 FORGETTING = "forgetting.json"
 
@@ -49,22 +34,11 @@ def _weights(kinds: list[str]) -> dict[str, float]:
 def run_continual_step(cfg: ContinualStepConfig, out_dir: str | Path, progress: bool = False) -> dict[str, Any]:
     """Task B from task A's model: its rollouts and P on B, the method's targets, and training from it. The model
     lands in ``out_dir/train/model``."""
-    out = Path(out_dir)
-    train = cfg.train
-    sampling = train.sampling.model_copy(update={"seed": train.seed})
-    rollouts = run_rollout_estimation(RolloutConfig(model=cfg.start_model, task=cfg.task, data=cfg.data, k=train.k,
-                                                    sampling=sampling, engine=cfg.engine),
-                                      out / "rollouts", progress=progress)
-    # RLCR reads only the prompts and answers of the records; the targets' edits do not reach it.
-    run_target_replacement(TargetsConfig(method="opd" if train.method == "rlcr" else train.method,
-                                         teacher_context=train.teacher_context, task=cfg.task, data=cfg.data,
-                                         model=cfg.start_model, rollouts=str(out / "rollouts" / ROLLOUTS),
-                                         estimates=str(out / "rollouts" / ESTIMATES)), out / "targets")
-    trained = run_training(TrainStageConfig(model=cfg.start_model, task=cfg.task,
-                                            records=str(out / "targets" / RECORDS), train=train),
-                           out / "train", progress=progress)
-    return {"stage": "continual-distillation", "config": cfg.model_dump(), "model": str(out / "train" / MODEL_DIR),
-            "n_prompts": rollouts["n_prompts"], "steps": trained["steps"], "final": trained["final"],
+    done = run_chain(cfg.start_model, cfg.data, cfg.train, out_dir, task=cfg.task, rollout_engine=cfg.engine,
+                     progress=progress)
+    trained = done.training
+    return {"stage": "continual-distillation", "config": cfg.model_dump(), "model": done.model,
+            "n_prompts": done.rollouts["n_prompts"], "steps": trained["steps"], "final": trained["final"],
             "seconds": trained["seconds"], "model_digest": trained["model_digest"]}
 
 

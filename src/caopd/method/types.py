@@ -18,5 +18,8 @@ TeacherMode = Literal["demo", "correct_solution"]
 EngineName = Literal["auto", "transformers", "vllm"]
 
 TrainMethod = Literal["opd", "caopd", "rlcr"]
+# The training methods whose objective learns without a teacher (caopd.training.objectives: needs_teacher is False),
+# for the torch-free layers: teacher and divergence settings mean nothing to them.
+TEACHERLESS_METHODS: frozenset[str] = frozenset({"rlcr"})
 Variant = Literal["faithful", "decoupled"]
 Sharding = Literal["replicate", "fsdp"]

@@ -18,8 +18,9 @@ from caopd.rollout import make_training_engine
 from caopd.tasks import get_task
 from caopd.tasks.base import Example
 from caopd.training.checkpoints import full_weights
+from caopd.training.objectives import TrainItem, objective_for
 from caopd.training.teachers import Teacher, check_same_tokenizer
-from caopd.training.trainer import Trainer, TrainItem
+from caopd.training.trainer import Trainer
 
 
 def items_from_records(path: str) -> list[TrainItem]:
@@ -67,8 +68,9 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
         other = load_model(cfg.train.teacher_model, progress=progress)
         check_same_tokenizer(loaded.tokenizer, other.tokenizer, cfg.train.teacher_model)
         separate = other.model
-    # RLCR has no teacher: the "student" kind aliases the student, so no copy is made and nothing extra saved.
-    kind = "student" if cfg.train.method == "rlcr" else cfg.train.teacher
+    # A method without a teacher (RLCR): the "student" kind aliases the student, so no copy is made and nothing extra
+    # is saved.
+    kind = cfg.train.teacher if objective_for(cfg.train).needs_teacher else "student"
     server = None
     if cfg.train.teacher == "server":
         from caopd.training.teacher_server import TeacherServer

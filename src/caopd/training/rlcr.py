@@ -5,6 +5,8 @@ reward = correctness − (confidence − correctness)², the correctness reward 
 samples form a group; a sample's advantage is its reward against the group's (GRPO), and the loss is the
 on-policy policy gradient −advantage · log π(token), averaged over the step's tokens. One optimizer step per batch
 of fresh samples keeps the importance ratio at 1, so PPO-style clipping would never act and is left out.
+
+These are its pure functions; the training objective built on them is ``caopd.training.objectives.RLCRObjective``.
 """
 
 from __future__ import annotations

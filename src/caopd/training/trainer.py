@@ -1,12 +1,13 @@
-"""The on-policy distillation loop (OPD and CaOPD), written for the method rather than wrapped around TRL.
+"""The training loop, one for every method (OPD, CaOPD and the RLCR baseline), written for the method rather than
+wrapped around TRL.
 
-Each step: sample K rollouts per prompt from the live student, verify them, estimate P from the step's
-own group (or take the offline estimate), apply the target edits, score the (edited) completions with
-the teacher under its privileged context, and minimise a per-token divergence on the student's own
-samples. The RLCR baseline shares the loop up to the loss: it scores each sample with its calibration reward
-and takes a policy-gradient step instead (caopd.training.rlcr). Checkpoints hold everything needed to resume
-bit-for-bit: weights, optimizer, RNG state, step (the data order and the sampling seed of every step are functions
-of the seed and the step).
+Each step: sample K rollouts per prompt from the live student, verify them and estimate P from the step's own group
+(or take the offline estimate); the method's objective (caopd.training.objectives) then builds the groups it trains
+on and takes its loss and backward. For OPD and CaOPD that is the target edits, the teacher scoring the (edited)
+completions under its privileged context, and a per-token divergence on the student's own samples; for RLCR, each
+sample's calibration reward and a policy-gradient step. Checkpoints hold everything needed to resume bit-for-bit:
+weights, optimizer, RNG state, step (the data order and the sampling seed of every step are functions of the seed and
+the step).
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,44 +27,24 @@ from tqdm.auto import tqdm
 
 from caopd.config.training import TrainConfig
 from caopd.errors import TrainingStopped
-from caopd.method.protocol import CONFIDENCE_KEY, parse_confidence
-from caopd.method.targets import empirical_confidence, student_target, teacher_context
-from caopd.method.templates import render_prompt, teacher_prompt
-from caopd.models.batching import completion_logits
+from caopd.method.protocol import parse_confidence
+from caopd.method.targets import empirical_confidence
+from caopd.method.templates import render_prompt
 from caopd.models.distributed import World, full_tensor, gathered, reshard
 from caopd.models.loading import encode_text
 from caopd.rollout.base import RolloutEngine
-from caopd.tasks.base import Example, Task
-from caopd.training.losses import (
-    sparse_token_divergence,
-    token_cross_entropy,
-    token_divergence,
+from caopd.tasks.base import Task
+from caopd.training.objectives import (
+    PromptGroup,
+    StepContext,
+    TrainItem,
+    VerifiedRollouts,
+    objective_for,
 )
-from caopd.training.rlcr import group_advantages, policy_gradient_terms, rlcr_reward
 from caopd.training.teachers import Teacher
 
 
-@dataclass
-class TrainItem:
-    """One training prompt: the example, its offline P and a verified correct rollout if one exists."""
-
-    example: Example
-    p_offline: float | None
-    correct_rollout: str | None
-
-
-@dataclass
-class PromptGroup:
-    """The K training completions of one prompt, with the student's and the teacher's prompt ids: each prompt is
-    computed once per group in the loss forwards."""
-
-    prompt_ids: list[int]
-    teacher_prompt_ids: list[int]  # empty for RLCR, which has no teacher
-    completion_ids: list[list[int]]
-    confidence_masks: list[list[bool]]  # completion tokens of the Confidence line (decoupled variant)
-    advantages: list[float] = field(default_factory=list)  # RLCR: one per completion
-
-
+# The step's data types live with the objectives; they are importable from here as before.
 def prompt_order(n_items: int, seed: int, step: int, batch: int) -> list[int]:
     """Indices of the prompts for ``step``: epochs of seeded permutations, a pure function of the step."""
     start = step * batch
@@ -75,37 +55,6 @@ def prompt_order(n_items: int, seed: int, step: int, batch: int) -> list[int]:
         random.Random(seed * 1_000_003 + epoch).shuffle(perm)
         out.extend(perm[offset: offset + batch - len(out)])
     return out
-
-
-def completion_tokens(tokenizer: Any, text: str, sampled_ids: list[int] | None, finished: bool,
-                      ) -> tuple[list[int], list[bool]]:
-    """Token ids of a training completion (+ EOS) and which of them belong to the Confidence line.
-
-    An unedited (OPD) completion keeps exactly the ids the student sampled; an edited (CaOPD) one is
-    re-tokenised and always ends with EOS, since it ends with its Confidence line.
-    """
-    eos = tokenizer.eos_token_id
-    if sampled_ids is not None:
-        ids = list(sampled_ids) + ([eos] if finished else [])
-        return ids, [False] * len(ids)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    cut = text.rfind(CONFIDENCE_KEY)
-    mask = [cut >= 0 and end > cut for _, end in enc["offset_mapping"]]
-    return enc["input_ids"] + [eos], mask + [True]
-
-
-def micro_batches(groups: Sequence[PromptGroup], max_sequences: int) -> list[list[PromptGroup]]:
-    """Whole prompt groups per micro-batch, up to ``max_sequences`` completions (at least one group)."""
-    batches: list[list[PromptGroup]] = []
-    size = 0
-    for group in groups:
-        if batches and size + len(group.completion_ids) <= max_sequences:
-            batches[-1].append(group)
-            size += len(group.completion_ids)
-        else:
-            batches.append([group])
-            size = len(group.completion_ids)
-    return batches
 
 
 class Trainer:
@@ -125,18 +74,22 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         self.prompt_ids = {it.example.id: encode_text(tokenizer, render_prompt(tokenizer, it.example.prompt))
                            for it in items}
+        self.objective = objective_for(cfg)  # what the method makes of each step's rollouts
         self.log: list[dict[str, Any]] = []
 
     # --- one step -------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
         return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
 
+    def context(self) -> StepContext:
+        return StepContext(self.student, self.teacher, self.tokenizer, self.template, self.world)
+
     def build_groups(self, batch: list[TrainItem], rollouts) -> tuple[list[PromptGroup], dict[str, float]]:
-        """The prompt groups to train on, and the sums behind the step's statistics (summed across processes
-        before they become rates)."""
-        cfg = self.cfg
+        """The prompt groups to train on (the objective's), and the sums behind the step's statistics (summed
+        across processes before they become rates)."""
+        cfg, context = self.cfg, self.context()
         groups: list[PromptGroup] = []
-        correct_all, stated, ps, rewards_all = [], [], [], []
+        correct_all, stated, ps = [], [], []
         for item, rollout_group in zip(batch, rollouts):
             correct = [self.task.verify(item.example, c.text) for c in rollout_group]
             confidences = [parse_confidence(c.text) for c in rollout_group]
@@ -145,29 +98,11 @@ class Trainer:
             p = empirical_confidence(correct) if cfg.p_source == "online" or item.p_offline is None \
                 else item.p_offline
             ps.append(p)
-            if cfg.method == "rlcr":
-                rewards = [rlcr_reward(ok, q) for ok, q in zip(correct, confidences)]
-                rewards_all += rewards
-                ids = [completion_tokens(self.tokenizer, c.text, c.token_ids, c.finished)[0] for c in rollout_group]
-                groups.append(PromptGroup(self.prompt_ids[item.example.id], [], ids, [[False] * len(i) for i in ids],
-                                          group_advantages(rewards)))
-                continue
-            # A correct rollout of this very step is the freshest verified solution; else the offline one.
-            fresh = next((c.text for c, ok in zip(rollout_group, correct) if ok), None)
-            ctx = teacher_context(cfg.teacher_context, item.example.demonstration, fresh or item.correct_rollout,
-                                  p, cfg.method)
-            t_prompt = encode_text(self.tokenizer, render_prompt(
-                self.tokenizer, teacher_prompt(item.example.prompt, ctx, self.template)))
-            group = PromptGroup(self.prompt_ids[item.example.id], t_prompt, [], [])
-            for c in rollout_group:
-                ids, conf_mask = completion_tokens(self.tokenizer, student_target(c.text, p, cfg.method),
-                                                   c.token_ids if cfg.method == "opd" else None, c.finished)
-                group.completion_ids.append(ids)
-                group.confidence_masks.append(conf_mask)
-            groups.append(group)
+            groups.append(self.objective.group(VerifiedRollouts(item, self.prompt_ids[item.example.id], rollout_group,
+                                                                correct, confidences, p), context))
         sums = {"samples": len(stated), "correct": sum(correct_all), "prompts": len(ps), "p": sum(ps),
                 "stated": sum(s or 0.0 for s in stated), "missing": sum(s is None for s in stated),
-                "reward": sum(rewards_all)}
+                **self.objective.sums(groups)}
         return groups, sums
 
     def step_statistics(self, sums: dict[str, float]) -> dict[str, float]:
@@ -175,72 +110,11 @@ class Trainer:
         stats = {"sample_accuracy": total["correct"] / total["samples"], "mean_p": total["p"] / total["prompts"],
                  "mean_stated_confidence": total["stated"] / total["samples"],
                  "missing_rate": total["missing"] / total["samples"]}
-        if self.cfg.method == "rlcr":
-            stats["mean_reward"] = total["reward"] / total["samples"]
-        return stats
-
-    def step_tokens(self, groups: list[PromptGroup]) -> int:
-        """The tokens the step's loss averages over, across every process's groups."""
-        local = sum(max(0, len(ids) - self.cfg.skip_first_tokens) for g in groups for ids in g.completion_ids)
-        return max(1, round(self.world.sum([local])[0]))
+        return {**stats, **self.objective.statistics(total)}
 
     def loss_and_backward(self, groups: list[PromptGroup]) -> dict[str, float]:
-        """Token-mean loss over the whole step, accumulated over micro-batches of whole prompt groups to bound
-        memory; each prompt (student's and teacher's) is computed once for its K completions."""
-        cfg, pad = self.cfg, self.tokenizer.pad_token_id
-        n_tokens = self.step_tokens(groups)
-        total_div, total_ce = 0.0, 0.0
-        for part in micro_batches(groups, cfg.micro_batch_size):
-            completions = [g.completion_ids for g in part]
-            s_logits = completion_logits(self.student, [g.prompt_ids for g in part], completions, pad, self.world.fsdp)
-            flat = [ids for g in part for ids in g.completion_ids]
-            device = s_logits.device
-            targets = torch.tensor([t for ids in flat for t in ids], device=device)
-            conf = torch.tensor([m for g in part for mask in g.confidence_masks for m in mask], dtype=torch.bool,
-                                device=device)
-            counted = torch.tensor([j >= cfg.skip_first_tokens for ids in flat for j in range(len(ids))],
-                                   dtype=torch.bool, device=device)
-            if self.teacher.server is not None:  # the teacher's top-k, scored on its own GPUs
-                index, t_logprobs = self.teacher.server.top_logprobs([g.teacher_prompt_ids for g in part], completions)
-                div = sparse_token_divergence(s_logits, index.to(device), t_logprobs.to(device), cfg.divergence,
-                                              cfg.beta)
-            else:
-                with torch.no_grad():
-                    t_logits = completion_logits(self.teacher.model, [g.teacher_prompt_ids for g in part],
-                                                 completions, pad, self.world.fsdp)
-                div = token_divergence(s_logits, t_logits, cfg.divergence, cfg.beta, cfg.top_k)
-            if cfg.variant == "decoupled":
-                div_part = (div * (counted & ~conf)).sum()
-                ce_part = (token_cross_entropy(s_logits, targets) * (counted & conf)).sum() * cfg.confidence_weight
-            else:
-                div_part, ce_part = (div * counted).sum(), torch.zeros(())
-            loss = (div_part + ce_part) / n_tokens
-            loss.backward()
-            total_div += div_part.item() / n_tokens
-            total_ce += ce_part.item() / n_tokens
-        total_div, total_ce = self.world.sum([total_div, total_ce])
-        return {"loss": total_div + total_ce, "divergence": total_div, "confidence_ce": total_ce,
-                "trained_tokens": n_tokens}
-
-    def policy_gradient_and_backward(self, groups: list[PromptGroup]) -> dict[str, float]:
-        """RLCR: token-mean −advantage · log π over the step, in micro-batches of whole groups; no teacher."""
-        cfg, pad = self.cfg, self.tokenizer.pad_token_id
-        n_tokens = self.step_tokens(groups)
-        total = 0.0
-        for part in micro_batches(groups, cfg.micro_batch_size):
-            logits = completion_logits(self.student, [g.prompt_ids for g in part], [g.completion_ids for g in part],
-                                       pad, self.world.fsdp)
-            flat = [(ids, a) for g in part for ids, a in zip(g.completion_ids, g.advantages)]
-            device = logits.device
-            targets = torch.tensor([t for ids, _ in flat for t in ids], device=device)
-            advantages = torch.tensor([a for ids, a in flat for _ in ids], device=device)
-            counted = torch.tensor([j >= cfg.skip_first_tokens for ids, _ in flat for j in range(len(ids))],
-                                   dtype=torch.bool, device=device)
-            loss = (policy_gradient_terms(logits, targets, advantages) * counted).sum() / n_tokens
-            loss.backward()
-            total += loss.item()
-        [total] = self.world.sum([total])
-        return {"loss": total, "policy_loss": total, "trained_tokens": n_tokens}
+        """The objective's loss over the step's groups, backpropagated: the one loss hook of every method."""
+        return self.objective.loss_and_backward(groups, self.context())
 
     def train_step(self, step: int) -> dict[str, Any]:
         cfg = self.cfg
@@ -259,7 +133,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
         self.optimizer.zero_grad(set_to_none=True)
-        losses = self.policy_gradient_and_backward(groups) if cfg.method == "rlcr" else self.loss_and_backward(groups)
+        losses = self.loss_and_backward(groups)
         if self.world.fsdp:  # the gradients are reduce-scattered already
             reshard(self.student, self.teacher.model)
         else:

@@ -1,0 +1,104 @@
+"""The training objectives behind one interface: which method needs a teacher and which records it trains from, the
+groups each builds from a prompt's verified rollouts, and a loss that does not depend on the micro-batching."""
+
+import copy
+from typing import get_args
+
+import pytest
+import torch
+
+from caopd.config.training import TrainConfig
+from caopd.method.protocol import parse_confidence
+from caopd.method.types import TEACHERLESS_METHODS, TrainMethod
+from caopd.models.distributed import World
+from caopd.rollout.base import Completion
+from caopd.tasks.base import Example
+from caopd.training.objectives import (
+    DistillationObjective,
+    RLCRObjective,
+    StepContext,
+    TrainItem,
+    VerifiedRollouts,
+    objective_for,
+)
+from caopd.training.rlcr import group_advantages, rlcr_reward
+from caopd.training.teachers import Teacher
+
+TEXTS = ["15\nConfidence: 0.90", "14\nConfidence: 0.40", "15", "51\nConfidence: 1.00"]
+
+
+def test_every_training_method_has_an_objective_and_the_torch_free_layers_agree_with_it():
+    records = {"opd": "opd", "caopd": "caopd", "rlcr": "opd"}  # RLCR reads only the prompts and answers
+    for method in get_args(TrainMethod):
+        objective = objective_for(TrainConfig(method=method))
+        assert objective.needs_teacher == (method not in TEACHERLESS_METHODS)
+        assert objective.targets_method == records[method]
+    assert isinstance(objective_for(TrainConfig(method="rlcr")), RLCRObjective)
+    assert isinstance(objective_for(TrainConfig(method="opd")), DistillationObjective)
+
+
+def _rollouts(tokenizer, texts=TEXTS, prompt="12+3=", answer="15", prompt_ids=(5, 6)):
+    example = Example("p0", prompt, answer, f"{answer}\nConfidence: 1.00", {})
+    completions = [Completion(t, tokenizer(t, add_special_tokens=False)["input_ids"], finished=i % 2 == 0)
+                   for i, t in enumerate(texts)]
+    correct = [t.split("\n")[0] == answer for t in texts]
+    return VerifiedRollouts(TrainItem(example, 0.5, None), list(prompt_ids), completions, correct,
+                            [parse_confidence(t) for t in texts], sum(correct) / len(correct))
+
+
+def _context(loaded, student=None):
+    student = student or loaded.model
+    return StepContext(student, Teacher("frozen", student), loaded.tokenizer, loaded.template, World())
+
+
+def test_rlcr_groups_train_the_sampled_ids_on_their_reward_advantages(tiny_model):
+    rollouts = _rollouts(tiny_model.tokenizer)
+    objective = objective_for(TrainConfig(method="rlcr"))
+    group = objective.group(rollouts, _context(tiny_model))
+    eos = tiny_model.tokenizer.eos_token_id
+    assert group.completion_ids == [c.token_ids + ([eos] if c.finished else []) for c in rollouts.completions]
+    assert group.teacher_prompt_ids == [] and not any(m for mask in group.confidence_masks for m in mask)
+    rewards = [rlcr_reward(ok, q) for ok, q in zip(rollouts.correct, rollouts.confidences)]
+    assert group.rewards == rewards and group.advantages == group_advantages(rewards)
+    sums = objective.sums([group, group])
+    assert sums == {"reward": 2 * sum(rewards)}
+    assert objective.statistics({**sums, "samples": 8}) == {"mean_reward": pytest.approx(sum(rewards) / 4)}
+
+
+def test_distillation_groups_edit_caopd_targets_and_keep_the_opd_samples(tiny_model):
+    rollouts, context = _rollouts(tiny_model.tokenizer), _context(tiny_model)
+    caopd = objective_for(TrainConfig(method="caopd")).group(rollouts, context)
+    opd = objective_for(TrainConfig(method="opd")).group(rollouts, context)
+    decode = tiny_model.tokenizer.decode
+    assert all(decode(ids, skip_special_tokens=True).endswith("Confidence: 0.50") for ids in caopd.completion_ids)
+    assert all(any(mask) for mask in caopd.confidence_masks)
+    eos = tiny_model.tokenizer.eos_token_id
+    assert opd.completion_ids == [c.token_ids + ([eos] if c.finished else []) for c in rollouts.completions]
+    # one teacher prompt per group; CaOPD's context states P, OPD's reference says 1.00
+    assert caopd.teacher_prompt_ids and opd.teacher_prompt_ids and caopd.teacher_prompt_ids != opd.teacher_prompt_ids
+    assert objective_for(TrainConfig(method="caopd")).sums([caopd]) == {}
+
+
+@pytest.mark.parametrize("overrides", [{"method": "caopd"}, {"method": "caopd", "variant": "decoupled"},
+                                       {"method": "rlcr", "skip_first_tokens": 1}])
+def test_the_step_loss_and_its_gradients_do_not_depend_on_the_micro_batches(tiny_model, overrides):
+    tokenizer = tiny_model.tokenizer
+    prompts = [("12+3=", "15"), ("7*8=", "56"), ("40+2=", "42")]
+    results = []
+    for micro in (100, 4):  # the three groups of four in one micro-batch, then one per micro-batch
+        cfg = TrainConfig(**overrides, micro_batch_size=micro)
+        objective, student = objective_for(cfg), copy.deepcopy(tiny_model.model).eval()
+        context = _context(tiny_model, student)
+        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in prompts]
+        groups = [objective.group(_rollouts(tokenizer, prompt=p, answer=a, prompt_ids=i), context)
+                  for (p, a), i in zip(prompts, ids)]
+        losses = objective.loss_and_backward(groups, context)
+        results.append((losses, [p.grad.clone() for p in student.parameters()]))
+    (whole, grads_whole), (split, grads_split) = results
+    assert set(whole) == set(split) and whole["trained_tokens"] == split["trained_tokens"] > 0
+    for key in whole:
+        assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7)
+    for a, b in zip(grads_whole, grads_split):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    if overrides.get("variant") == "decoupled":
+        assert whole["confidence_ce"] > 0
