@@ -23,6 +23,7 @@ def continual_distillation(data: Input[Dataset], model: Input[Model], task: str,
     from caopd.config.experiments import ContinualStepConfig
     from caopd.config.stages import CONTINUAL_TRAIN, MODEL_DIR
     from caopd.config.training import TrainConfig
+    from caopd.experiments.chain import TRAIN_DIR
     from caopd.experiments.continual import run_continual_step
     from caopd.models.loading import METADATA_FILE
     from caopd.tracking.stage_runs import tracked, tracker_if_configured
@@ -36,9 +37,9 @@ def continual_distillation(data: Input[Dataset], model: Input[Model], task: str,
                               train=train, engine=engine)
     out = Path(continual_model.path)
     tracker = tracker_if_configured(mlflow_settings, pipeline_run_id, out.parent / "mlflow")
-    summary = tracked(tracker, "continual-distillation", cfg, lambda: run_continual_step(cfg, out), out / "train",
+    summary = tracked(tracker, "continual-distillation", cfg, lambda: run_continual_step(cfg, out), out / TRAIN_DIR,
                       inputs={"task_b_train": (cfg.data, "training")}, tags={TAG_METHOD: train.method})
-    shutil.rmtree(checkpoint_root(out / "train"), ignore_errors=True)
+    shutil.rmtree(checkpoint_root(out / TRAIN_DIR), ignore_errors=True)
     continual_model.metadata.update({"method": train.method, "phase": "task_b", "steps": summary["steps"],
                                      "model_digest": summary["model_digest"]})
 
