@@ -54,13 +54,14 @@ def continual_evaluation(data: Input[Dataset], model: Input[Model], continual_mo
     from caopd.config.sampling import SamplingConfig
     from caopd.config.stages import CONTINUAL_EVAL, EVAL, MODEL_DIR, EvaluateConfig
     from caopd.evaluation.html import html_report
+    from caopd.experiments.chain import TRAIN_DIR
     from caopd.experiments.continual import evaluate_forgetting
     from caopd.tracking.stage_runs import tracked, tracker_if_configured
     from caopd.tracking.tracker import TAG_METHOD
 
     method = model.metadata["method"]
     models = {f"{method}_after_a": str(Path(model.path) / MODEL_DIR),
-              f"{method}_after_b": str(Path(continual_model.path) / "train" / MODEL_DIR)}
+              f"{method}_after_b": str(Path(continual_model.path) / TRAIN_DIR / MODEL_DIR)}
     sampling = SamplingConfig(n=1, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
     eval_a, eval_b = str(Path(data.path) / EVAL), str(Path(data.path) / CONTINUAL_EVAL)
     # The config MLflow records: the evaluation as run_evaluation sees it.
