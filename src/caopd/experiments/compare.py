@@ -18,7 +18,7 @@ from caopd.config.sampling import SamplingConfig
 from caopd.config.stages import EVAL, MODEL_DIR, OOD, TRAIN, EvaluateConfig
 from caopd.evaluation.metrics import METRIC_KEYS
 from caopd.evaluation.plots import plot_compare
-from caopd.evaluation.tables import by_kind_table
+from caopd.evaluation.tables import by_kind_table, markdown_table
 from caopd.experiments.chain import estimate_rollouts, replace_targets, train_on
 from caopd.io import write_json, write_text
 from caopd.stages.evaluate import run_evaluation
@@ -100,11 +100,9 @@ def _with_interval(metrics: dict[str, Any], key: str) -> str:
 
 def paper_table(arms: dict[str, dict[str, Any]]) -> str:
     """One row per arm, the paper's metrics with their 95 % bootstrap interval in brackets."""
-    lines = ["| arm | method | " + " | ".join(TABLE_KEYS) + " |", "|---|---|" + "---:|" * len(TABLE_KEYS)]
-    for arm, metrics in arms.items():
-        what = ARMS[arm][2] if arm in ARMS else BASE_DESCRIPTION
-        lines.append(f"| {arm} | {what} | " + " | ".join(_with_interval(metrics, k) for k in TABLE_KEYS) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[arm, ARMS[arm][2] if arm in ARMS else BASE_DESCRIPTION, *(_with_interval(metrics, k) for k in TABLE_KEYS)]
+            for arm, metrics in arms.items()]
+    return markdown_table(["arm", "method", *TABLE_KEYS], rows, align="ll" + "r" * len(TABLE_KEYS))
 
 
 def compare_report(results: dict[str, dict[str, dict[str, Any]]], checks: dict[str, dict[str, Any]],
@@ -119,10 +117,9 @@ def compare_report(results: dict[str, dict[str, dict[str, Any]]], checks: dict[s
         if by_kind := by_kind_table(arms):
             text += "Accuracy / mean stated confidence by kind:\n\n" + by_kind + "\n"
     if checks:
-        text += "## The paper's claims, checked\n\n| CaOPD arm | " + " | ".join(
-            f"ECE below every OPD arm ({s})" for s in results) + " | accuracy − best OPD |\n"
-        text += "|---|" + "---|" * len(results) + "---:|\n"
-        for arm, check in checks.items():
-            cells = ["yes" if check["ece_below_every_opd_arm"][s] else "no" for s in results]
-            text += f"| {arm} | " + " | ".join(cells) + f" | {check['accuracy_minus_best_opd']:+.3f} |\n"
+        header = ["CaOPD arm", *(f"ECE below every OPD arm ({s})" for s in results), "accuracy − best OPD"]
+        rows = [[arm, *("yes" if check["ece_below_every_opd_arm"][s] else "no" for s in results),
+                 f"{check['accuracy_minus_best_opd']:+.3f}"] for arm, check in checks.items()]
+        align = "l" * (len(results) + 1) + "r"
+        text += "## The paper's claims, checked\n\n" + markdown_table(header, rows, align=align)
     return text

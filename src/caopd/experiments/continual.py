@@ -17,7 +17,7 @@ from caopd.config.experiments import ContinualConfig, ContinualStepConfig
 from caopd.config.sampling import SamplingConfig
 from caopd.config.stages import DEFAULT_KIND_WEIGHTS, EVAL, TRAIN, DataConfig, EvaluateConfig
 from caopd.evaluation.metrics import METRIC_KEYS
-from caopd.evaluation.tables import comparison_table
+from caopd.evaluation.tables import comparison_table, markdown_table
 from caopd.experiments.chain import run_chain
 from caopd.io import write_json, write_text
 from caopd.method.types import EngineName
@@ -91,11 +91,10 @@ def run_continual(cfg: ContinualConfig, out_dir: str | Path) -> dict[str, Any]:
 
 
 def forgetting_table(forgetting: dict[str, dict[str, float]]) -> str:
-    lines = ["| arm | ECE on A after A | ECE on A after B | change | accuracy on A after A | after B | "
-             "ECE on B after B |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for method, f in forgetting.items():
-        lines.append(f"| {method} | {f['ece_a_before']:.3f} | {f['ece_a_after']:.3f} | "
-                     f"{f['ece_a_after'] - f['ece_a_before']:+.3f} | {f['accuracy_a_before']:.3f} | "
-                     f"{f['accuracy_a_after']:.3f} | {f['ece_b_after']:.3f} |")
-    return "\n".join(lines) + "\n"
+    header = ["arm", "ECE on A after A", "ECE on A after B", "change", "accuracy on A after A", "after B",
+              "ECE on B after B"]
+    rows = [[method, f"{f['ece_a_before']:.3f}", f"{f['ece_a_after']:.3f}",
+             f"{f['ece_a_after'] - f['ece_a_before']:+.3f}", f"{f['accuracy_a_before']:.3f}",
+             f"{f['accuracy_a_after']:.3f}", f"{f['ece_b_after']:.3f}"]
+            for method, f in forgetting.items()]
+    return markdown_table(header, rows)
