@@ -2,9 +2,28 @@
 
 import json
 
-from benchmarks.__main__ import main
+import pytest
+
+from benchmarks.__main__ import QUICK, main, markdown, summarize
 
 
+def test_the_in_process_cases_summarize_into_the_report_table():
+    from benchmarks import cases
+
+    raw = {"rollout": cases.rollout_case(n_prompts=2, k=2, max_new_tokens=4, repeats=1),
+           "scoring": cases.scoring_case(**{**QUICK["scoring"], "groups": 1}),
+           "metrics": cases.metrics_case(n=1000, repeats=1)}
+    result = summarize(raw)
+    assert raw["rollout"]["completions"] == 2 * 2 and result["rollout"]["speedup_vs_generate"] > 0
+    assert 0 < result["rollout"]["distinct_prefix_fraction"] <= 1
+    assert len(result["scoring"]) == len(QUICK["scoring"]["shapes"]) and result["metrics"]["seconds_1m"] > 0
+    table = markdown(result)
+    assert "rollouts (completions/s)" in table and "metrics over 1 M predictions" in table
+    assert cases.distinct_prefix_tokens([[5, 6, 1], [5, 7, 1], [5, 6, 1]]) == 3  # [5], [5 6], [5 7]
+
+
+@pytest.mark.slow  # every case in a process of its own, TRL's baseline and a whole `caopd run` included
+@pytest.mark.timeout(1200)
 def test_benchmarks_run_on_a_tiny_size_and_write_the_report(tmp_path, capsys):
     assert main(["--quick", "--cases", "rollout,training,scoring,metrics,run", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "latest.json").read_text())

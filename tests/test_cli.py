@@ -180,6 +180,7 @@ def test_console_script_is_installed():
     assert result.returncode == 0 and "caopd metrics" in result.stdout
 
 
+@pytest.mark.slow  # the whole pipeline through kfp.local
 def test_main_job_end_to_end_on_a_tiny_budget(capsys, tmp_path):
     out = tmp_path / "run"
     assert main(["run", "--out", str(out), "--quiet", "--n-train", "16", "--n-eval", "24", "--k", "2",

@@ -158,6 +158,7 @@ def _stage_config(records, workspace, **launch):
                                                 cpu="1", memory="2Gi", poll_s=0.2, **launch))
 
 
+@pytest.mark.slow  # torchrun on two fake nodes
 def test_a_two_node_trainjob_trains_like_one_process_and_its_model_becomes_the_steps_output(tmp_path, records):
     cfg = _stage_config(records, tmp_path / "workspace", kind="trainjob", num_nodes=2)
     lines = []
@@ -182,6 +183,7 @@ def test_a_two_node_trainjob_trains_like_one_process_and_its_model_becomes_the_s
     assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
 
 
+@pytest.mark.slow  # torchrun in a fake pod
 def test_a_failed_pytorchjob_fails_the_step_with_the_jobs_condition_and_its_pods_own_error(tmp_path, records):
     bad = tmp_path / "bad_records.jsonl"  # valid JSON, but no P: only the training itself finds out
     bad.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "p"}) + "\n"
@@ -252,6 +254,7 @@ def test_a_cluster_without_the_job_kind_fails_the_step_naming_the_missing_operat
             train_on_cluster(cfg, tmp_path / "step", "run-1", JobLauncher(k8s.api_client()), lambda _: None)
 
 
+@pytest.mark.slow  # torchrun
 def test_in_a_pod_with_the_workspace_the_checkpoints_live_there_and_torchrun_runs_for_several_procs(
         tmp_path, records):
     cfg = _stage_config(records, tmp_path / "workspace", procs_per_node=2)
@@ -260,6 +263,7 @@ def test_in_a_pod_with_the_workspace_the_checkpoints_live_there_and_torchrun_run
     assert not workspace_stage(cfg, "run-1")[1].exists()
 
 
+@pytest.mark.slow  # torchrun in a fake pod
 def test_caopd_train_launches_a_pytorchjob_with_the_kubeconfig_of_the_shell(tmp_path, records, monkeypatch, capsys):
     from caopd.cli import main
 

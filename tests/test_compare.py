@@ -41,6 +41,7 @@ def test_paper_table_shows_each_metric_with_its_interval():
     assert ARMS["opd_demo"][2] in rows[3] and "| 0.400 |" in rows[3]
 
 
+@pytest.mark.slow
 def test_compare_trains_every_arm_from_one_set_of_rollouts(tmp_path, capsys):
     out = tmp_path / "compare"
     assert main(["compare", "--out", str(out), "--quiet", "--n-train", "6", "--n-eval", "8", "--k", "2",

@@ -8,6 +8,7 @@ from caopd.cli import main
 from caopd.config.experiments import ContinualConfig
 
 
+@pytest.mark.slow
 def test_continual_run_scores_task_a_before_and_after_task_b(tmp_path, capsys):
     out = tmp_path / "continual"
     assert main(["continual", "--out", str(out), "--quiet", "--n-train", "6", "--n-eval", "8", "--k", "2",

@@ -31,6 +31,7 @@ def _torchrun(args, out, env, sharding="replicate"):
     return run
 
 
+@pytest.mark.slow  # torchrun with two processes
 @pytest.mark.parametrize("sharding", ["replicate", "fsdp"])
 def test_torchrun_on_two_processes_follows_the_single_process_run(tmp_path, records, sharding):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -57,6 +58,8 @@ def test_torchrun_on_two_processes_follows_the_single_process_run(tmp_path, reco
     assert json.loads((checkpoints / "step-0000004" / "state.json").read_text())["sharding"] == sharding
 
 
+@pytest.mark.slow  # torchrun with two processes, three times
+@pytest.mark.timeout(1200)
 def test_fsdp_resumes_from_its_checkpoint_bit_for_bit_and_refuses_another_sharding(tmp_path, records):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # sampled (not greedy) and an EMA teacher: the RNG state, the sharded optimizer and the teacher all come back

@@ -196,6 +196,7 @@ def test_parameters_are_ordered_by_stage():
     assert all(max(a) < min(b) for a, b in zip(positions, positions[1:]))
 
 
+@pytest.mark.slow
 def test_local_run_fans_rollouts_out_skips_the_baseline_scores_held_out_kinds_and_continues_on_task_b(tmp_path):
     from caopd.config.run import RunConfig
     from caopd.io import read_json

@@ -21,7 +21,7 @@ from caopd.stages.train import items_from_records
 from caopd.tasks import get_task
 from caopd.training.checkpoints import latest_checkpoint
 from caopd.training.teachers import Teacher
-from caopd.training.trainer import Trainer
+from caopd.training.trainer import Trainer, sigterm_flag
 
 STEPS = 12
 TRAIN_FLAGS = ["--train.steps", str(STEPS), "--train.prompts-per-step", "3", "--train.k", "2",
@@ -44,6 +44,8 @@ def _wait_for_checkpoint(process: subprocess.Popen, out: Path, step: int, timeou
         time.sleep(0.005)
 
 
+@pytest.mark.slow  # five training processes, killed and resumed
+@pytest.mark.timeout(1200)  # 40 s to 2.5 min on 2 cores, by their load; its own waits allow more
 def test_sigkill_three_times_and_sigterm_once_reach_the_uninterrupted_weights(tmp_path, records):
     straight = _train(records, tmp_path / "straight")
     assert straight.wait(timeout=600) == 0, straight.communicate()[1][-2000:]
@@ -96,6 +98,7 @@ def test_a_non_finite_loss_stops_with_the_last_good_checkpoint_kept(tmp_path, re
     assert all(torch.equal(good[k], kept[k]) for k in good)
 
 
+@pytest.mark.slow  # a process of its own
 def test_sigterm_outside_training_keeps_its_usual_meaning():
     # The handler is installed only while the loop runs: afterwards SIGTERM ends a process as before.
     script = ("import signal, os, sys\nfrom caopd.training.trainer import sigterm_flag\n"
@@ -103,3 +106,14 @@ def test_sigterm_outside_training_keeps_its_usual_meaning():
               "    assert flag.is_set()\nos.kill(os.getpid(), signal.SIGTERM)\nsys.exit(0)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ.copy())
     assert result.returncode == -signal.SIGTERM, result.stderr
+
+
+def test_while_training_sigterm_sets_the_flag_and_the_previous_handler_comes_back_after():
+    # In this process (no kill): the handler is swapped in for the loop and the previous one restored.
+    before = signal.getsignal(signal.SIGTERM)
+    with sigterm_flag() as flag:
+        assert signal.getsignal(signal.SIGTERM) is not before  # else the kill below would end the test run
+        assert not flag.is_set()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert flag.wait(10)
+    assert signal.getsignal(signal.SIGTERM) is before

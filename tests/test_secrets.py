@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 FAKE_SECRETS = {
     "AWS_ACCESS_KEY_ID": "AKIAFAKEKEYID0000042",
     "AWS_SECRET_ACCESS_KEY": "fake-s3-secret-9f8e7d6c5b4a",
@@ -15,6 +17,7 @@ FAKE_SECRETS = {
 }
 
 
+@pytest.mark.slow  # a tracked training run in a process of its own
 def test_fake_secrets_in_the_environment_appear_nowhere(tmp_path, records):
     work = tmp_path / "work"
     work.mkdir()

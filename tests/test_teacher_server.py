@@ -73,6 +73,7 @@ def test_a_server_teacher_is_configured_with_its_url_and_top_k():
         TrainConfig(teacher_server="http://teacher:8000")
 
 
+@pytest.mark.slow  # waits out the client's retries
 def test_a_server_that_cannot_give_k_or_cannot_be_reached_fails_saying_what_to_do(tiny_model):
     with FakeVLLM(tiny_model.model, max_logprobs=3) as server:
         client = TeacherServer(server.url, TOP_K)

@@ -51,7 +51,8 @@ from caopd.tracking.tracker import (
     redact_uri,
 )
 
-pytestmark = pytest.mark.slow
+# The tests against the MLflow and S3 servers (processes of their own, started once per module) are slow; those on
+# a local SQLite store or on no server at all are fast.
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +116,7 @@ def run_stages(tracker, out):
     return train, evaluation, summary
 
 
+@pytest.mark.slow  # the MLflow and S3 servers
 def test_stages_log_a_run_tree_and_register_a_version_with_its_lineage(mlflow_url, s3_client_env, tmp_path, capfd):
     tracker = _tracker(mlflow_url, tmp_path, "lineage", "kfp-run-1", artifact_root=f"s3://{BUCKET}/runs")
     train, evaluation, summary = run_stages(tracker, tmp_path)
@@ -184,6 +186,7 @@ def _metrics(accuracy, ece, brier):
             "overconfidence_gap": 0.0, "missing_rate": 0.0}
 
 
+@pytest.mark.slow  # the MLflow and S3 servers
 def test_gates_decide_the_challenger_and_promotion(mlflow_url, tmp_path):
     tracker = _tracker(mlflow_url, tmp_path, "gates", "unused")
     client, name = tracker.client, "caopd-gates"
@@ -239,6 +242,7 @@ def test_a_tracking_server_that_is_down_fails_fast_and_clearly(tmp_path):
     assert TrackingConfig().connect_timeout_s == 30
 
 
+@pytest.mark.slow  # the MLflow and S3 servers
 def test_the_server_stopping_mid_stage_keeps_the_outputs_and_registration_reruns(s3, s3_client_env, tmp_path):
     port = free_port()
     server, url = start_mlflow(tmp_path / "server", s3, port=port)
@@ -304,6 +308,7 @@ def test_the_run_kfp_injects_is_the_parent(tmp_path, monkeypatch):
     assert client.get_experiment_by_name("ignored") is None
 
 
+@pytest.mark.slow  # the MLflow and S3 servers
 def test_large_weights_go_up_in_parts_with_their_checksums(s3_client_env, tmp_path):
     import json
     import os

@@ -378,8 +378,10 @@ def _commands() -> list[tuple[str, str, Callable, Any, str]]:
         ("evaluate", "stage 4: calibration evaluation of one or more models", cmd_evaluate, EvaluateConfig,
          "example:\n  caopd evaluate --models base=tiny caopd=runs/train/model --data eval.jsonl --out runs/eval"),
         ("register", "stage 5: register a trained model in a local registry", cmd_register, RegisterConfig,
-         "example:\n  caopd register --model-dir runs/train/model --registry-dir runs/registry \\\n"
-         "      --metrics runs/eval/summary.json --arm caopd"),
+         "examples:\n  caopd register --model-dir runs/train/model --metrics runs/eval/summary.json --arm caopd \\\n"
+         "      --mlflow-dir runs/mlflow\n"
+         "  caopd register --model-dir runs/train/model --metrics runs/eval/summary.json \\\n"
+         "      --tracking-uri http://mlflow:5000 --name caopd-qwen3-8b --base-model Qwen/Qwen3-8B"),
         ("compare", "baselines in one command: base, OPD (SDFT- and SDPO-style teachers), CaOPD in both teacher "
          "modes and RLCR, in-domain and OOD, with bootstrap intervals", cmd_compare, CompareConfig,
          "examples:\n  caopd compare --out runs/compare\n"
