@@ -7,7 +7,8 @@ import shlex
 
 import pytest
 
-from caopd.cli import _commands, _config_from_args, build_parser
+from caopd.cli import _commands, build_parser
+from caopd.cli.options import config_from_args
 from caopd.config.gates import GateConfig
 from caopd.tasks.datasets import DATA_ROOT_ENV
 
@@ -27,7 +28,7 @@ def examples(epilog: str) -> list[str]:
     return [line for line in lines if line.startswith("caopd ")]
 
 
-# The config each command builds from its flags (what `_config_from_args` is called with in cmd_*), and the values
+# The config each command builds from its flags (what `config_from_args` is called with in cmd_*), and the values
 # it sets itself: register reads its metrics from the --metrics file, which the examples only name.
 CONFIGS = {name: config for name, _, _, config, _ in _commands()} | {"promote": GateConfig}
 FIXED = {"register": {"metrics": {}}}
@@ -57,4 +58,4 @@ def test_every_help_example_parses_and_its_config_validates(name, line, monkeypa
         pytest.fail(f"`{line}` does not parse: {capsys.readouterr().err.strip()} (exit {exit_info.code})")
     assert args.command == name
     if name in CONFIGS:
-        _config_from_args(CONFIGS[name], args, **FIXED.get(name, {}))
+        config_from_args(CONFIGS[name], args, **FIXED.get(name, {}))
