@@ -15,7 +15,7 @@ from pydantic import (
 
 from caopd.config.stages import DEFAULT_KIND_WEIGHTS, DataConfig
 from caopd.config.training import TrainConfig
-from caopd.method.types import EngineName
+from caopd.method.types import EngineName, Method
 from caopd.tasks.arithmetic import KINDS
 
 ArmName = Literal["opd_demo", "opd_solution", "caopd_demo", "caopd_solution", "rlcr"]
@@ -81,7 +81,7 @@ class ContinualConfig(BaseModel):
                                     description="arithmetic kinds of task A (trained first, scored before and after B)")
     task_b_kinds: list[str] = Field(default_factory=lambda: ["mul_1x1", "mul_2x1", "mul_2x2"],
                                     description="arithmetic kinds of task B (trained second)")
-    methods: list[Literal["opd", "caopd"]] = Field(default_factory=lambda: ["opd", "caopd"],
+    methods: list[Method] = Field(default_factory=lambda: ["opd", "caopd"],
                                                    description="arms, each trained on A then B")
     n_train: int = Field(1000, ge=1, description="training prompts per task")
     n_eval: int = Field(1000, ge=1, description="held-out prompts per task")

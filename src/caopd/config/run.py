@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from caopd.config.parameters import train_fields_set_by_the_run
 from caopd.config.stages import DEFAULT_KIND_WEIGHTS
 from caopd.config.training import TrainConfig
+from caopd.method.types import TeacherMode
 
 ARMS = ("base", "opd", "caopd")
 
@@ -30,7 +29,7 @@ class RunConfig(BaseModel):
                                        "its model and is scored on task A before and after (e.g. mul_2x1 mul_2x2)")
     k: int = Field(8, ge=1, description="rollouts per prompt (K)")
     rollout_shards: int = Field(1, ge=1, description="rollout-estimation shards (one pod each on a cluster)")
-    teacher_context: Literal["demo", "correct_solution"] = Field(
+    teacher_context: TeacherMode = Field(
         "demo", description="privileged context of the teacher: the gold demonstration or a verified correct rollout")
     train_baseline: bool = Field(True, description="also train plain OPD (the baseline arm)")
     train: TrainConfig = Field(default_factory=TrainConfig, description="shared training settings of both arms")

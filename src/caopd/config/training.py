@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from caopd.config.sampling import SamplingConfig
-from caopd.method.types import TEACHERLESS_METHODS, Divergence, TeacherKind, TrainMethod, Variant
+from caopd.method.types import TEACHERLESS_METHODS, Divergence, TeacherKind, TeacherMode, TrainMethod, Variant
 
 
 class TrainConfig(BaseModel):
@@ -16,7 +16,7 @@ class TrainConfig(BaseModel):
     method: TrainMethod = Field(
         "caopd", description="opd: plain on-policy distillation (baseline); caopd: calibration-aware targets; "
         "rlcr: the RL baseline, policy gradient on correctness − (confidence − correctness)², no teacher")
-    teacher_context: Literal["demo", "correct_solution"] = Field(
+    teacher_context: TeacherMode = Field(
         "demo", description="privileged context: the gold demonstration, or a verified correct rollout (SDPO)")
     divergence: Divergence = Field("forward_kl", description="per-token divergence: forward_kl = KL(teacher‖student), "
                                    "reverse_kl = KL(student‖teacher), jsd = generalized JSD with `beta`")
