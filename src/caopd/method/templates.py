@@ -17,7 +17,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from caopd.method.types import TeacherMode
+from caopd.method.types import TeacherMode, Thinking
 
 DEMO_INTRO = "This is an example for a response to the question:"
 DEMO_CLOSING = "Now answer with a response of your own, including the thinking process."
@@ -73,10 +73,23 @@ def teacher_prompt(prompt: Any, ctx: PrivilegedContext, template: str = "paper")
     raise ValueError("a chat prompt needs a user message to carry the teacher's context")
 
 
-def render_prompt(tokenizer: Any, prompt: Any) -> str:
-    """Prompt text for the model: plain text as is, chat messages through the tokenizer's chat template."""
+def chat_template_kwargs(thinking: Thinking) -> dict[str, Any]:
+    """The chat template's keyword for the thinking switch (Qwen3's convention; other templates ignore it)."""
+    return {} if thinking == "template" else {"enable_thinking": thinking == "on"}
+
+
+def render_prompt(tokenizer: Any, prompt: Any, thinking: Thinking = "template") -> str:
+    """Prompt text for the model, through its chat template when it has one.
+
+    A plain-string prompt is one user message for a model with a chat template (an instruct model must see its
+    own framing); a model without one (the tiny default) takes strings as raw text and chat messages joined.
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
     if isinstance(prompt, str):
-        return prompt
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+        if not has_template:
+            return prompt
+        prompt = [{"role": "user", "content": prompt}]
+    if has_template:
+        return tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True,
+                                             **chat_template_kwargs(thinking))
     return "\n\n".join(m["content"] for m in prompt) + "\n\n"

@@ -23,3 +23,6 @@ TrainMethod = Literal["opd", "caopd", "rlcr"]
 TEACHERLESS_METHODS: frozenset[str] = frozenset({"rlcr"})
 Variant = Literal["faithful", "decoupled"]
 Sharding = Literal["replicate", "fsdp"]
+
+# The chat template's thinking switch (Qwen3's ``enable_thinking``): the template's default, on or off.
+Thinking = Literal["template", "on", "off"]
