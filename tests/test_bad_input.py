@@ -187,7 +187,7 @@ ERROR_CASES = [
     ("path outside the data root", _prepare_with(_outside_root), ["field 'train_source'", "outside the data root"]),
     ("mcq answer of two letters", _mcq_prepare_with({"prompt": [{"role": "user", "content": "?"}], "answer": "AB"}),
      ["row 1", "field 'answer'", "single letter"]),
-    ("mcq prompt that is not chat messages", _mcq_prepare_with({"prompt": "plain text", "answer": "A"}),
+    ("mcq prompt that is neither text nor chat messages", _mcq_prepare_with({"prompt": 3, "answer": "A"}),
      ["row 1", "field 'prompt'", "chat messages"]),
     ("mcq prompt without a user message", _mcq_prepare_with({"prompt": [{"role": "system", "content": "x"}],
                                                              "answer": "A"}),

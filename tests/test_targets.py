@@ -62,3 +62,37 @@ def test_compact_template_for_the_tiny_model():
     assert teacher_prompt("12*34=", ctx, "compact") == "[408\nConfidence: 0.50|0.50]12*34="
     opd = teacher_context("correct_solution", "408\nConfidence: 1.00", "408\nConfidence: 0.8", 0.5, "opd")
     assert teacher_prompt("12*34=", opd, "compact") == "{408\nConfidence: 1.00}12*34="
+
+
+# A science demonstration as the official training rows have it: a full written answer, no confidence line.
+WRITTEN_DEMO = "<reasoning>\nThe ester is the only reactant with the right skeleton.\n</reasoning>\n<answer>A</answer>"
+
+
+def test_a_written_demonstration_without_confidence_gets_one():
+    caopd = teacher_context("demo", WRITTEN_DEMO, None, 0.375, "caopd")
+    assert caopd.reference == WRITTEN_DEMO + "\nConfidence: 0.38"
+    opd = teacher_context("demo", WRITTEN_DEMO, None, 0.375, "opd")
+    assert opd.reference == WRITTEN_DEMO + "\nConfidence: 1.00" and opd.note_confidence is None
+    text = teacher_prompt("Q?", caopd, "paper")
+    assert text == ("Q?\n\n" + DEMO_INTRO + "\n" + WRITTEN_DEMO + "\nConfidence: 0.38\n\n"
+                    + confidence_note(0.375) + "\n\n" + DEMO_CLOSING)
+
+
+def test_a_demonstration_with_a_lower_case_or_tagged_confidence_states_p_once():
+    for demo in (WRITTEN_DEMO + "\nconfidence: 95%", WRITTEN_DEMO + "\n<confidence>0.9</confidence>"):
+        assert teacher_context("demo", demo, None, 0.5, "caopd").reference == WRITTEN_DEMO + "\nConfidence: 0.50"
+
+
+def test_edit_1_keeps_the_thinking_block_and_closes_a_cut_one():
+    rollout = "<think>\nMy confidence: 0.9 is too high.\n</think>\n\n<answer>C</answer>\nConfidence: 0.95"
+    assert student_target(rollout, 0.25, "caopd") == (
+        "<think>\nMy confidence: 0.9 is too high.\n</think>\n\n<answer>C</answer>\nConfidence: 0.25")
+    cut = "<think>\nStill thinking, confidence: 0.9"
+    assert student_target(cut, 0.25, "caopd") == cut + "\n</think>\n\nConfidence: 0.25"
+    assert student_target(cut, 0.25, "opd") == cut
+
+
+def test_a_correct_rollout_with_thinking_keeps_it_in_the_teachers_context():
+    rollout = "<think>Confidence: 0.9?</think>\n<answer>B</answer>\nconfidence: 0.8"
+    ctx = teacher_context("correct_solution", DEMO, rollout, 0.5, "caopd")
+    assert ctx.reference == "<think>Confidence: 0.9?</think>\n<answer>B</answer>\nConfidence: 0.50"

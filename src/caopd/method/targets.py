@@ -1,8 +1,10 @@
 """Target replacement — CaOPD's three edits, as pure functions.
 
 For a prompt with empirical confidence P (share of its K rollouts that verify correct):
-1. the student's completion: cut from its last ``Confidence:`` on and append ``Confidence: {P:.2f}``;
-2. the teacher's reference (demonstration or verified correct rollout) states P as its confidence;
+1. the student's completion: cut its answer part from the first confidence statement on and append
+   ``Confidence: {P:.2f}`` (``protocol.replace_confidence``; a thinking block is kept as it is);
+2. the teacher's reference (demonstration or verified correct rollout) states P as its confidence — a reference
+   with no confidence line (a written science answer ending in ``<answer>X</answer>``) gets one appended;
 3. the teacher's context carries the Note with P before its closing instruction.
 Plain OPD (the baseline) keeps the student's completion and a reference that says ``Confidence: 1.00``.
 Every stage that builds training targets (the offline stage and the online training loop) calls these.
