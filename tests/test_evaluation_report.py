@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from caopd.errors import CaopdInputError
 from caopd.evaluation.metrics import (
     METRIC_KEYS,
     aurc,
@@ -122,3 +123,45 @@ def test_bad_extra_tasks_are_refused(bad, message):
 
     with pytest.raises(ValueError, match=message):
         EvaluateConfig(models={"base": "tiny"}, data="e.jsonl", **bad)
+
+
+def test_the_stage_reports_the_tasks_extra_accuracies_beside_accuracy(tmp_path):
+    from caopd.config.stages import EvaluateConfig
+    from caopd.io import write_jsonl
+    from caopd.stages.evaluate import run_evaluation
+    from caopd.tasks.arithmetic import generate_rows
+
+    write_jsonl(tmp_path / "eval.jsonl", generate_rows(3, 1, ["add_1x1"], id_prefix="eval"))
+    gold = "[{'Action': 'getX', 'Action_Input': '{\"a\": 1}'}]"
+    write_jsonl(tmp_path / "tool.jsonl", [{"prompt": f"Tool X.\n\nBegin!\nQuestion: {i}", "golden_answer": gold,
+                                           "name": "X"} for i in range(3)])
+    cfg = EvaluateConfig(models={"base": "tiny"}, data=str(tmp_path / "eval.jsonl"),
+                         extra_data={"tool": str(tmp_path / "tool.jsonl")}, extra_tasks={"tool": "tooluse"},
+                         bootstrap_resamples=0)
+    summary = run_evaluation(cfg, tmp_path / "out", progress=False)
+    # the arithmetic model never calls a tool: every all-calls check fails, and the share is reported as such
+    tool = summary["sets"]["tool"]["arms"]["base"]
+    assert tool["accuracy_all_calls"] == 0.0 and list(tool)[:2] == ["accuracy", "accuracy_all_calls"]
+    assert not [key for key in summary["arms"]["base"] if key.startswith("accuracy_")]  # arithmetic has none
+    rows = [json.loads(line) for line in (tmp_path / "out" / "predictions_base_tool.jsonl").open()]
+    assert [row["all_calls"] for row in rows] == [False] * 3
+    assert "| base | 0.000 | 0.000 |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_prompts_are_fitted_to_the_context_as_the_thinking_switch_renders_them():
+    from transformers import AutoTokenizer
+
+    from caopd.models.loading import encode_text, resolve_model_path
+    from caopd.stages.common import fit_to_context
+    from caopd.tasks import get_task
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("tiny"))
+    # Qwen3's convention: thinking switched off, the template opens and closes an empty thinking block itself
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                               "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}")
+    [example] = get_task("arithmetic").examples_from_rows([{"prompt": "12+34=", "answer": "46"}])
+    length = len(encode_text(tokenizer, "12+34="))
+    on, _ = fit_to_context([example], tokenizer, length + 4, 4, source="p.jsonl", thinking="on")
+    assert on == [example]
+    with pytest.raises(CaopdInputError, match="no prompt fits"):  # 15 more characters than the context holds
+        fit_to_context([example], tokenizer, length + 4, 4, source="p.jsonl", thinking="off")

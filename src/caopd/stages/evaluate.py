@@ -1,7 +1,13 @@
-"""Stage 4 — calibration evaluation: every arm answers the same held-out prompts; metrics, plots, report."""
+"""Stage 4 — calibration evaluation: every arm answers the same held-out prompts; metrics, plots, report.
+
+``evaluate_arm`` and ``write_report`` turn scored completions into predictions, metrics, plots and the report; this
+stage feeds them the completions its models generate, ``caopd score`` (``caopd.stages.score``) the completions a
+user logged. Model code loads only inside ``run_evaluation``, so scoring needs no torch.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,43 +23,77 @@ from caopd.evaluation.plots import plot_confidence_histogram, plot_reliability_d
 from caopd.evaluation.tables import by_kind_table, comparison_table, intervals_table, markdown_table
 from caopd.io import file_digest, write_json, write_jsonl, write_text
 from caopd.method.templates import render_prompt
-from caopd.models.loading import load_model
 from caopd.rollout import make_engine
-from caopd.stages.common import context_length, fit_to_context, score_completions
+from caopd.stages.common import check_names, context_length, fit_to_context, score_completions
 from caopd.tasks import get_task
+from caopd.tasks.base import Example, Task
 from caopd.tasks.datasets import load_examples
+
+# Arm results keyed by prompt set (None = the in-domain set), then by arm name.
+Results = Mapping[str | None, Mapping[str, Mapping[str, Any]]]
 
 
 def _suffix(set_name: str | None) -> str:
     return "" if set_name is None else f"_{set_name}"
 
 
-def evaluate_on(loaded, name: str, set_name: str | None, cfg: EvaluateConfig, examples, source: str, out: Path,
-                progress: bool) -> dict[str, Any]:
-    """One arm on one prompt set: predictions, plots and metrics (files end in ``_<set>`` for an extra set)."""
-    kept, skipped = fit_to_context(examples, loaded.tokenizer, context_length(loaded.model),
-                                   cfg.sampling.max_new_tokens, source=source)
-    outputs = make_engine(loaded, cfg.engine).generate(
-        [render_prompt(loaded.tokenizer, e.prompt) for e in kept], cfg.sampling, progress)
-    rows = score_completions(get_task(cfg.task_of(set_name)), kept, outputs)
-    kinds = {e.id: e.meta.get("kind", "") for e in kept}
+def check_accuracies(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """``accuracy_<check>``: the share of rows that pass each of the task's extra checks (tool use: all calls)."""
+    return {f"accuracy_{name}": sum(bool(row.get(name, False)) for row in rows) / len(rows)
+            for name in check_names(rows)}
+
+
+def evaluate_arm(rows: list[dict[str, Any]], examples: Sequence[Example], tag: str, out: Path,
+                 bootstrap_resamples: int, seed: int) -> dict[str, Any]:
+    """One arm's scored completions on one prompt set (rows from ``caopd.stages.common.prediction_row``): writes
+    ``predictions_<tag>.jsonl``, ``reliability_<tag>.png`` and ``confidence_<tag>.png``, returns the metrics, the
+    extra checks' accuracies beside ``accuracy``, per-kind metrics when the task has kinds, and bootstrap
+    intervals unless ``bootstrap_resamples`` is 0."""
+    kinds = {e.id: e.meta.get("kind", "") for e in examples}
     for row in rows:
         row["kind"] = kinds[row["prompt_id"]]
-    tag = f"{name}{_suffix(set_name)}"
     write_jsonl(out / f"predictions_{tag}.jsonl", rows)
     confidences, correct = [r["confidence"] for r in rows], [r["correct"] for r in rows]
     plot_reliability_diagram(confidences, correct, out / f"reliability_{tag}.png", title=f"{tag}: reliability")
     plot_confidence_histogram(confidences, correct, out / f"confidence_{tag}.png", title=f"{tag}: confidence")
-    result = {**calibration_metrics(confidences, correct), "aurc": aurc(confidences, correct)}
+    metrics = calibration_metrics(confidences, correct)
+    # the extra accuracies right after accuracy, where a reader of the summary compares them
+    result: dict[str, Any] = {"accuracy": metrics["accuracy"], **check_accuracies(rows), **metrics,
+                              "aurc": aurc(confidences, correct)}
     if any(row["kind"] for row in rows):  # a task's kinds (arithmetic: add_1x1 ... mul_2x2)
         result["by_kind"] = metrics_by_group(confidences, correct, [row["kind"] or "(none)" for row in rows])
-    if cfg.bootstrap_resamples:
-        result["intervals"] = bootstrap_intervals(confidences, correct, cfg.bootstrap_resamples, seed=cfg.sampling.seed)
+    if bootstrap_resamples:
+        result["intervals"] = bootstrap_intervals(confidences, correct, bootstrap_resamples, seed=seed)
+    return result
+
+
+def evaluate_on(loaded: Any, name: str, set_name: str | None, cfg: EvaluateConfig, task: Task,
+                examples: Sequence[Example], source: str, out: Path, progress: bool) -> dict[str, Any]:
+    """One model on one prompt set: generate, score, ``evaluate_arm`` (files end in ``_<set>`` for an extra set)."""
+    thinking = cfg.prompt.thinking
+    kept, skipped = fit_to_context(examples, loaded.tokenizer, context_length(loaded.model),
+                                   cfg.sampling.max_new_tokens, source=source, thinking=thinking)
+    outputs = make_engine(loaded, cfg.engine).generate(
+        [render_prompt(loaded.tokenizer, e.prompt, thinking) for e in kept], cfg.sampling, progress)
+    result = evaluate_arm(score_completions(task, kept, outputs), kept, f"{name}{_suffix(set_name)}", out,
+                          cfg.bootstrap_resamples, cfg.sampling.seed)
     return {**result, "skipped_too_long": len(skipped)}
 
 
-def _report_section(title: str, arms: dict[str, Any], with_intervals: bool) -> str:
+def _extra_accuracies_table(arms: Mapping[str, Mapping[str, Any]]) -> str:
+    """Each arm's ``accuracy`` beside the task's other accuracies (``accuracy_<check>``); empty when it has none."""
+    extra = sorted({key for metrics in arms.values() for key in metrics if key.startswith("accuracy_")})
+    if not extra:
+        return ""
+    keys = ["accuracy", *extra]
+    return markdown_table(["arm", *keys], [[name, *(f"{metrics[k]:.3f}" if k in metrics else "n/a" for k in keys)]
+                                           for name, metrics in arms.items()])
+
+
+def _report_section(title: str, arms: Mapping[str, Mapping[str, Any]], with_intervals: bool) -> str:
     section = f"## {title}\n\n" + comparison_table(arms) + "\n"
+    if extra := _extra_accuracies_table(arms):
+        section += "The task's other accuracies:\n\n" + extra + "\n"
     if with_intervals:
         section += "95 % bootstrap intervals:\n\n" + intervals_table(arms) + "\n"
     if by_kind := by_kind_table(arms):
@@ -61,27 +101,38 @@ def _report_section(title: str, arms: dict[str, Any], with_intervals: bool) -> s
     return section
 
 
-def run_evaluation(cfg: EvaluateConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
-    prompt_sets = {None: (cfg.data, load_examples(cfg.data, get_task(cfg.task))),
-                   **{name: (path, load_examples(path, get_task(cfg.task_of(name))))
-                      for name, path in cfg.extra_data.items()}}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict[str | None, dict[str, Any]] = {set_name: {} for set_name in prompt_sets}
-    for name, model in cfg.models.items():
-        loaded = load_model(model, progress=progress)
-        for set_name, (source, examples) in prompt_sets.items():
-            results[set_name][name] = {**evaluate_on(loaded, name, set_name, cfg, examples, source, out, progress),
-                                       "model": model}
-    report = "# Calibration evaluation\n\n"
+def write_report(results: Results, out: Path, heading: str, with_intervals: bool, main_set: str = "in-domain") -> str:
+    """The risk–coverage plot of each prompt set (from its arms' predictions files) and ``report.md``: one section
+    per set (``main_set`` titles the set keyed None), and a side-by-side table when there are several. Returns the
+    report's text."""
+    report = f"# {heading}\n\n"
     for set_name, arms in results.items():
         suffix = _suffix(set_name)
         plot_risk_coverage({name: load_predictions(out / f"predictions_{name}{suffix}.jsonl") for name in arms},
                            out / f"risk_coverage{suffix}.png", title=f"risk–coverage{suffix.replace('_', ': ')}")
-        report += _report_section("in-domain" if set_name is None else set_name, arms, bool(cfg.bootstrap_resamples))
-    if cfg.extra_data:
+        report += _report_section(main_set if set_name is None else set_name, arms, with_intervals)
+    if len(results) > 1:
         report += side_by_side(results)
     write_text(out / REPORT, report)
+    return report
+
+
+def run_evaluation(cfg: EvaluateConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    from caopd.models.loading import load_model  # torch: loaded only when a model runs
+
+    sources = {None: cfg.data, **cfg.extra_data}
+    tasks = {set_name: get_task(cfg.task_of(set_name), **cfg.prompt.task_options()) for set_name in sources}
+    prompt_sets = {set_name: load_examples(path, tasks[set_name]) for set_name, path in sources.items()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str | None, dict[str, Any]] = {set_name: {} for set_name in sources}
+    for name, model in cfg.models.items():
+        loaded = load_model(model, progress=progress)
+        for set_name, examples in prompt_sets.items():
+            result = evaluate_on(loaded, name, set_name, cfg, tasks[set_name], examples, sources[set_name], out,
+                                 progress)
+            results[set_name][name] = {**result, "model": model}
+    write_report(results, out, "Calibration evaluation", bool(cfg.bootstrap_resamples))
     summary = {"stage": CALIBRATION_EVALUATION.id, "config": cfg.model_dump(), "data_digest": file_digest(cfg.data),
                "arms": results[None],
                "sets": {name: {"arms": results[name], "data_digest": file_digest(path), "task": cfg.task_of(name)}
@@ -90,7 +141,7 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: str | Path, progress: bool = Tr
     return summary
 
 
-def side_by_side(results: dict[str | None, dict[str, Any]]) -> str:
+def side_by_side(results: Results) -> str:
     """Each arm's key metrics on every set, in one table: how far its calibration carries off its training
     distribution."""
     keys = ("accuracy", "ece", "auroc", "overconfidence_gap")
