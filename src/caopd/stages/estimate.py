@@ -15,6 +15,7 @@ from caopd.method.templates import render_prompt
 from caopd.models.loading import load_model
 from caopd.rollout import make_engine
 from caopd.stages.common import context_length, fit_to_context, score_completions
+from caopd.stages.sources import Found, dataset_path, model_path
 from caopd.tasks import get_task
 from caopd.tasks.datasets import load_examples
 
@@ -33,16 +34,20 @@ def per_prompt_estimates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_rollout_estimation(cfg: RolloutConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
-    task = get_task(cfg.task)
-    examples = shard(load_examples(cfg.data, task), cfg.shard_index, cfg.num_shards)
-    loaded = load_model(cfg.model, progress=progress)
+    task = get_task(cfg.task, **cfg.prompt.task_options())
+    found: Found = {}
+    data = dataset_path(cfg.data, "train_data", found)
+    examples = shard(load_examples(data, task), cfg.shard_index, cfg.num_shards)
+    loaded = load_model(model_path(cfg.model, "model", found), progress=progress)
     sampling = cfg.sampling.model_copy(update={"n": cfg.k})
     kept, skipped = fit_to_context(examples, loaded.tokenizer, context_length(loaded.model),
-                                   sampling.max_new_tokens, source=cfg.data)
+                                   sampling.max_new_tokens, source=data, thinking=cfg.prompt.thinking)
     engine = make_engine(loaded, cfg.engine)
-    outputs = engine.generate([render_prompt(loaded.tokenizer, e.prompt) for e in kept], sampling, progress)
+    outputs = engine.generate([render_prompt(loaded.tokenizer, e.prompt, cfg.prompt.thinking) for e in kept], sampling,
+                              progress)
     rows = score_completions(task, kept, outputs)
-    return _write_outputs(out_dir, rows, skipped, {"config": cfg.model_dump(), "data_digest": file_digest(cfg.data)})
+    return _write_outputs(out_dir, rows, skipped, {"config": cfg.model_dump(), "data_digest": file_digest(data),
+                                                   "sources": found})
 
 
 def merge_rollout_shards(shard_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:

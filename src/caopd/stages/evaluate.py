@@ -25,6 +25,7 @@ from caopd.io import file_digest, write_json, write_jsonl, write_text
 from caopd.method.templates import render_prompt
 from caopd.rollout import make_engine
 from caopd.stages.common import check_names, context_length, fit_to_context, score_completions
+from caopd.stages.sources import Found, dataset_path, model_path
 from caopd.tasks import get_task
 from caopd.tasks.base import Example, Task
 from caopd.tasks.datasets import load_examples
@@ -120,23 +121,25 @@ def write_report(results: Results, out: Path, heading: str, with_intervals: bool
 def run_evaluation(cfg: EvaluateConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     from caopd.models.loading import load_model  # torch: loaded only when a model runs
 
-    sources = {None: cfg.data, **cfg.extra_data}
+    found: Found = {}
+    sources = {None: dataset_path(cfg.data, "eval_data", found),
+               **{name: dataset_path(path, f"eval_data_{name}", found) for name, path in cfg.extra_data.items()}}
     tasks = {set_name: get_task(cfg.task_of(set_name), **cfg.prompt.task_options()) for set_name in sources}
     prompt_sets = {set_name: load_examples(path, tasks[set_name]) for set_name, path in sources.items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str | None, dict[str, Any]] = {set_name: {} for set_name in sources}
     for name, model in cfg.models.items():
-        loaded = load_model(model, progress=progress)
+        loaded = load_model(model_path(model, f"model_{name}", found), progress=progress)
         for set_name, examples in prompt_sets.items():
             result = evaluate_on(loaded, name, set_name, cfg, tasks[set_name], examples, sources[set_name], out,
                                  progress)
             results[set_name][name] = {**result, "model": model}
     write_report(results, out, "Calibration evaluation", bool(cfg.bootstrap_resamples))
-    summary = {"stage": CALIBRATION_EVALUATION.id, "config": cfg.model_dump(), "data_digest": file_digest(cfg.data),
-               "arms": results[None],
-               "sets": {name: {"arms": results[name], "data_digest": file_digest(path), "task": cfg.task_of(name)}
-                        for name, path in cfg.extra_data.items()}}
+    summary = {"stage": CALIBRATION_EVALUATION.id, "config": cfg.model_dump(), "sources": found,
+               "data_digest": file_digest(sources[None]), "arms": results[None],
+               "sets": {name: {"arms": results[name], "data_digest": file_digest(sources[name]),
+                               "task": cfg.task_of(name)} for name in cfg.extra_data}}
     write_json(out / SUMMARY, summary)
     return summary
 

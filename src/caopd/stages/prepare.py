@@ -20,14 +20,16 @@ from caopd.config.stages import (
     DataConfig,
 )
 from caopd.io import read_json, write_json, write_jsonl
+from caopd.stages.sources import Found, dataset_path
 from caopd.tasks import get_task
 from caopd.tasks.arithmetic import generate_rows
-from caopd.tasks.datasets import confined_path, load_rows
+from caopd.tasks.datasets import load_rows
 
 
-def _rows(cfg: DataConfig, source: str, n: int, seed: int, prefix: str) -> list[dict[str, Any]]:
+def _rows(cfg: DataConfig, source: str, n: int, seed: int, prefix: str, role: str,
+          found: Found) -> list[dict[str, Any]]:
     if source:
-        rows = load_rows(confined_path(source, cfg.data_root))
+        rows = load_rows(dataset_path(source, role, found, cfg.data_root, field=role))
         get_task(cfg.task).examples_from_rows(rows, source=source)  # validate now, not three stages later
         return rows
     weights = cfg.in_domain_weights()
@@ -42,10 +44,10 @@ def _kind_rows(cfg: DataConfig, kinds: list[str], n: int, seed: int, prefix: str
     return generate_rows(n, seed, kinds, weights, id_prefix=prefix)
 
 
-def _ood_rows(cfg: DataConfig) -> list[dict[str, Any]]:
+def _ood_rows(cfg: DataConfig, found: Found) -> list[dict[str, Any]]:
     """Your OOD set, validated by its task; or prompts of the held-out kinds."""
     if cfg.ood_source:
-        rows = load_rows(confined_path(cfg.ood_source, cfg.data_root))
+        rows = load_rows(dataset_path(cfg.ood_source, "ood_source", found, cfg.data_root, field="ood_source"))
         get_task(cfg.ood_task or cfg.task).examples_from_rows(rows, source=cfg.ood_source)
         return rows
     return _kind_rows(cfg, cfg.ood_kinds, cfg.n_eval, cfg.seed + 20_000, "ood")
@@ -53,14 +55,15 @@ def _ood_rows(cfg: DataConfig) -> list[dict[str, Any]]:
 
 def run_data_preparation(cfg: DataConfig, out_dir: str | Path) -> dict[str, Any]:
     # Every set is read and validated before the first file is written: a bad row leaves nothing behind.
-    train = _rows(cfg, cfg.train_source, cfg.n_train, cfg.seed, "train")
-    evaluation = _rows(cfg, cfg.eval_source, cfg.n_eval, cfg.seed + 10_000, "eval")
-    ood = _ood_rows(cfg) if cfg.ood_kinds or cfg.ood_source else None
+    found: Found = {}
+    train = _rows(cfg, cfg.train_source, cfg.n_train, cfg.seed, "train", "train_source", found)
+    evaluation = _rows(cfg, cfg.eval_source, cfg.n_eval, cfg.seed + 10_000, "eval", "eval_source", found)
+    ood = _ood_rows(cfg, found) if cfg.ood_kinds or cfg.ood_source else None
     task_b = {CONTINUAL_TRAIN: _kind_rows(cfg, cfg.continual_kinds, cfg.n_train, cfg.seed + 30_000, "b_train"),
               CONTINUAL_EVAL: _kind_rows(cfg, cfg.continual_kinds, cfg.n_eval, cfg.seed + 40_000, "b_eval")} \
         if cfg.continual_kinds else {}
     out = Path(out_dir)
-    summary = {"stage": DATA_PREPARATION.id, "config": cfg.model_dump(), "n_train": len(train),
+    summary = {"stage": DATA_PREPARATION.id, "config": cfg.model_dump(), "sources": found, "n_train": len(train),
                "n_eval": len(evaluation),
                "outputs": {TRAIN: write_jsonl(out / TRAIN, train), EVAL: write_jsonl(out / EVAL, evaluation)}}
     if ood is not None:

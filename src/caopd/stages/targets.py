@@ -12,14 +12,17 @@ from caopd.io import file_digest, read_jsonl, write_json, write_jsonl
 from caopd.method.targets import choose_reference, student_target, teacher_context
 from caopd.method.templates import TEMPLATES, teacher_prompt
 from caopd.models.loading import model_template, resolve_model_path
+from caopd.stages.sources import Found, dataset_path, model_path
 from caopd.tasks import get_task
 from caopd.tasks.datasets import load_examples
 
 
 def run_target_replacement(cfg: TargetsConfig, out_dir: str | Path) -> dict[str, Any]:
-    task = get_task(cfg.task)
-    examples = {e.id: e for e in load_examples(cfg.data, task)}
-    template = cfg.template or model_template(resolve_model_path(cfg.model))
+    task = get_task(cfg.task, **cfg.prompt.task_options())
+    found: Found = {}
+    examples = {e.id: e for e in load_examples(dataset_path(cfg.data, "train_data", found), task)}
+    # Only the model's teacher-context template family is read here (the packaged tiny model's is "compact").
+    template = cfg.template or model_template(resolve_model_path(model_path(cfg.model, "model", found)))
     if template not in TEMPLATES:
         raise CaopdInputError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}", field="template")
     estimates = {}
@@ -58,7 +61,7 @@ def run_target_replacement(cfg: TargetsConfig, out_dir: str | Path) -> dict[str,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / RECORDS, records)
-    summary = {"stage": TARGET_REPLACEMENT.id, "config": cfg.model_dump(), "template": template,
+    summary = {"stage": TARGET_REPLACEMENT.id, "config": cfg.model_dump(), "sources": found, "template": template,
                "n_prompts": len(by_prompt), "n_records": len(records),
                "teacher_modes": {m: sum(r["teacher_mode"] == m for r in records) for m in ("demo", "correct_solution")},
                "mean_target_confidence": sum(r["target_confidence"] for r in records) / max(1, len(records)),

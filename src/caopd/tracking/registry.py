@@ -1,9 +1,9 @@
 """The MLflow model registry: idempotent registration with lineage tags, gated aliases, promotion, lineage.
 
 A version's tags carry what it came from (``caopd.run.<stage>`` run ids, ``caopd.data.<name>`` digests,
-``caopd.base_model``, ``caopd.pipeline_run_id``), how it scored (``caopd.metric.<key>``) and every gate
-decision made about it (``caopd.gate`` at registration, ``caopd.promotion.<alias>`` at promotion), so the
-registry alone answers "why is this model the champion".
+``caopd.source.<role>`` sources with their digests, ``caopd.base_model``, ``caopd.pipeline_run_id``), how it
+scored (``caopd.metric.<key>``) and every gate decision made about it (``caopd.gate`` at registration,
+``caopd.promotion.<alias>`` at promotion), so the registry alone answers "why is this model the champion".
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from caopd.config.stages import CALIBRATION_EVALUATION, OPD_TRAINING, ROLLOUT_ES
 from caopd.errors import CaopdInputError
 from caopd.evaluation.metrics import METRIC_KEYS
 from caopd.tracking.gates import GateDecision, evaluate_gates
+from caopd.tracking.sources import sources_from_tags
 from caopd.tracking.tracker import TAG_PIPELINE_RUN, service_errors
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -123,7 +124,8 @@ def lineage(client: Any, reference: str, tracking_uri: str = "") -> dict[str, An
             steps.append({"stage": stage, "run_id": run_ids[0] if run_ids else None, "run_ids": run_ids,
                           "metrics": dict(sorted(run.data.metrics.items())) if run else {}})
     return {"datasets": {k[len(DATA_TAG):]: v for k, v in sorted(version.tags.items()) if k.startswith(DATA_TAG)},
-            "base_model": version.tags.get("caopd.base_model"), "runs": steps,
+            "base_model": version.tags.get("caopd.base_model"), "sources": sources_from_tags(version.tags),
+            "runs": steps,
             "version": {"name": name, "version": int(version.version), "aliases": sorted(version.aliases or []),
                         "source": version.source, "metrics": version_metrics(version),
                         "gate": json.loads(version.tags.get("caopd.gate", "null") or "null")}}

@@ -7,7 +7,9 @@ digests. Without a tracker the stage simply runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from caopd.config.gates import GateConfig
 from caopd.config.stages import CALIBRATION_EVALUATION, MODEL_REGISTRATION, OPD_TRAINING, SUMMARY
 from caopd.io import file_digest, read_jsonl
 from caopd.tracking.registry import DATA_TAG, LINEAGE_STAGES, RUN_TAG, register_version
+from caopd.tracking.sources import SOURCE_TAG, WEIGHTS_TAG, Fetched, source_tags
 from caopd.tracking.tracker import TAG_METHOD, Tracker
 
 _COUNTS = ("n_prompts", "n_rollouts", "skipped_too_long", "n_records", "mean_target_confidence", "n_train", "n_eval",
@@ -37,23 +40,53 @@ def log_outputs(stage_run: Any, stage: str, summary: Mapping[str, Any], out_dir:
 
 
 def tracked(tracker: Tracker | None, stage: str, config: Any, run: Callable[[], dict[str, Any]],
-            out_dir: str | Path, inputs: Mapping[str, tuple[str | Path, str]] = (),
-            tags: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Run one stage inside its MLflow run; ``inputs``: dataset name → (file, context such as "training")."""
+            out_dir: str | Path, inputs: Mapping[str, tuple[str | Path, str] | tuple[str | Path, str, str]] = (),
+            tags: Mapping[str, str] | None = None, sources: Mapping[str, Fetched] | None = None) -> dict[str, Any]:
+    """Run one stage inside its MLflow run; ``inputs``: dataset name → (file, context such as "training"), or
+    (file, context, source URI) for a dataset fetched from elsewhere (s3://...), which MLflow then records as the
+    dataset's source instead of the local copy. ``tags`` are part of the run's identity (a rerun with the same
+    ones replaces it); ``sources`` (role → what fetch_dataset / fetch_model returned) are recorded as
+    ``caopd.source.<role>`` tags without being part of it, so a retry that finds newer content replaces its try."""
     if tracker is None:
         return run()
     with tracker.stage(stage, config.model_dump(), tags) as stage_run:
-        summary = run()
-        for name, (path, context) in dict(inputs).items():
-            stage_run.log_dataset(path, name, context)
+        for role, fetched in dict(sources or {}).items():
+            stage_run.set_tags(source_tags(role, fetched))
+        with registry_for_sources(tracker.uri):
+            summary = run()
+        # The sources the stage fetched itself (s3://, models:/) and where their local copies are.
+        fetched = {role: Fetched(**record) for role, record in (summary.get("sources") or {}).items()}
+        for role, found in fetched.items():
+            stage_run.set_tags(source_tags(role, found))
+        copies = {found.source: found.path for found in fetched.values() if found.path != found.source}
+        for name, (path, context, *source) in dict(inputs).items():
+            if str(path) in copies:  # a remote dataset: its local copy, recorded with its source
+                path, source = copies[str(path)], [str(path)]
+            stage_run.log_dataset(path, name, context, *source)
         log_outputs(stage_run, stage, summary, out_dir)
         summary["mlflow_run_id"] = stage_run.run_id
     return summary
 
 
+@contextmanager
+def registry_for_sources(uri: str) -> Iterator[None]:
+    """While a tracked stage runs, its ``models:/`` sources resolve in the registry of the server it logs to
+    (caopd.tracking.sources reads $MLFLOW_TRACKING_URI); the environment is restored afterwards."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
 def lineage_tags(tracker: Tracker) -> dict[str, str]:
     """Run ids of this pipeline run's finished stages (CaOPD's training run, every rollout shard, the latest
-    evaluation) and the digests of the datasets they read."""
+    evaluation), the digests of the datasets they read and the sources they fetched (``caopd.source.*``: where
+    the base model and data came from; a later stage's tag wins for the same role)."""
     runs = tracker.stage_runs()
     tags: dict[str, str] = {}
     for stage in LINEAGE_STAGES:
@@ -65,7 +98,7 @@ def lineage_tags(tracker: Tracker) -> dict[str, str]:
         if found:
             tags[f"{RUN_TAG}{stage}"] = ",".join(r.info.run_id for r in found)
         for run in found:
-            tags.update({k: v for k, v in run.data.tags.items() if k.startswith(DATA_TAG)})
+            tags.update({k: v for k, v in run.data.tags.items() if k.startswith((DATA_TAG, SOURCE_TAG))})
     return tags
 
 
@@ -85,7 +118,7 @@ def register_in_mlflow(tracker: Tracker, name: str, model_dir: str | Path, metri
         else:
             stage_run.log_artifacts([model_dir], "model")
             source = f"{tracker.client.get_run(stage_run.run_id).info.artifact_uri}/model"
-        tags = {**lineage_tags(tracker), "caopd.base_model": base_model, "caopd.weights_sha256": digest,
+        tags = {**lineage_tags(tracker), "caopd.base_model": base_model, WEIGHTS_TAG: digest,
                 f"{RUN_TAG}model-registration": stage_run.run_id}
         result = register_version(tracker.client, name, source, stage_run.run_id, metrics, tags,
                                   tracker.pipeline_run_id, gates, tracker.uri)

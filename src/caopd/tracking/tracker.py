@@ -219,8 +219,9 @@ class StageRun:
                 elif path.is_file():
                     self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_dataset(self, path: str | Path, name: str, context: str) -> str:
-        """The dataset as an input of this run, named, with its content digest; returns the digest."""
+    def log_dataset(self, path: str | Path, name: str, context: str, source_uri: str = "") -> str:
+        """The dataset as an input of this run, named, with its content digest; returns the digest.
+        ``source_uri``: where the local copy at ``path`` was fetched from (s3://...), recorded as its source."""
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
@@ -228,7 +229,7 @@ class StageRun:
         digest = file_digest(path)
         with warnings.catch_warnings():  # a local path resolves to two equivalent source kinds; either is right
             warnings.simplefilter("ignore", UserWarning)
-            source = resolve_dataset_source(str(Path(path).resolve()))
+            source = resolve_dataset_source(redact_uri(source_uri) or str(Path(path).resolve()))
         dataset = MetaDataset(source, name=name, digest=digest[:36])
         with service_errors(self.tracker.uri):
             self.client.log_inputs(self.run_id, datasets=[DatasetInput(
