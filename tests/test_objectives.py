@@ -80,7 +80,10 @@ def test_distillation_groups_edit_caopd_targets_and_keep_the_opd_samples(tiny_mo
 
 
 @pytest.mark.parametrize("overrides", [{"method": "caopd"}, {"method": "caopd", "variant": "decoupled"},
-                                       {"method": "rlcr", "skip_first_tokens": 1}])
+                                       {"method": "rlcr", "skip_first_tokens": 1},
+                                       {"method": "caopd", "variant": "decoupled", "loss_normalization": "sequence",
+                                        "skip_first_tokens": 3},
+                                       {"method": "rlcr", "loss_normalization": "sequence", "skip_first_tokens": 2}])
 def test_the_step_loss_and_its_gradients_do_not_depend_on_the_micro_batches(tiny_model, overrides):
     tokenizer = tiny_model.tokenizer
     prompts = [("12+3=", "15"), ("7*8=", "56"), ("40+2=", "42")]

@@ -1,7 +1,9 @@
-"""Training configuration, validated up front with messages that say what to change."""
+"""Training configuration, validated up front with messages that say what to change; and the run's length and
+warm-up as resolved from it (pure functions, torch-free: the trainer and the launchers share them)."""
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -36,14 +38,35 @@ class TrainConfig(BaseModel):
     ema_rate: float = Field(0.01, gt=0.0, le=1.0, description="EMA teacher update rate per step (paper: 0.01)")
     p_source: Literal["online", "offline"] = Field(
         "online", description="online: P from each step's own K rollouts (paper default); offline: stage-1 estimates")
-    steps: int = Field(150, ge=1, description="optimizer steps")
+    steps: int = Field(150, ge=1, description="optimizer steps (leave at its default when `epochs` is set)")
+    epochs: float | None = Field(
+        None, gt=0.0, description="train for this many passes over the training prompts instead of `steps`: "
+        "ceil(epochs × prompts / prompts_per_step) optimizer steps (official recipe: 1); None = `steps`")
     prompts_per_step: int = Field(16, ge=1, description="prompts per step (B); each gets K rollouts")
     k: int = Field(8, ge=1, description="rollouts per prompt (K)")
     lr: float = Field(1.5e-4, gt=0.0, le=1.0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
-    warmup_steps: int = Field(10, ge=0, description="linear learning-rate warm-up steps")
+    warmup_steps: int = Field(10, ge=0, description="linear learning-rate warm-up steps (leave at its default when "
+                              "`warmup_ratio` is set)")
+    warmup_ratio: float | None = Field(
+        None, ge=0.0, lt=1.0, description="warm up over ceil(ratio × the run's optimizer steps) instead of "
+        "`warmup_steps`, as transformers does (official recipe: 0.1); None = `warmup_steps`")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="after the warm-up: constant = the learning rate held at `lr` (the warm-up ramps "
+        "(step + 1) / warmup); cosine = transformers' get_cosine_schedule_with_warmup, the rate at optimizer step s "
+        "(from 0) is lr·s/warmup during the warm-up, then decays to 0 along a half cosine over the remaining steps "
+        "(official recipe)")
     max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping norm")
-    skip_first_tokens: int = Field(0, ge=0, description="completion tokens at the start left out of the loss")
+    skip_first_tokens: int = Field(0, ge=0, description="completion tokens at the start left out of the loss "
+                                   "(official recipe: 3)")
+    loss_normalization: Literal["token", "sequence"] = Field(
+        "token", description="how the step's per-token loss terms are averaged: token = the mean over every counted "
+        "token of the step (across processes); sequence = each completion's mean over its counted tokens, then the "
+        "mean over the step's completions that have any (across processes) (official recipe)")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="student prompts longer than this keep their last max_prompt_tokens tokens (left "
+        "truncation, official recipe: 1024); the teacher's prompt loses the same tokens and keeps its whole "
+        "privileged context; cut prompts are counted in the train log and summary. None = never cut")
     micro_batch_size: int = Field(64, ge=1, description="sequences per forward/backward (bounds memory)")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(n=8, max_new_tokens=24),
                                      description="rollout sampling during training (n is set from k)")
@@ -68,4 +91,35 @@ class TrainConfig(BaseModel):
                              "top_k at their defaults")
         if self.variant == "decoupled" and self.method != "caopd":
             raise ValueError("variant='decoupled' trains towards the replaced confidence: it needs method='caopd'")
+        # The length and warm-up are each given one way: a changed default beside its replacement is a contradiction.
+        if self.epochs is not None and self.steps != _default("steps"):
+            raise ValueError(f"epochs={self.epochs} sets the number of optimizer steps: leave steps at its default "
+                             f"({_default('steps')}), or set steps and leave epochs unset")
+        if self.warmup_ratio is not None and self.warmup_steps != _default("warmup_steps"):
+            raise ValueError(f"warmup_ratio={self.warmup_ratio} sets the warm-up: leave warmup_steps at its default "
+                             f"({_default('warmup_steps')}), or set warmup_steps and leave warmup_ratio unset")
         return self
+
+
+def _default(name: str) -> object:
+    return TrainConfig.model_fields[name].default
+
+
+def total_steps(cfg: TrainConfig, n_prompts: int) -> int:
+    """The run's optimizer steps: ``cfg.steps``, or with ``epochs`` ceil(epochs × n_prompts / prompts_per_step) (a
+    last partial batch is a step of its own, its prompts drawn from the next pass)."""
+    if cfg.epochs is None:
+        return cfg.steps
+    if n_prompts < 1:
+        raise ValueError("epochs needs at least one training prompt")
+    # round() first: 0.1 × 30 is 3.0000000000000004 in floats, which must not become 4 steps
+    return max(1, math.ceil(round(cfg.epochs * n_prompts / cfg.prompts_per_step, 9)))
+
+
+def warmup_steps(cfg: TrainConfig, n_steps: int) -> int:
+    """The warm-up length of a run of ``n_steps``: ceil(warmup_ratio × n_steps) exactly as transformers'
+    TrainingArguments resolves it (float product included: 0.1 × 30 steps warms up over 4, as the official run
+    would), else ``cfg.warmup_steps``."""
+    if cfg.warmup_ratio is None:
+        return cfg.warmup_steps
+    return math.ceil(n_steps * cfg.warmup_ratio)

@@ -16,6 +16,7 @@ from typing import Any
 from caopd.config.experiments import ARMS, CompareConfig
 from caopd.config.sampling import SamplingConfig
 from caopd.config.stages import EVAL, MODEL_DIR, OOD, TRAIN, EvaluateConfig
+from caopd.config.training import total_steps
 from caopd.evaluation.metrics import METRIC_KEYS
 from caopd.evaluation.plots import plot_compare
 from caopd.evaluation.tables import by_kind_table, markdown_table
@@ -108,7 +109,8 @@ def paper_table(arms: dict[str, dict[str, Any]]) -> str:
 def compare_report(results: dict[str, dict[str, dict[str, Any]]], checks: dict[str, dict[str, Any]],
                    cfg: CompareConfig) -> str:
     text = ("# Baselines from one base model\n\n"
-            f"Base `{cfg.model}`, {cfg.n_train} training prompts, K = {cfg.k}, {cfg.train.steps} steps of "
+            f"Base `{cfg.model}`, {cfg.n_train} training prompts, K = {cfg.k}, "
+            f"{total_steps(cfg.train, cfg.n_train)} steps of "
             f"{cfg.train.prompts_per_step} prompts, lr {cfg.train.lr:g}, seed {cfg.seed}; {cfg.n_eval} held-out "
             "prompts per set. Brackets: 95 % bootstrap intervals.\n\n")
     for set_name, arms in results.items():

@@ -17,8 +17,9 @@ from typing import Any
 
 from caopd.config.launch import LaunchConfig
 from caopd.config.stages import CURVES, MODEL_DIR, SUMMARY, TRAIN_LOG, TrainStageConfig
+from caopd.config.training import total_steps
 from caopd.errors import TrainingStopped
-from caopd.io import atomic_dir, atomic_file, file_digest, write_json
+from caopd.io import atomic_dir, atomic_file, file_digest, read_jsonl, write_json
 from caopd.launch.jobs import LABEL_DIGEST, LABEL_METHOD, job_manifest, job_name
 from caopd.launch.launcher import JobLauncher, JobRef, launching_pod_owner
 from caopd.stages.train import run_training
@@ -95,8 +96,8 @@ def train_on_cluster(cfg: TrainStageConfig, out_dir: str | Path, pipeline_run_id
     outcome = launcher.submit(manifest, can_adopt=lambda: (job_out / SUMMARY).is_file())
     report(f"{outcome} {ref.kind} {namespace}/{name}: {launch.num_nodes} node(s) x {launch.procs_per_node} "
            f"process(es), workspace {stage}")
-    launcher.wait(ref, launch.timeout_s, launch.poll_s, report,
-                  progress=lambda: checkpoint_progress(job_out, staged.train.steps))
+    n_steps = total_steps(staged.train, len({row["prompt_id"] for row in read_jsonl(staged.records)}))
+    launcher.wait(ref, launch.timeout_s, launch.poll_s, report, progress=lambda: checkpoint_progress(job_out, n_steps))
     summary = collect_outputs(job_out, Path(out_dir))
     # The model is this step's output now; the staged inputs and checkpoints would only fill the volume.
     shutil.rmtree(stage, ignore_errors=True)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from caopd.config.sampling import SamplingConfig
+
+# A prompt is a text (already rendered, e.g. through a chat template; the engine encodes it) or the token ids
+# themselves, used as they are (a truncated prompt: the samples must come from exactly the ids the loss sees).
+Prompt = str | Sequence[int]
 
 
 @dataclass
@@ -17,12 +22,13 @@ class Completion:
 
 
 class RolloutEngine(ABC):
-    """Generates completions for prompt texts (already rendered, e.g. through a chat template)."""
+    """Generates completions for prompts: texts (already rendered, e.g. through a chat template) or token ids."""
 
     @abstractmethod
-    def generate(self, prompts: list[str], sampling: SamplingConfig,
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig,
                  progress: bool = False) -> list[list[Completion]]:
-        """``sampling.n`` completions for each prompt, in prompt order."""
+        """``sampling.n`` completions for each prompt, in prompt order. A string is encoded as a rendered prompt
+        (``caopd.models.loading.encode_text``); a sequence of ints is the prompt's token ids, used as is."""
 
     def sync_weights(self, model: Any) -> None:  # noqa: B027 -- a no-op default, not an abstract method
         """Take the trained weights after an optimizer step (and after a resume). Engines that sample from the live

@@ -4,6 +4,7 @@ the tokens its K samples drew alike), finished samples dropped from the batch, p
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ from tqdm.auto import tqdm
 from caopd.config.sampling import SamplingConfig
 from caopd.models.batching import prefill
 from caopd.models.loading import encode_text
-from caopd.rollout.base import Completion, RolloutEngine
+from caopd.rollout.base import Completion, Prompt, RolloutEngine
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
@@ -46,9 +47,9 @@ class TransformersEngine(RolloutEngine):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def generate(self, prompts: list[str], sampling: SamplingConfig,
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig,
                  progress: bool = False) -> list[list[Completion]]:
-        encoded = [encode_text(self.tokenizer, p) for p in prompts]
+        encoded = [encode_text(self.tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # length buckets: less padding
         chunks = [order[lo: lo + self.max_batch_prompts] for lo in range(0, len(order), self.max_batch_prompts)]
         results: list[list[Completion]] = [[] for _ in prompts]

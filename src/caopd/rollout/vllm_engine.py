@@ -4,10 +4,11 @@ weights after every optimizer step, as TRL's colocate mode does."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from caopd.config.sampling import SamplingConfig
-from caopd.rollout.base import Completion, RolloutEngine
+from caopd.rollout.base import Completion, Prompt, RolloutEngine
 
 
 def vllm_available() -> bool:
@@ -43,8 +44,11 @@ class VLLMEngine(RolloutEngine):
             runner.load_weights([(name, full_tensor(param.detach()))])
         self.llm.reset_prefix_cache()
 
-    def generate(self, prompts: list[str], sampling: SamplingConfig,
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig,
                  progress: bool = False) -> list[list[Completion]]:
+        # vLLM 0.33: ``vllm.inputs.TokensPrompt`` is a TypedDict whose required key is ``prompt_token_ids``
+        # (list[int]); ``LLM.generate`` takes a sequence of them. Texts are encoded here, as the transformers engine
+        # encodes them, so that both engines sample from the same ids.
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -52,7 +56,8 @@ class VLLMEngine(RolloutEngine):
 
         params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                 max_tokens=sampling.max_new_tokens, seed=sampling.seed)
-        requests = [TokensPrompt(prompt_token_ids=encode_text(self.tokenizer, p)) for p in prompts]
+        requests = [TokensPrompt(prompt_token_ids=encode_text(self.tokenizer, p) if isinstance(p, str) else list(p))
+                    for p in prompts]
         outputs = self.llm.generate(requests, params, use_tqdm=progress)
         return [[Completion(o.text, list(o.token_ids), o.finish_reason == "stop") for o in out.outputs]
                 for out in outputs]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
     """Train, then write the model, log, curves and summary. Under torchrun every process trains on its share of
     each step and rank 0 alone writes (checkpoints included); the other ranks return a short summary."""
     world = init_world(cfg.sharding)
-    task = get_task(cfg.task)
+    task = get_task(cfg.task, **cfg.prompt.task_options())
     items = items_from_records(cfg.records)
     torch.manual_seed(cfg.train.seed)
     loaded = load_model(cfg.model, progress=progress)
@@ -84,7 +85,13 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg.train, loaded.model, loaded.tokenizer, loaded.template, task, items,
                       make_training_engine(loaded, cfg.engine, world.rank, world.size,
-                                           cfg.vllm_gpu_memory_utilization), teacher, out, progress, world)
+                                           cfg.vllm_gpu_memory_utilization), teacher, out, progress, world,
+                      thinking=cfg.prompt.thinking)
+    truncation = trainer.prompt_truncation()
+    if truncation["truncated_prompts"] and world.is_main:  # never silent: also in every step record and the summary
+        print(f"note: {truncation['truncated_prompts']} of {truncation['training_prompts']} training prompts are "
+              f"longer than max_prompt_tokens={truncation['max_prompt_tokens']} (the longest: "
+              f"{truncation['longest_prompt_tokens']} tokens) and keep only their last tokens", file=sys.stderr)
     start = time.perf_counter()
     log = trainer.run()
     weights = full_weights(loaded.model) if world.fsdp else None
@@ -101,7 +108,10 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
     from caopd.evaluation.plots import plot_training_curves
 
     plot_training_curves(log, out / CURVES, title=f"{cfg.train.method} training")
+    # total_steps: the run's length as resolved (steps, or epochs over the prompts); prompt_truncation: how many
+    # distinct training prompts max_prompt_tokens cuts, and the longest prompt
     summary = {"stage": "opd-training", "config": cfg.model_dump(), "steps": len(log),
+               "total_steps": trainer.n_steps, "prompt_truncation": truncation,
                "seconds": round(time.perf_counter() - start, 1), "final": log[-1] if log else {},
                "records_digest": file_digest(cfg.records), "model_digest": file_digest(out / MODEL_DIR)}
     write_json(out / SUMMARY, summary)

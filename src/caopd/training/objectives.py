@@ -25,10 +25,10 @@ from typing import Any, ClassVar
 import torch
 
 from caopd.config.training import TrainConfig
-from caopd.method.protocol import CONFIDENCE_KEY
+from caopd.method.protocol import confidence_start
 from caopd.method.targets import student_target, teacher_context
 from caopd.method.templates import render_prompt, teacher_prompt
-from caopd.method.types import Method
+from caopd.method.types import Method, Thinking
 from caopd.models.batching import completion_logits
 from caopd.models.distributed import World
 from caopd.models.loading import encode_text
@@ -55,11 +55,12 @@ class VerifiedRollouts:
     and P (the step's own estimate, or the offline one)."""
 
     item: TrainItem
-    prompt_ids: list[int]  # the student's prompt
+    prompt_ids: list[int]  # the student's prompt, as the rollouts were sampled from it (left-truncated if too long)
     completions: Sequence[Completion]
     correct: list[bool]
     confidences: list[float | None]
     p: float
+    cut_prompt_ids: list[int] = field(default_factory=list)  # the student's first tokens that truncation dropped
 
 
 @dataclass
@@ -77,18 +78,60 @@ class PromptGroup:
 
 @dataclass
 class StepContext:
-    """What an objective works with: the trainer's models, tokenizer, teacher template and processes."""
+    """What an objective works with: the trainer's models, tokenizer, teacher template and processes, and the chat
+    template's thinking switch every prompt is rendered with."""
 
     student: torch.nn.Module
     teacher: Teacher
     tokenizer: Any
     template: str
     world: World
+    thinking: Thinking = "template"
+
+
+def left_truncate(ids: list[int], max_tokens: int | None) -> list[int]:
+    """The last ``max_tokens`` tokens of a prompt (all of it when it fits, or when ``max_tokens`` is None): the
+    official trainer's left truncation, which keeps the end of the prompt (the question and the chat template's
+    opening of the answer) and drops whole tokens from its start."""
+    if max_tokens is None or len(ids) <= max_tokens:
+        return list(ids)
+    return list(ids[len(ids) - max_tokens:])
+
+
+def cut_teacher_prompt(teacher_ids: list[int], student_ids: list[int], n_cut: int) -> list[int]:
+    """The teacher's prompt when the student's (``student_ids``, whole) lost its first ``n_cut`` tokens to
+    ``max_prompt_tokens``: the teacher loses the same tokens and keeps all of its privileged context, so its prompt
+    is at most max_prompt_tokens + the privileged part's length, and it conditions on exactly the part of the
+    question the student still sees, plus what only the teacher knows.
+
+    Where the student's tokens sit in the teacher's prompt depends on the template: the paper's puts the question
+    first (so the student's prompt opens the teacher's, through the end of the question), the compact one puts the
+    reference first (the student's prompt closes the teacher's). When neither holds (the cut reaches past the shared
+    part), the teacher drops its first ``n_cut`` tokens.
+
+    Why not the official rule: the official trainer (SalesforceAIResearch/CaOPD ``distil_trainer.py``, like TRL's
+    experimental SDFT trainer) truncates the teacher's prompt to the same ``max_prompt_length`` as the student's,
+    from the left under vLLM. A demonstration is often hundreds of tokens, so the teacher's prompt is then cut far
+    more often than the student's, and silently, losing the chat template's opening, the system prompt and the start
+    of the question (the tool documentation) that the student still sees: the teacher's distribution would then
+    condition on less of the question than the student's it is compared with. TRL's experimental privileged-
+    information GKD trainer gives the privileged part a budget of its own on top of the prompt's, as this does
+    (without a limit here: the privileged part is the task's demonstration or a rollout, whose lengths the data and
+    ``max_new_tokens`` set).
+    """
+    if n_cut <= 0:
+        return list(teacher_ids)
+    offset = len(teacher_ids) - len(student_ids)
+    if teacher_ids[:n_cut] != student_ids[:n_cut] and offset >= 0 and teacher_ids[offset:] == student_ids:
+        return teacher_ids[:offset] + teacher_ids[offset + n_cut:]
+    return list(teacher_ids[n_cut:])
 
 
 def completion_tokens(tokenizer: Any, text: str, sampled_ids: list[int] | None, finished: bool,
                       ) -> tuple[list[int], list[bool]]:
-    """Token ids of a training completion (+ EOS) and which of them belong to the Confidence line.
+    """Token ids of a training completion (+ EOS) and which of them belong to the Confidence line: every token
+    that ends after ``confidence_start`` (the answer part's first confidence statement, the one CaOPD's edit
+    writes), and the EOS.
 
     An unedited (OPD) completion keeps exactly the ids the student sampled; an edited (CaOPD) one is
     re-tokenised and always ends with EOS, since it ends with its Confidence line.
@@ -98,8 +141,8 @@ def completion_tokens(tokenizer: Any, text: str, sampled_ids: list[int] | None, 
         ids = list(sampled_ids) + ([eos] if finished else [])
         return ids, [False] * len(ids)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    cut = text.rfind(CONFIDENCE_KEY)
-    mask = [cut >= 0 and end > cut for _, end in enc["offset_mapping"]]
+    cut = confidence_start(text)
+    mask = [cut is not None and end > cut for _, end in enc["offset_mapping"]]
     return enc["input_ids"] + [eos], mask + [True]
 
 
@@ -118,9 +161,40 @@ def micro_batches(groups: Sequence[PromptGroup], max_sequences: int) -> list[lis
 
 
 def step_tokens(groups: Sequence[PromptGroup], skip_first_tokens: int, world: World) -> int:
-    """The tokens the step's loss averages over, across every process's groups."""
+    """The tokens the step's loss counts, across every process's groups."""
     local = sum(max(0, len(ids) - skip_first_tokens) for g in groups for ids in g.completion_ids)
     return max(1, round(world.sum([local])[0]))
+
+
+def step_sequences(groups: Sequence[PromptGroup], skip_first_tokens: int, world: World) -> int:
+    """The completions with at least one counted token, across every process's groups: what a sequence-normalised
+    loss averages over. One too short to have a counted token adds nothing and is not counted (the official trainer
+    counts it in its micro-batch's mean, as a zero: with skip_first_tokens=3 and completions of up to 1024 tokens,
+    a completion of at most 3 tokens is rare there)."""
+    local = sum(len(ids) > skip_first_tokens for g in groups for ids in g.completion_ids)
+    return max(1, round(world.sum([local])[0]))
+
+
+def step_normalizer(groups: Sequence[PromptGroup], cfg: TrainConfig, world: World) -> int:
+    """What the step's weighted sum of per-token terms is divided by: its counted tokens (token normalisation) or
+    its completions that have any (sequence normalisation)."""
+    if cfg.loss_normalization == "sequence":
+        return step_sequences(groups, cfg.skip_first_tokens, world)
+    return step_tokens(groups, cfg.skip_first_tokens, world)
+
+
+def token_weights(completion_ids: Sequence[Sequence[int]], skip_first_tokens: int, normalization: str,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Each token's weight (the completions flattened) in the step's loss sum, before ``step_normalizer``:
+
+    - token: whether it is counted (a bool mask: the first ``skip_first_tokens`` of a completion are not);
+    - sequence: 1 / (its completion's counted tokens) when counted, else 0, so that each completion's weighted terms
+      sum to its own token mean (the official per-sequence mean; a completion without counted tokens adds 0).
+    """
+    counted = [[j >= skip_first_tokens for j in range(len(ids))] for ids in completion_ids]
+    if normalization == "token":
+        return torch.tensor([c for row in counted for c in row], dtype=torch.bool, device=device)
+    return torch.tensor([c / max(1, sum(row)) for row in counted for c in row], dtype=torch.float32, device=device)
 
 
 # --- the interface ------------------------------------------------------------------------------------------------
@@ -143,9 +217,9 @@ class Objective(ABC):
 
     @abstractmethod
     def loss_and_backward(self, groups: list[PromptGroup], context: StepContext) -> dict[str, float]:
-        """The step's token-mean loss over ``groups`` (this process's share), backpropagated in micro-batches of
-        whole prompt groups to bound memory; what to log of it (``loss`` and ``trained_tokens`` at least), summed
-        across processes."""
+        """The step's loss over ``groups`` (this process's share; normalised as ``cfg.loss_normalization`` says,
+        over the whole step across processes), backpropagated in micro-batches of whole prompt groups to bound
+        memory; what to log of it (``loss`` and ``trained_tokens`` at least), summed across processes."""
 
     def sums(self, groups: list[PromptGroup]) -> dict[str, float]:
         """This process's sums behind the objective's own step statistics (summed across processes, then passed to
@@ -175,7 +249,10 @@ class DistillationObjective(Objective):
         ctx = teacher_context(cfg.teacher_context, item.example.demonstration, fresh or item.correct_rollout,
                               p, cfg.method)
         t_prompt = encode_text(tokenizer, render_prompt(
-            tokenizer, teacher_prompt(item.example.prompt, ctx, context.template)))
+            tokenizer, teacher_prompt(item.example.prompt, ctx, context.template), context.thinking))
+        if rollouts.cut_prompt_ids:
+            t_prompt = cut_teacher_prompt(t_prompt, rollouts.cut_prompt_ids + rollouts.prompt_ids,
+                                          len(rollouts.cut_prompt_ids))
         group = PromptGroup(rollouts.prompt_ids, t_prompt, [], [])
         for c in rollouts.completions:
             ids, conf_mask = completion_tokens(tokenizer, student_target(c.text, p, cfg.method),
@@ -185,9 +262,11 @@ class DistillationObjective(Objective):
         return group
 
     def loss_and_backward(self, groups: list[PromptGroup], context: StepContext) -> dict[str, float]:
-        """Each prompt (student's and teacher's) is computed once for its K completions."""
+        """Each prompt (student's and teacher's) is computed once for its K completions. The decoupled variant's
+        confidence cross-entropy is normalised as the divergence is: per token, or within each completion."""
         cfg, pad, world, teacher = self.cfg, context.tokenizer.pad_token_id, context.world, context.teacher
         n_tokens = step_tokens(groups, cfg.skip_first_tokens, world)
+        normalizer = step_normalizer(groups, cfg, world)
         total_div, total_ce = 0.0, 0.0
         for part in micro_batches(groups, cfg.micro_batch_size):
             completions = [g.completion_ids for g in part]
@@ -197,8 +276,8 @@ class DistillationObjective(Objective):
             targets = torch.tensor([t for ids in flat for t in ids], device=device)
             conf = torch.tensor([m for g in part for mask in g.confidence_masks for m in mask], dtype=torch.bool,
                                 device=device)
-            counted = torch.tensor([j >= cfg.skip_first_tokens for ids in flat for j in range(len(ids))],
-                                   dtype=torch.bool, device=device)
+            # token normalisation: the counted-token mask itself, so its sums are the very ones it always took
+            weight = token_weights(flat, cfg.skip_first_tokens, cfg.loss_normalization, device)
             if teacher.server is not None:  # the teacher's top-k, scored on its own GPUs
                 index, t_logprobs = teacher.server.top_logprobs([g.teacher_prompt_ids for g in part], completions)
                 div = sparse_token_divergence(s_logits, index.to(device), t_logprobs.to(device), cfg.divergence,
@@ -209,17 +288,18 @@ class DistillationObjective(Objective):
                                                  completions, pad, world.fsdp)
                 div = token_divergence(s_logits, t_logits, cfg.divergence, cfg.beta, cfg.top_k)
             if cfg.variant == "decoupled":
-                div_part = (div * (counted & ~conf)).sum()
-                ce_part = (token_cross_entropy(s_logits, targets) * (counted & conf)).sum() * cfg.confidence_weight
+                div_part = (div * (weight * ~conf)).sum()
+                ce_part = (token_cross_entropy(s_logits, targets) * (weight * conf)).sum() * cfg.confidence_weight
             else:
-                div_part, ce_part = (div * counted).sum(), torch.zeros(())
-            loss = (div_part + ce_part) / n_tokens
+                div_part, ce_part = (div * weight).sum(), torch.zeros(())
+            loss = (div_part + ce_part) / normalizer
             loss.backward()
-            total_div += div_part.item() / n_tokens
-            total_ce += ce_part.item() / n_tokens
+            total_div += div_part.item() / normalizer
+            total_ce += ce_part.item() / normalizer
         total_div, total_ce = world.sum([total_div, total_ce])
+        sequences = {"trained_sequences": normalizer} if cfg.loss_normalization == "sequence" else {}
         return {"loss": total_div + total_ce, "divergence": total_div, "confidence_ce": total_ce,
-                "trained_tokens": n_tokens}
+                "trained_tokens": n_tokens, **sequences}
 
 
 class RLCRObjective(Objective):
@@ -246,9 +326,10 @@ class RLCRObjective(Objective):
         return {"mean_reward": totals["reward"] / totals["samples"]}
 
     def loss_and_backward(self, groups: list[PromptGroup], context: StepContext) -> dict[str, float]:
-        """Token-mean −advantage · log π over the step."""
+        """−advantage · log π over the step: the token mean, or the mean of each completion's token means."""
         cfg, pad, world = self.cfg, context.tokenizer.pad_token_id, context.world
         n_tokens = step_tokens(groups, cfg.skip_first_tokens, world)
+        normalizer = step_normalizer(groups, cfg, world)
         total = 0.0
         for part in micro_batches(groups, cfg.micro_batch_size):
             logits = completion_logits(context.student, [g.prompt_ids for g in part],
@@ -257,13 +338,13 @@ class RLCRObjective(Objective):
             device = logits.device
             targets = torch.tensor([t for ids, _ in flat for t in ids], device=device)
             advantages = torch.tensor([a for ids, a in flat for _ in ids], device=device)
-            counted = torch.tensor([j >= cfg.skip_first_tokens for ids, _ in flat for j in range(len(ids))],
-                                   dtype=torch.bool, device=device)
-            loss = (policy_gradient_terms(logits, targets, advantages) * counted).sum() / n_tokens
+            weight = token_weights([ids for ids, _ in flat], cfg.skip_first_tokens, cfg.loss_normalization, device)
+            loss = (policy_gradient_terms(logits, targets, advantages) * weight).sum() / normalizer
             loss.backward()
             total += loss.item()
         [total] = world.sum([total])
-        return {"loss": total, "policy_loss": total, "trained_tokens": n_tokens}
+        sequences = {"trained_sequences": normalizer} if cfg.loss_normalization == "sequence" else {}
+        return {"loss": total, "policy_loss": total, "trained_tokens": n_tokens, **sequences}
 
 
 # Every training method (``TrainConfig.method``) and its objective.

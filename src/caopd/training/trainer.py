@@ -6,8 +6,13 @@ Each step: sample K rollouts per prompt from the live student, verify them and e
 on and takes its loss and backward. For OPD and CaOPD that is the target edits, the teacher scoring the (edited)
 completions under its privileged context, and a per-token divergence on the student's own samples; for RLCR, each
 sample's calibration reward and a policy-gradient step. Checkpoints hold everything needed to resume bit-for-bit:
-weights, optimizer, RNG state, step (the data order and the sampling seed of every step are functions of the seed and
-the step).
+weights, optimizer, RNG state, step (the data order, the sampling seed and the learning rate of every step are
+functions of the config, the number of training prompts and the step).
+
+The run's length is ``steps``, or ``epochs`` over the training prompts (``total_steps``); the learning rate warms up
+over ``warmup_steps`` or ``warmup_ratio`` of the run, then stays constant or decays along transformers' cosine
+(``learning_rate``). Student prompts longer than ``max_prompt_tokens`` are left-truncated once, up front: the
+rollouts are sampled from exactly the ids the loss sees, and every step's record counts the prompts it cut.
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from caopd.config.training import TrainConfig
+from caopd.config.training import TrainConfig, total_steps, warmup_steps
 from caopd.errors import TrainingStopped
 from caopd.method.protocol import parse_confidence
 from caopd.method.targets import empirical_confidence
 from caopd.method.templates import render_prompt
+from caopd.method.types import Thinking
 from caopd.models.distributed import World, full_tensor, gathered, reshard
 from caopd.models.loading import encode_text
 from caopd.rollout.base import RolloutEngine
@@ -39,6 +45,7 @@ from caopd.training.objectives import (
     StepContext,
     TrainItem,
     VerifiedRollouts,
+    left_truncate,
     objective_for,
 )
 from caopd.training.teachers import Teacher
@@ -57,13 +64,33 @@ def prompt_order(n_items: int, seed: int, step: int, batch: int) -> list[int]:
     return out
 
 
+def learning_rate(cfg: TrainConfig, step: int, n_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (from 0) in a run of ``n_steps``.
+
+    constant: a linear warm-up, lr·(step + 1)/warmup (the first step already moves), then ``lr``.
+    cosine: transformers' ``get_cosine_schedule_with_warmup`` as the Hugging Face Trainer (and so the official run)
+    applies it, lr·λ(step) with λ(s) = s/warmup during the warm-up, then ½(1 + cos(π·progress)) over the steps after
+    it; so with a warm-up the first step's rate is 0, and the last one's is just above 0.
+    """
+    warmup = warmup_steps(cfg, n_steps)
+    if cfg.lr_schedule == "constant":
+        return cfg.lr * min(1.0, (step + 1) / max(1, warmup))
+    if step < warmup:
+        return cfg.lr * (float(step) / float(max(1, warmup)))
+    progress = float(step - warmup) / float(max(1, n_steps - warmup))
+    return cfg.lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))  # transformers' λ, op for op
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, student: torch.nn.Module, tokenizer: Any, template: str,
                  task: Task, items: list[TrainItem], engine: RolloutEngine, teacher: Teacher,
-                 out_dir: Path, progress: bool = True, world: World | None = None) -> None:
+                 out_dir: Path, progress: bool = True, world: World | None = None,
+                 thinking: Thinking = "template") -> None:
+        """``thinking``: the chat template's thinking switch for every prompt it renders (the student's, and the
+        teacher's in the objective), as the stage's ``PromptConfig`` says."""
         self.cfg, self.student, self.tokenizer, self.template = cfg, student, tokenizer, template
         self.task, self.items, self.engine, self.teacher = task, items, engine, teacher
-        self.out_dir, self.progress, self.world = out_dir, progress, world or World()
+        self.out_dir, self.progress, self.world, self.thinking = out_dir, progress, world or World(), thinking
         if cfg.prompts_per_step < self.world.size:
             raise ValueError(f"prompts_per_step ({cfg.prompts_per_step}) must be at least the number of processes "
                              f"({self.world.size}): each process trains on its share of a step's prompts")
@@ -72,17 +99,35 @@ class Trainer:
                              f"processes ({self.world.size}) under FSDP: every process trains on an equal share")
         # fused: one kernel for all parameters, not a loop of small ops per tensor (7.5 → 1.7 ms, tiny model)
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-        self.prompt_ids = {it.example.id: encode_text(tokenizer, render_prompt(tokenizer, it.example.prompt))
-                           for it in items}
+        # Rendered and encoded once: the whole prompt, and the ids the rollouts are sampled from and trained on.
+        self.full_prompt_ids = {it.example.id: encode_text(tokenizer, render_prompt(tokenizer, it.example.prompt,
+                                                                                    thinking)) for it in items}
+        self.prompt_ids = {pid: left_truncate(ids, cfg.max_prompt_tokens) for pid, ids in self.full_prompt_ids.items()}
         self.objective = objective_for(cfg)  # what the method makes of each step's rollouts
         self.log: list[dict[str, Any]] = []
 
+    @property
+    def n_steps(self) -> int:
+        """The run's optimizer steps (``total_steps`` of the config and the training prompts)."""
+        return total_steps(self.cfg, len(self.items))
+
+    def prompt_truncation(self) -> dict[str, Any]:
+        """How the training prompts fare against ``max_prompt_tokens``: how many distinct ones are cut, and the
+        longest (in tokens, before any cut)."""
+        lengths = [len(ids) for ids in self.full_prompt_ids.values()]
+        return {"max_prompt_tokens": self.cfg.max_prompt_tokens, "training_prompts": len(lengths),
+                "truncated_prompts": sum(self.is_cut(pid) for pid in self.full_prompt_ids),
+                "longest_prompt_tokens": max(lengths, default=0)}
+
+    def is_cut(self, prompt_id: str) -> bool:
+        return len(self.prompt_ids[prompt_id]) < len(self.full_prompt_ids[prompt_id])
+
     # --- one step -------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        return self.cfg.lr * min(1.0, (step + 1) / max(1, self.cfg.warmup_steps))
+        return learning_rate(self.cfg, step, self.n_steps)
 
     def context(self) -> StepContext:
-        return StepContext(self.student, self.teacher, self.tokenizer, self.template, self.world)
+        return StepContext(self.student, self.teacher, self.tokenizer, self.template, self.world, self.thinking)
 
     def build_groups(self, batch: list[TrainItem], rollouts) -> tuple[list[PromptGroup], dict[str, float]]:
         """The prompt groups to train on (the objective's), and the sums behind the step's statistics (summed
@@ -98,18 +143,21 @@ class Trainer:
             p = empirical_confidence(correct) if cfg.p_source == "online" or item.p_offline is None \
                 else item.p_offline
             ps.append(p)
-            groups.append(self.objective.group(VerifiedRollouts(item, self.prompt_ids[item.example.id], rollout_group,
-                                                                correct, confidences, p), context))
+            pid = item.example.id
+            cut = self.full_prompt_ids[pid][:len(self.full_prompt_ids[pid]) - len(self.prompt_ids[pid])]
+            groups.append(self.objective.group(VerifiedRollouts(item, self.prompt_ids[pid], rollout_group,
+                                                                correct, confidences, p, cut), context))
         sums = {"samples": len(stated), "correct": sum(correct_all), "prompts": len(ps), "p": sum(ps),
                 "stated": sum(s or 0.0 for s in stated), "missing": sum(s is None for s in stated),
-                **self.objective.sums(groups)}
+                "truncated": sum(self.is_cut(it.example.id) for it in batch), **self.objective.sums(groups)}
         return groups, sums
 
     def step_statistics(self, sums: dict[str, float]) -> dict[str, float]:
         total = dict(zip(sums, self.world.sum(list(sums.values()))))
         stats = {"sample_accuracy": total["correct"] / total["samples"], "mean_p": total["p"] / total["prompts"],
                  "mean_stated_confidence": total["stated"] / total["samples"],
-                 "missing_rate": total["missing"] / total["samples"]}
+                 "missing_rate": total["missing"] / total["samples"],
+                 "truncated_prompts": round(total["truncated"])}  # student prompts of the step cut to fit
         return {**stats, **self.objective.statistics(total)}
 
     def loss_and_backward(self, groups: list[PromptGroup]) -> dict[str, float]:
@@ -125,8 +173,8 @@ class Trainer:
         # no forward there may wait on the others); the loss's forwards and backwards gather one layer at a time.
         with gathered(self.student) if self.world.fsdp else contextlib.nullcontext():
             self.student.eval()
-            rollouts = self.engine.generate([render_prompt(self.tokenizer, it.example.prompt) for it in batch],
-                                            sampling)
+            # the very ids the loss sees: a truncated prompt is sampled from as truncated
+            rollouts = self.engine.generate([self.prompt_ids[it.example.id] for it in batch], sampling)
         groups, sums = self.build_groups(batch, rollouts)
         stats = self.step_statistics(sums)
         self.student.train()
@@ -159,14 +207,16 @@ class Trainer:
             save_checkpoint,
         )
 
+        n_steps = self.n_steps  # resolved once: steps, or epochs over the training prompts
         start_step = 0
         ckpt = latest_checkpoint(self.out_dir)
         if ckpt is not None:
             start_step, self.log = load_checkpoint(ckpt, self.student, self.optimizer, self.teacher, self.world.fsdp)
             self.engine.sync_weights(self.student)
         t0, seqs = time.perf_counter(), 0
-        bar = tqdm(range(start_step, self.cfg.steps), initial=start_step, total=self.cfg.steps,
-                   desc=f"train {self.cfg.method}", unit="step", disable=not (self.progress and self.world.is_main))
+        bar = tqdm(range(start_step, n_steps), initial=start_step, total=n_steps,
+                   desc=f"train {self.cfg.method} ({n_steps} steps)", unit="step",
+                   disable=not (self.progress and self.world.is_main))
         with sigterm_flag() as preempted:
             for step in bar:
                 record = self.train_step(step)
@@ -179,7 +229,7 @@ class Trainer:
                 # Read once (a signal between two reads must not skip the save), and agreed by every process.
                 stop = self.world.sum([float(preempted.is_set())])[0] > 0
                 path = checkpoint_root(self.out_dir)
-                if (step + 1) % self.cfg.save_every == 0 or step + 1 == self.cfg.steps or stop:
+                if (step + 1) % self.cfg.save_every == 0 or step + 1 == n_steps or stop:
                     # Sharded weights are gathered by every process; one writes them.
                     states = full_states(self.student, self.optimizer, self.teacher) if self.world.fsdp else None
                     if self.world.is_main:
@@ -187,8 +237,8 @@ class Trainer:
                                                self.teacher, self.log, self.cfg.keep_checkpoints, states)
                     if stop:
                         self.world.barrier()  # nobody exits (and gets the others killed) before the save is done
-                if stop and step + 1 < self.cfg.steps:
-                    raise TrainingStopped(f"SIGTERM: saved {path} after step {step + 1} of {self.cfg.steps}; run the "
+                if stop and step + 1 < n_steps:
+                    raise TrainingStopped(f"SIGTERM: saved {path} after step {step + 1} of {n_steps}; run the "
                                           "same command again to resume from it", exit_code=143)
         return self.log
 
