@@ -8,13 +8,17 @@ from caopd.config.images import GPU_IMAGE
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def calibration_evaluation(data: Input[Dataset], models: Input[list[Model]], task: str, base_model: str,
-                           temperature: float, max_new_tokens: int, seed: int, engine: str, mlflow_settings: dict,
-                           pipeline_run_id: str, evaluation: Output[Dataset], metrics: Output[Metrics],
-                           report: Output[HTML]):
+def calibration_evaluation(data: Input[Dataset], models: Input[list[Model]], preset: str, task: str,
+                           base_model: str, eval_temperature: float, eval_top_p: float, eval_max_new_tokens: int,
+                           eval_seed: int, engine: str, thinking: str, ask_confidence: bool,
+                           confidence_instruction: str, mlflow_settings: dict, pipeline_run_id: str,
+                           evaluation: Output[Dataset], metrics: Output[Metrics], report: Output[HTML]):
+    # The inputs by name: the one mapping builds the config (see rollout_estimation).
+    inputs = dict(locals())
     from pathlib import Path
 
-    from caopd.config.sampling import SamplingConfig
+    from caopd.config.parameters import config_values
+    from caopd.config.presets import with_preset
     from caopd.config.stages import CALIBRATION_EVALUATION, EVAL, EvaluateConfig
     from caopd.evaluation.html import html_report
     from caopd.stages.evaluate import run_evaluation
@@ -25,10 +29,9 @@ def calibration_evaluation(data: Input[Dataset], models: Input[list[Model]], tas
     trained = trained_arms([model.path for model in models])
     arms = {"base": base_model, **{m: str(trained[m]) for m in ("opd", "caopd") if m in trained}}
     ood = ood_set(data.path)  # held-out kinds, or an OOD set of the user's own in any task
-    cfg = EvaluateConfig(models=arms, task=task, data=str(Path(data.path) / EVAL), engine=engine,
-                         extra_data={"ood": ood[0]} if ood else {}, extra_tasks={"ood": ood[1]} if ood else {},
-                         sampling=SamplingConfig(n=1, temperature=temperature, max_new_tokens=max_new_tokens,
-                                                 seed=seed))
+    cfg = EvaluateConfig(**config_values(EvaluateConfig, with_preset(inputs)), models=arms,
+                         data=str(Path(data.path) / EVAL), extra_data={"ood": ood[0]} if ood else {},
+                         extra_tasks={"ood": ood[1]} if ood else {})
     tracker = tracker_if_configured(mlflow_settings, pipeline_run_id, Path(evaluation.path).parent / "mlflow")
     summary = tracked(tracker, CALIBRATION_EVALUATION.id, cfg, lambda: run_evaluation(cfg, evaluation.path),
                       evaluation.path, inputs={"eval": (cfg.data, "evaluation"),

@@ -46,9 +46,9 @@ def continual_distillation(data: Input[Dataset], model: Input[Model], task: str,
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
 def continual_evaluation(data: Input[Dataset], model: Input[Model], continual_model: Input[Model], task: str,
-                         temperature: float, max_new_tokens: int, seed: int, engine: str, mlflow_settings: dict,
-                         pipeline_run_id: str, evaluation: Output[Dataset], metrics: Output[Metrics],
-                         report: Output[HTML]):
+                         eval_temperature: float, eval_top_p: float, eval_max_new_tokens: int, eval_seed: int,
+                         engine: str, mlflow_settings: dict, pipeline_run_id: str, evaluation: Output[Dataset],
+                         metrics: Output[Metrics], report: Output[HTML]):
     from pathlib import Path
 
     from caopd.config.sampling import SamplingConfig
@@ -62,7 +62,8 @@ def continual_evaluation(data: Input[Dataset], model: Input[Model], continual_mo
     method = model.metadata["method"]
     models = {f"{method}_after_a": str(Path(model.path) / MODEL_DIR),
               f"{method}_after_b": str(Path(continual_model.path) / TRAIN_DIR / MODEL_DIR)}
-    sampling = SamplingConfig(n=1, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    sampling = SamplingConfig(n=1, temperature=eval_temperature, top_p=eval_top_p, max_new_tokens=eval_max_new_tokens,
+                              seed=eval_seed)
     eval_a, eval_b = str(Path(data.path) / EVAL), str(Path(data.path) / CONTINUAL_EVAL)
     # The config MLflow records: the evaluation as run_evaluation sees it.
     cfg = EvaluateConfig(models=models, task=task, data=eval_a, extra_data={"task_b": eval_b}, sampling=sampling,

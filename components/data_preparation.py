@@ -7,12 +7,15 @@ from caopd.config.images import CPU_IMAGE
 
 
 @dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
-def data_preparation(task: str, train_source: str, eval_source: str, n_train: int, n_eval: int, seed: int,
+def data_preparation(preset: str, task: str, train_source: str, eval_source: str, n_train: int, n_eval: int, seed: int,
                      kind_weights: dict, ood_kinds: list, ood_source: str, ood_task: str,
                      continual_kinds: list, mlflow_settings: dict, pipeline_run_id: str, data: Output[Dataset]):
     # The inputs by name, before any other local exists: the one mapping (caopd.config.parameters) builds
     # DataConfig from them, so the pipeline's parameters and DataConfig's fields are listed once.
-    inputs = dict(locals())
+    # A preset fills the parameters left at their defaults (it names the task).
+    from caopd.config.presets import with_preset
+
+    inputs = with_preset(dict(locals()))
 
     from pathlib import Path
 

@@ -14,16 +14,19 @@ def training_arms(train_baseline: bool) -> list[str]:
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def opd_training(records: Input[Dataset], task: str, base_model: str, method: str, teacher_context: str,
+def opd_training(records: Input[Dataset], preset: str, task: str, base_model: str, method: str, teacher_context: str,
                  divergence: str, beta: float, top_k: int, variant: str, teacher: str, teacher_model: str,
                  ema_rate: float, p_source: str, steps: int, prompts_per_step: int, k: int, lr: float,
-                 temperature: float, max_new_tokens: int, seed: int, train_options: dict, train_launch: dict,
-                 train_sharding: str, train_engine: str, workspace_pvc: str, mlflow_settings: dict,
+                 train_temperature: float, train_top_p: float, train_max_new_tokens: int, seed: int,
+                 train_options: dict, train_launch: dict, train_sharding: str, train_engine: str, thinking: str,
+                 ask_confidence: bool, confidence_instruction: str, workspace_pvc: str, mlflow_settings: dict,
                  pipeline_run_id: str, model: Output[Model], training_report: Output[HTML]):
     # The inputs by name, before any other local exists. The pipeline passes each parameter under its own name, and
     # the one mapping (caopd.config.parameters) turns them into TrainConfig and TrainStageConfig: KFP needs the
-    # signature above, and nothing else lists the fields again.
-    inputs = dict(locals())
+    # signature above, and nothing else lists the fields again. A preset fills the parameters left at their defaults.
+    from caopd.config.presets import with_preset
+
+    inputs = with_preset(dict(locals()))
 
     import shutil
     from pathlib import Path
@@ -39,9 +42,9 @@ def opd_training(records: Input[Dataset], task: str, base_model: str, method: st
 
     # train_options: any other TrainConfig field (warmup_steps, micro_batch_size, ...); validated with the rest.
     train = arm_train_config(method, inputs)
-    if train.variant != variant:  # the baseline arm of a decoupled run: see arm_train_config
-        print(f"opd-training ({method}): variant={variant!r} is CaOPD's loss (it trains the confidence towards "
-              f"P, which plain OPD has not); this arm trains variant={train.variant!r}")
+    if train.variant != inputs["variant"]:  # the baseline arm of a decoupled run: see arm_train_config
+        print(f"opd-training ({method}): variant={inputs['variant']!r} is CaOPD's loss (it trains the confidence "
+              f"towards P, which plain OPD has not); this arm trains variant={train.variant!r}")
     stage = config_values(TrainStageConfig, inputs)
     # train_launch: where training runs (torchrun over this pod's GPUs, or a TrainJob / PyTorchJob on several
     # nodes); a pipeline compiled with a workspace PVC mounts it here, and the checkpoints then outlive the pod.

@@ -15,19 +15,24 @@ def rollout_shard_indices(num_shards: int) -> list[int]:
 
 
 @dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
-def rollout_estimation(data: Input[Dataset], task: str, base_model: str, k: int, temperature: float,
-                       max_new_tokens: int, seed: int, engine: str, shard_index: int, num_shards: int,
-                       mlflow_settings: dict, pipeline_run_id: str, rollouts: Output[Dataset]):
+def rollout_estimation(data: Input[Dataset], preset: str, task: str, base_model: str, k: int,
+                       rollout_temperature: float, rollout_top_p: float, rollout_max_new_tokens: int, seed: int,
+                       engine: str, shard_index: int, rollout_shards: int, thinking: str, ask_confidence: bool,
+                       confidence_instruction: str, mlflow_settings: dict, pipeline_run_id: str,
+                       rollouts: Output[Dataset]):
+    # The inputs by name, before any other local exists: the one mapping (caopd.config.parameters) builds the
+    # config from them, with the preset's values where a parameter was left at its default.
+    inputs = dict(locals())
     from pathlib import Path
 
-    from caopd.config.sampling import SamplingConfig
+    from caopd.config.parameters import config_values
+    from caopd.config.presets import with_preset
     from caopd.config.stages import ROLLOUT_ESTIMATION, TRAIN, RolloutConfig
     from caopd.stages.estimate import run_rollout_estimation
     from caopd.tracking.stage_runs import tracked, tracker_if_configured
 
-    cfg = RolloutConfig(model=base_model, task=task, data=str(Path(data.path) / TRAIN), k=k, engine=engine,
-                        sampling=SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, seed=seed),
-                        shard_index=shard_index, num_shards=num_shards)
+    cfg = RolloutConfig(**config_values(RolloutConfig, with_preset(inputs)), data=str(Path(data.path) / TRAIN),
+                        shard_index=shard_index)
     tracker = tracker_if_configured(mlflow_settings, pipeline_run_id, Path(rollouts.path).parent / "mlflow")
     summary = tracked(tracker, ROLLOUT_ESTIMATION.id, cfg, lambda: run_rollout_estimation(cfg, rollouts.path),
                       rollouts.path, inputs={"train": (cfg.data, "training")})

@@ -35,6 +35,7 @@ from caopd.components import (
     training_arms,
 )
 from caopd.config.launch import WORKSPACE_MOUNT
+from caopd.config.parameters import pipeline_default as _DEFAULT
 from caopd.config.parameters import pipeline_docstring
 from caopd.config.stages import DataConfig, RegisterConfig, TrainStageConfig
 from caopd.config.training import TrainConfig
@@ -70,8 +71,8 @@ def _on_cpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
 
 def _by_name(component, parameters: dict, **given) -> dsl.PipelineTask:
     """A task of ``component``: the inputs ``given``, and every other input from the pipeline parameter of the same
-    name. For the stages whose config the mapping builds from their inputs (data preparation, training), so that
-    neither the pipeline nor the component lists the config's fields again."""
+    name. The stages build their configs from their inputs through the one mapping (caopd.config.parameters), so
+    neither the pipeline nor the component lists a config's fields again."""
     names = component.component_spec.inputs or {}
     return component(**{name: parameters[name] for name in names if name in parameters and name not in given},
                      **given)
@@ -94,8 +95,9 @@ def build_pipeline(workspace_pvc: str = ""):
     spec, not a run parameter) the training step mounts it at WORKSPACE_MOUNT."""
 
     def caopd_pipeline(
+        preset: str = "",
         # 0 · data preparation
-        task: str = "arithmetic",
+        task: str = _DEFAULT("task"),
         train_source: str = "",
         eval_source: str = "",
         n_train: int = _DATA.n_train,
@@ -106,11 +108,16 @@ def build_pipeline(workspace_pvc: str = ""):
         ood_task: str = "",
         continual_kinds: list = _DATA.continual_kinds,
         seed: int = 0,
+        # how prompts reach the model
+        thinking: str = _DEFAULT("thinking"),
+        ask_confidence: bool = _DEFAULT("ask_confidence"),
+        confidence_instruction: str = _DEFAULT("confidence_instruction"),
         # 1 · rollout estimation
         base_model: str = "tiny",
         k: int = _TRAIN.k,
-        temperature: float = _TRAIN.sampling.temperature,
-        max_new_tokens: int = _TRAIN.sampling.max_new_tokens,
+        rollout_temperature: float = _DEFAULT("rollout_temperature"),
+        rollout_top_p: float = _DEFAULT("rollout_top_p"),
+        rollout_max_new_tokens: int = _DEFAULT("rollout_max_new_tokens"),
         rollout_shards: int = 1,
         engine: str = "auto",
         # 2 · target replacement
@@ -128,6 +135,9 @@ def build_pipeline(workspace_pvc: str = ""):
         steps: int = _TRAIN.steps,
         prompts_per_step: int = _TRAIN.prompts_per_step,
         lr: float = _TRAIN.lr,
+        train_temperature: float = _DEFAULT("train_temperature"),
+        train_top_p: float = _DEFAULT("train_top_p"),
+        train_max_new_tokens: int = _DEFAULT("train_max_new_tokens"),
         train_options: dict = {},
         # where training runs: {} = in the training pod; {"procs_per_node": 4} = torchrun over its 4 GPUs;
         # {"kind": "trainjob" | "pytorchjob", "num_nodes": ..., ...} = a job on several nodes (caopd.config.launch.
@@ -140,6 +150,9 @@ def build_pipeline(workspace_pvc: str = ""):
         train_engine: str = TrainStageConfig.model_fields["engine"].default,
         training_gpus: int = 1,
         # 4 · calibration evaluation
+        eval_temperature: float = _DEFAULT("eval_temperature"),
+        eval_top_p: float = _DEFAULT("eval_top_p"),
+        eval_max_new_tokens: int = _DEFAULT("eval_max_new_tokens"),
         eval_seed: int = 1,
         # 5 · model registration
         model_name: str = RegisterConfig.model_fields["name"].default,
@@ -167,10 +180,8 @@ def build_pipeline(workspace_pvc: str = ""):
 
         shards = _on_cpu(rollout_shard_indices(num_shards=rollout_shards))
         with dsl.ParallelFor(shards.output, name="rollout-shards") as shard_index:
-            shard = gpu(rollout_estimation(data=data.outputs["data"], task=task, base_model=base_model, k=k,
-                                           temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
-                                           engine=engine, shard_index=shard_index, num_shards=rollout_shards,
-                                           **tracking))
+            shard = gpu(_by_name(rollout_estimation, parameters, data=data.outputs["data"], shard_index=shard_index,
+                                 **tracking))
             shard.set_retry(2, backoff_duration="60s")
         merged = _on_cpu(merge_rollout_shards(shards=dsl.Collected(shard.outputs["rollouts"])))
         merged.set_retry(2)
@@ -179,9 +190,8 @@ def build_pipeline(workspace_pvc: str = ""):
         arms = _on_cpu(training_arms(train_baseline=train_baseline))
         continual = _on_cpu(continual_enabled(continual_kinds=continual_kinds))
         with dsl.ParallelFor(arms.output, name="arms") as method:
-            targets = _on_cpu(target_replacement(data=data.outputs["data"], rollouts=merged.outputs["rollouts"],
-                                                 task=task, base_model=base_model, method=method,
-                                                 teacher_context=teacher_context, **tracking))
+            targets = _on_cpu(_by_name(target_replacement, parameters, data=data.outputs["data"],
+                                       rollouts=merged.outputs["rollouts"], method=method, **tracking))
             targets.set_retry(2)
             trained = gpu(_by_name(opd_training, parameters, records=targets.outputs["records"], method=method,
                                    workspace_pvc=workspace_pvc, **tracking))
@@ -197,18 +207,14 @@ def build_pipeline(workspace_pvc: str = ""):
                 on_b = gpu(continual_distillation(data=data.outputs["data"], model=trained.outputs["model"], task=task,
                                                   engine=engine, **tracking))
                 on_b.set_retry(1)
-                forgetting = gpu(continual_evaluation(data=data.outputs["data"], model=trained.outputs["model"],
-                                                      continual_model=on_b.outputs["continual_model"], task=task,
-                                                      temperature=temperature, max_new_tokens=max_new_tokens,
-                                                      seed=eval_seed, engine=engine, **tracking))
+                forgetting = gpu(_by_name(continual_evaluation, parameters, data=data.outputs["data"],
+                                          model=trained.outputs["model"],
+                                          continual_model=on_b.outputs["continual_model"], **tracking))
                 forgetting.set_retry(2)
 
         # Each consumer of the arms' models gets its own Collected: kfp 2.17 fails to compile a shared one.
-        evaluation = gpu(calibration_evaluation(data=data.outputs["data"],
-                                                models=dsl.Collected(trained.outputs["model"]), task=task,
-                                                base_model=base_model, temperature=temperature,
-                                                max_new_tokens=max_new_tokens, seed=eval_seed, engine=engine,
-                                                **tracking))
+        evaluation = gpu(_by_name(calibration_evaluation, parameters, data=data.outputs["data"],
+                                  models=dsl.Collected(trained.outputs["model"]), **tracking))
         evaluation.set_retry(2)
 
         registration = _on_cpu(model_registration(models=dsl.Collected(trained.outputs["model"]),

@@ -26,7 +26,8 @@ from caopd.components import (
 )
 from caopd.pipelines import caopd_pipeline
 
-TINY = {"n_train": 6, "n_eval": 6, "k": 2, "max_new_tokens": 12, "steps": 1, "prompts_per_step": 2,
+TINY = {"n_train": 6, "n_eval": 6, "k": 2, "rollout_max_new_tokens": 12, "train_max_new_tokens": 12,
+        "eval_max_new_tokens": 12, "steps": 1, "prompts_per_step": 2,
         "continual_kinds": ["mul_2x2"], "engine": "transformers", "rollout_shards": 2,
         "train_options": {"micro_batch_size": 4}}
 PARAMETERS = {name: p.default for name, p in inspect.signature(caopd_pipeline.pipeline_func).parameters.items()}
@@ -68,8 +69,7 @@ def run(tmp_path_factory):
         shards = []
         for index in a["shard_indices"]:
             shards.append(out(dsl.Dataset, f"shard-{index}"))
-            call(rollout_estimation, data=a["data"], shard_index=index, num_shards=len(a["shard_indices"]),
-                 rollouts=shards[-1])
+            call(rollout_estimation, data=a["data"], shard_index=index, rollouts=shards[-1])
         a["rollouts"], a["base_metrics"] = out(dsl.Dataset, "rollouts"), out(dsl.Metrics, "base-metrics")
         call(merge_rollout_shards, shards=shards, rollouts=a["rollouts"], base_metrics=a["base_metrics"])
         a["arms"] = call(training_arms)
@@ -88,11 +88,11 @@ def run(tmp_path_factory):
                 a["forgetting"], a["forgetting_metrics"] = (out(dsl.Dataset, "forgetting"),
                                                             out(dsl.Metrics, "forgetting-metrics"))
                 call(continual_evaluation, data=a["data"], model=model, continual_model=a["continual_model"],
-                     seed=PARAMETERS["eval_seed"], evaluation=a["forgetting"], metrics=a["forgetting_metrics"],
+                     evaluation=a["forgetting"], metrics=a["forgetting_metrics"],
                      report=out(dsl.HTML, "forgetting-report/report.html"))
         a["evaluation"], a["metrics"] = out(dsl.Dataset, "evaluation"), out(dsl.Metrics, "metrics")
         a["report"] = out(dsl.HTML, "report/report.html")
-        call(calibration_evaluation, data=a["data"], models=a["models"], seed=PARAMETERS["eval_seed"],
+        call(calibration_evaluation, data=a["data"], models=a["models"],
              evaluation=a["evaluation"], metrics=a["metrics"], report=a["report"])
         a["registered"] = out(dsl.Model, "registered")
         call(model_registration, models=a["models"], evaluation=a["evaluation"], registered=a["registered"])

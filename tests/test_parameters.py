@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from caopd.components import data_preparation, opd_training
+from caopd.components import (
+    calibration_evaluation,
+    data_preparation,
+    opd_training,
+    rollout_estimation,
+    target_replacement,
+)
 from caopd.config.parameters import (
     ARM_FIELDS,
     BY_NAME,
@@ -22,7 +28,7 @@ from caopd.config.parameters import (
 )
 from caopd.config.run import RunConfig
 from caopd.config.sampling import SamplingConfig
-from caopd.config.stages import DataConfig, TrainStageConfig
+from caopd.config.stages import DataConfig, EvaluateConfig, RolloutConfig, TargetsConfig, TrainStageConfig
 from caopd.config.training import TrainConfig
 from caopd.kfp.local import pipeline_arguments
 from caopd.pipelines import caopd_pipeline, compile_pipeline
@@ -32,7 +38,7 @@ DEFAULTS = {name: p.default for name, p in SIGNATURE.items()}
 # Pipeline defaults that differ from a config field they feed, on purpose.
 OWN_DEFAULTS = {("eval_seed", "EvaluateConfig.sampling.seed")}  # `caopd run --seed 0` evaluates with seed 1
 # Inputs of the config-building components that are no pipeline parameter: set per task by the pipeline.
-PER_TASK_INPUTS = {"records", "method", "workspace_pvc", "pipeline_run_id"}
+PER_TASK_INPUTS = {"data", "rollouts", "records", "models", "method", "shard_index", "workspace_pvc", "pipeline_run_id"}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +49,7 @@ def root_parameters(tmp_path_factory):
 
 
 def test_every_pipeline_parameter_has_its_description_in_the_compiled_spec(root_parameters):
-    assert len(root_parameters) == len(PARAMETERS) == 45
+    assert len(root_parameters) == len(PARAMETERS) == 56
     for name, spec in root_parameters.items():
         assert spec.get("description", "").strip(), f"{name} has no description in the compiled spec"
         assert spec["description"] == BY_NAME[name].description, name
@@ -83,21 +89,27 @@ def test_pipeline_defaults_are_the_defaults_of_every_config_field_they_feed():
 
 
 @pytest.mark.parametrize("component, configs", [(opd_training, (TrainConfig, TrainStageConfig)),
-                                                (data_preparation, (DataConfig,))])
+                                                (data_preparation, (DataConfig,)),
+                                                (rollout_estimation, (RolloutConfig,)),
+                                                (target_replacement, (TargetsConfig,)),
+                                                (calibration_evaluation, (EvaluateConfig,))])
 def test_the_config_building_components_take_every_parameter_that_feeds_their_configs(component, configs):
     inputs = set(component.component_spec.inputs)
     for config in configs:
         feeders = {p.name for p in PARAMETERS if config_values(config, {p.name: DEFAULTS[p.name]})}
         assert feeders <= inputs, (component.name, sorted(feeders - inputs))
     assert inputs - set(BY_NAME) <= PER_TASK_INPUTS, component.name
+    assert "preset" in inputs, component.name  # every config-building stage applies the preset
     assert TrainConfig not in configs or "train_options" in inputs
 
 
 def _run_config():
-    return RunConfig(model="base", seed=3, k=4, temperature=0.7, max_new_tokens=16, teacher_context="correct_solution",
-                     train_baseline=False, n_train=10, ood_kinds=["mul_2x2"],
+    return RunConfig(model="base", seed=3, k=4, teacher_context="correct_solution", train_baseline=False, n_train=10,
+                     ood_kinds=["mul_2x2"], rollout={"temperature": 0.7, "max_new_tokens": 16},
+                     evaluation={"temperature": 0.0, "top_p": 0.5, "max_new_tokens": 40}, prompt={"thinking": "off"},
                      train={"lr": 0.01, "variant": "decoupled", "divergence": "jsd", "beta": 0.25, "steps": 7,
-                            "warmup_steps": 3, "confidence_weight": 2.0})
+                            "warmup_steps": 3, "confidence_weight": 2.0,
+                            "sampling": {"temperature": 0.9, "top_p": 0.95, "max_new_tokens": 20}})
 
 
 def test_a_run_configs_values_arrive_at_the_right_pipeline_arguments(tmp_path):
@@ -105,7 +117,10 @@ def test_a_run_configs_values_arrive_at_the_right_pipeline_arguments(tmp_path):
     assert set(args) <= set(SIGNATURE)
     assert (args["lr"], args["variant"], args["divergence"], args["beta"], args["steps"]) == (
         0.01, "decoupled", "jsd", 0.25, 7)
-    assert (args["temperature"], args["max_new_tokens"], args["k"]) == (0.7, 16, 4)
+    assert (args["rollout_temperature"], args["rollout_max_new_tokens"], args["k"]) == (0.7, 16, 4)
+    assert (args["train_temperature"], args["train_top_p"], args["train_max_new_tokens"]) == (0.9, 0.95, 20)
+    assert (args["eval_temperature"], args["eval_top_p"], args["eval_max_new_tokens"]) == (0.0, 0.5, 40)
+    assert (args["thinking"], args["ask_confidence"], args["preset"]) == ("off", True, "")
     assert (args["base_model"], args["seed"], args["eval_seed"]) == ("base", 3, 4)
     assert (args["teacher_context"], args["train_baseline"], args["n_train"], args["ood_kinds"]) == (
         "correct_solution", False, 10, ["mul_2x2"])
@@ -123,12 +138,12 @@ def test_each_arm_trains_the_run_configs_settings():
     values = {**DEFAULTS, **pipeline_arguments(cfg, Path("mlflow"))}
     expected = cfg.train.model_copy(update={
         "k": cfg.k, "seed": cfg.seed, "teacher_context": cfg.teacher_context,
-        "sampling": SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)})
+        "sampling": SamplingConfig(temperature=0.9, top_p=0.95, max_new_tokens=20, seed=cfg.seed)})
     assert arm_train_config("caopd", values) == expected
     # decoupled is CaOPD's loss: the plain-OPD baseline trains faithful, everything else the same
     assert arm_train_config("opd", values) == expected.model_copy(update={"method": "opd", "variant": "faithful"})
     assert TrainStageConfig(**config_values(TrainStageConfig, values), records="r", train=expected) == \
-        TrainStageConfig(model="base", task="arithmetic", records="r", train=expected)
+        TrainStageConfig(model="base", task="arithmetic", records="r", train=expected, prompt={"thinking": "off"})
 
 
 def test_the_none_stand_ins_turn_back_into_none():
@@ -147,10 +162,11 @@ def test_train_options_cannot_set_what_a_parameter_or_the_arm_sets():
 
 
 def test_a_run_config_refuses_train_fields_the_run_sets_itself():
-    assert set(train_fields_set_by_the_run()) == {"method", "k", "seed", "teacher_context", "sampling"}
+    assert set(train_fields_set_by_the_run()) == {"method", "k", "seed", "teacher_context", "sampling.seed"}
     for train, words in [({"k": 4}, "`k`"), ({"seed": 1}, "`seed`"), ({"method": "opd"}, "the arm it trains"),
-                         ({"sampling": {"temperature": 0.5}}, "`temperature`")]:
+                         ({"sampling": {"seed": 5}}, "train.sampling.seed .*`seed`")]:
         with pytest.raises(ValueError, match=words):
             RunConfig(train=train)
+    RunConfig(train={"sampling": {"temperature": 0.5}})  # the training samples' own decoding is the run's to set
     # a saved run config (its train holds those fields at their defaults) still loads
     RunConfig.model_validate(_run_config().model_dump())

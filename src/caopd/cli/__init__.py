@@ -32,6 +32,8 @@ EXIT_BAD_INPUT, EXIT_SERVICE = 2, 1
 STAGES_TRACKED = (DATA_PREPARATION, ROLLOUT_ESTIMATION, TARGET_REPLACEMENT, OPD_TRAINING, CALIBRATION_EVALUATION,
                   MODEL_REGISTRATION)
 TRACKED_COMMANDS = tuple(stage.cli for stage in STAGES_TRACKED)
+# The stage commands a preset applies to (`caopd run` has its own `--preset`, a field of its config).
+PRESET_COMMANDS = tuple(stage.cli for stage in STAGES_TRACKED if stage is not MODEL_REGISTRATION)
 
 
 def _commands() -> list[tuple[str, str, Callable, Any, str]]:
@@ -40,6 +42,7 @@ def _commands() -> list[tuple[str, str, Callable, Any, str]]:
     from caopd.config.experiments import CompareConfig, ContinualConfig
     from caopd.config.pretrain import PretrainConfig
     from caopd.config.run import RunConfig
+    from caopd.config.scoring import ScoreConfig
 
     def stage(identity, help_text: str, func: Callable, examples: str) -> tuple[str, str, Callable, Any, str]:
         return identity.cli, help_text, func, identity.config, examples
@@ -68,6 +71,11 @@ def _commands() -> list[tuple[str, str, Callable, Any, str]]:
               "\\\n      --mlflow-dir runs/mlflow\n"
               "  caopd register --model-dir runs/train/model --metrics runs/eval/summary.json \\\n"
               "      --tracking-uri http://mlflow:5000 --name caopd-qwen3-8b --base-model Qwen/Qwen3-8B"),
+        ("score", "evaluate completions you already have (a served model's logs, another system), without a model",
+         commands.cmd_score, ScoreConfig,
+         'COMPLETIONS: one {"id": ..., "completion": ...} per line, ids matching the prompts\' ids.\n'
+         "example:\n  caopd score --task tooluse --data tooluse_eval.jsonl --completions served.jsonl \\\n"
+         "      --out runs/score"),
         ("compare", "baselines in one command: base, OPD (SDFT- and SDPO-style teachers), CaOPD in both teacher "
          "modes and RLCR, in-domain and OOD, with bootstrap intervals", commands.cmd_compare, CompareConfig,
          "examples:\n  caopd compare --out runs/compare\n"
@@ -99,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--arm", default="caopd", help="which arm of the evaluation summary (default: caopd)")
         if name in TRACKED_COMMANDS:
             add_tracking_options(p)
+        if name in PRESET_COMMANDS:
+            from caopd.config.presets import PRESETS
+
+            p.add_argument("--preset", choices=sorted(PRESETS), help="start from a recipe of the paper (every value "
+                           "in docs/paper-setup.md); --config and the flags given win over it")
         add_config_options(p, config, skip=("metrics",) if name == MODEL_REGISTRATION.cli else ())
         p.set_defaults(func=func)
     pr = sub.add_parser("promote", help="move an alias (champion) onto the challenger after checking the gates",
@@ -146,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cron", required=True, help="6 fields, seconds first: '0 0 3 * * 0' = Sundays at 03:00")
     r.add_argument("--name", help="recurring run name (default: the pipeline name and the cron)")
     r.set_defaults(func=commands.cmd_schedule)
+    cv = sub.add_parser("convert", help="turn a released dataset into the task's rows (ToolAlpaca -> tooluse)",
+                        description="Convert the ToolAlpaca release format (one record per API with Instructions "
+                        "and Golden_Answers) into tool-use rows: one per instruction, with the paper's prompt (before "
+                        "the confidence instruction, which the task adds), golden_answer, name and the demonstration.",
+                        epilog="example:\n  caopd convert toolalpaca data/toolalpaca/eval_real.json --out "
+                               "tooluse_eval.jsonl",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    cv.add_argument("format", choices=["toolalpaca"], help="the release format")
+    cv.add_argument("file", help="the released file (ToolAlpaca: a JSON list of API records)")
+    cv.add_argument("--out", required=True, help="the rows to write (.jsonl)")
+    cv.set_defaults(func=commands.cmd_convert)
     m = sub.add_parser("metrics", help="calibration metrics of a predictions JSONL file",
                        description="Print accuracy, ECE, Brier, AUROC, SPR, mean confidence, overconfidence gap "
                        "and missing rate of FILE, one JSON object.",

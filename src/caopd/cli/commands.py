@@ -18,6 +18,7 @@ from caopd.config.stages import (
     ROLLOUT_ESTIMATION,
     TARGET_REPLACEMENT,
 )
+from caopd.errors import CaopdInputError
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -31,6 +32,29 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     confidences, correct = load_predictions(args.file)
     result = calibration_metrics(confidences, correct)
     print(json.dumps({k: (None if isinstance(v, float) and v != v else v) for k, v in result.items()}))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from caopd.io import write_jsonl
+    from caopd.tasks.toolalpaca import convert_toolalpaca
+
+    if not args.out.endswith(".jsonl"):
+        raise CaopdInputError("the rows are written as JSON lines: give a .jsonl file", file=args.out, field="--out")
+    rows = convert_toolalpaca(args.file)
+    write_jsonl(args.out, rows)
+    _print_json({"rows": len(rows), "apis": len({row["name"] for row in rows}), "out": args.out})
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from caopd.config.scoring import ScoreConfig
+    from caopd.evaluation.tables import print_comparison
+    from caopd.stages.score import run_scoring
+
+    summary = run_scoring(config_from_args(ScoreConfig, args), args.out)
+    print_comparison(summary["arms"])
+    print(f"summary: {Path(args.out) / 'summary.json'}")
     return 0
 
 
@@ -156,6 +180,9 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         return 0
     print("datasets: " + ", ".join(f"{k} {v[:12]}" for k, v in chain["datasets"].items()))
     print(f"base model: {chain['base_model']}")
+    if chain.get("sources"):
+        print("sources: " + ", ".join(f"{role} {found['source']} {found.get('sha256', '')[:12]}"
+                                      for role, found in chain["sources"].items()))
     for step in chain["runs"]:
         shown = {k: round(v, 4) for k, v in step["metrics"].items() if not k.startswith(("base_", "opd_"))}
         print(f"  -> {step['stage']} run {step['run_id']}: {dict(list(shown.items())[:8])}")

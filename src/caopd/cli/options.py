@@ -41,7 +41,8 @@ def add_config_options(parser: argparse.ArgumentParser, model: type[BaseModel], 
 
 
 def config_from_args(model: type[BaseModel], args: argparse.Namespace, **fixed: Any) -> Any:
-    """Build the config from ``--config FILE`` (JSON), then the flags given, then ``fixed`` values."""
+    """Build the config from ``--preset NAME``, then ``--config FILE`` (JSON), then the flags given, then ``fixed``
+    values: each later source wins (a preset's setting that would contradict a given one steps aside)."""
     data: dict[str, Any] = {}
     if getattr(args, "config", None):
         path = Path(args.config)
@@ -64,6 +65,11 @@ def config_from_args(model: type[BaseModel], args: argparse.Namespace, **fixed: 
         for part in path_parts[:-1]:
             node = node.setdefault(part, {})
         node[path_parts[-1]] = value
+    preset = getattr(args, "preset", None)
+    if preset and "preset" not in model.model_fields:  # a run config carries its preset as a field of its own
+        from caopd.config.presets import merge_over_preset, preset_config
+
+        data = merge_over_preset(preset_config(preset, model), data)
     data.update(fixed)
     return model.model_validate(data)
 

@@ -98,15 +98,31 @@ def _gpu(text: str) -> str:
     return f"GPU pods (rollout estimation, training, evaluation, the forgetting check): {text}"
 
 
-_SAMPLED = "in the rollouts, the training samples and the evaluation"
+# Every stage that renders prompts carries the same prompt settings.
+_PROMPTED = ("RolloutConfig", "TargetsConfig", "TrainStageConfig", "EvaluateConfig")
+
+
+def _prompt(field: str) -> Parameter:
+    return Parameter(field, tuple(f"{config}.prompt.{field}" for config in _PROMPTED), run=f"prompt.{field}",
+                     note="in every stage that renders prompts")
+
+
+def _decoding(stage: str, config: str, run: str, where: str) -> tuple[Parameter, ...]:
+    return tuple(Parameter(f"{stage}_{field}", (f"{config}.sampling.{field}",), run=f"{run}.{field}",
+                           note=f"{where}") for field in ("temperature", "top_p", "max_new_tokens"))
+
 
 # In the pipeline signature's order: by stage, as the pipeline runs them.
 PARAMETERS: tuple[Parameter, ...] = (
+    Parameter("preset", run="preset",
+              help="a recipe of the paper: paper-tooluse or paper-science, every hyperparameter as the official "
+                   "scripts set it (docs/paper-setup.md); a parameter left at its default takes the preset's value, "
+                   "any other value wins; empty = none"),
     # 0 · data preparation
     Parameter("task", ("DataConfig.task", "RolloutConfig.task", "TargetsConfig.task", "TrainStageConfig.task",
-                       "EvaluateConfig.task", "ContinualStepConfig.task")),
-    Parameter("train_source", ("DataConfig.train_source",)),
-    Parameter("eval_source", ("DataConfig.eval_source",)),
+                       "EvaluateConfig.task", "ContinualStepConfig.task"), run="task"),
+    Parameter("train_source", ("DataConfig.train_source",), run="train_source"),
+    Parameter("eval_source", ("DataConfig.eval_source",), run="eval_source"),
     Parameter("n_train", ("DataConfig.n_train",), run="n_train"),
     Parameter("n_eval", ("DataConfig.n_eval",), run="n_eval"),
     Parameter("kind_weights", ("DataConfig.kind_weights",), run="kind_weights"),
@@ -118,16 +134,18 @@ PARAMETERS: tuple[Parameter, ...] = (
                        "TrainConfig.sampling.seed"), run="seed",
               help="seed of the data, the rollouts and the training (the synthetic held-out prompts use "
                    "seed + 10000; evaluation samples with eval_seed)"),
+    # how prompts reach the model, in every stage
+    _prompt("thinking"),
+    _prompt("ask_confidence"),
+    _prompt("confidence_instruction"),
     # 1 · rollout estimation
     Parameter("base_model", ("RolloutConfig.model", "TargetsConfig.model", "TrainStageConfig.model",
                              "RegisterConfig.base_model"), run="model",
-              note="the base arm, and the start of every trained arm"),
+              note="the base arm, and the start of every trained arm; also s3://BUCKET/FOLDER or "
+                   "models:/NAME@ALIAS (the registry, e.g. the champion to continue from)"),
     Parameter("k", ("RolloutConfig.k", "TrainConfig.k"), run="k",
               note="in rollout estimation and in every training step"),
-    Parameter("temperature", ("RolloutConfig.sampling.temperature", "TrainConfig.sampling.temperature",
-                              "EvaluateConfig.sampling.temperature"), run="temperature", note=_SAMPLED),
-    Parameter("max_new_tokens", ("RolloutConfig.sampling.max_new_tokens", "TrainConfig.sampling.max_new_tokens",
-                                 "EvaluateConfig.sampling.max_new_tokens"), run="max_new_tokens", note=_SAMPLED),
+    *_decoding("rollout", "RolloutConfig", "rollout", "of the rollouts that estimate P"),
     Parameter("rollout_shards", ("RolloutConfig.num_shards",), run="rollout_shards",
               help="rollout-estimation shards, one pod each: the training prompts are split into this many "
                    "contiguous parts and merged afterwards"),
@@ -155,6 +173,7 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("steps", ("TrainConfig.steps",), run="train.steps"),
     Parameter("prompts_per_step", ("TrainConfig.prompts_per_step",), run="train.prompts_per_step"),
     Parameter("lr", ("TrainConfig.lr",), run="train.lr"),
+    *_decoding("train", "TrainConfig", "train.sampling", "of the on-policy training samples"),
     Parameter("train_options", run=lambda run: train_options(run.train),
               help='any other TrainConfig field by name, e.g. {"warmup_steps": 20, "micro_batch_size": 32, '
                    '"teacher_server": "http://teacher:8000"}; validated with the rest'),
@@ -168,6 +187,7 @@ PARAMETERS: tuple[Parameter, ...] = (
               help="GPUs of each training pod (accelerator_count sets the other GPU stages'); 0 when train_launch "
                    "runs the training as a job on other nodes"),
     # 4 · calibration evaluation
+    *_decoding("eval", "EvaluateConfig", "evaluation", "of the calibration evaluation and the forgetting check"),
     Parameter("eval_seed", ("EvaluateConfig.sampling.seed",), run=lambda run: run.seed + 1,
               help="sampling seed of the calibration evaluation and of the forgetting check (`caopd run` uses "
                    "seed + 1)"),
@@ -213,6 +233,15 @@ def field_default(target: str) -> Any:
     for part in path[1:]:
         value = getattr(value, part)
     return value
+
+
+def pipeline_default(name: str) -> Any:
+    """The default of a parameter that feeds a config: its home field's default, as the pipeline takes it (the
+    stand-in for None). The pipeline's signature uses it; a test holds the two together."""
+    parameter = BY_NAME[name]
+    if not parameter.home:
+        raise KeyError(f"{name} feeds no config field: the pipeline's signature holds its default")
+    return parameter.to_pipeline(field_default(parameter.home))
 
 
 def as_field_value(parameter: Parameter, value: Any, target: str | None = None) -> Any:
@@ -292,14 +321,15 @@ def run_arguments(run: Any) -> dict[str, Any]:
 
 
 def train_fields_set_by_the_run() -> dict[str, str]:
-    """TrainConfig fields that a RunConfig's ``train`` cannot set, because the run sets them itself: field -> what
-    sets it instead (the run's own fields, or the arms)."""
+    """TrainConfig fields that a RunConfig's ``train`` cannot set, because the run sets them itself: dotted field
+    path (``"k"``, ``"sampling.seed"``) -> what sets it instead (the run's own fields, or the arms)."""
     sources: dict[str, list[str]] = {name: ["the arm it trains (caopd; opd with train_baseline)"]
                                      for name in _arm_fields(TrainConfig)}
     for p in PARAMETERS:
         for target in p.feeds:
             model, path = _split(target)
-            if model is TrainConfig and p.run != f"train.{path[0]}":
+            dotted = ".".join(path)
+            if model is TrainConfig and p.run != f"train.{dotted}":
                 source = f"`{p.run}`" if isinstance(p.run, str) else f"the pipeline parameter `{p.name}`"
-                sources.setdefault(path[0], []).append(source)
+                sources.setdefault(dotted, []).append(source)
     return {name: ", ".join(dict.fromkeys(found)) for name, found in sources.items()}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from caopd.config.parameters import train_fields_set_by_the_run
+from caopd.config.presets import get_preset
+from caopd.config.prompting import PromptConfig
+from caopd.config.sampling import DecodingConfig
 from caopd.config.stages import DEFAULT_KIND_WEIGHTS
 from caopd.config.training import TrainConfig
 from caopd.method.types import TeacherMode
@@ -12,13 +15,24 @@ from caopd.method.types import TeacherMode
 ARMS = ("base", "opd", "caopd")
 
 
+def _decoding(where: str):
+    return Field(default_factory=lambda: DecodingConfig(max_new_tokens=24), description=f"decoding of {where}")
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("tiny", description="base model")
+    preset: str = Field("", description="a recipe of the paper: paper-tooluse or paper-science (every value in "
+                        "docs/paper-setup.md); values given here win over it; empty = none")
+    model: str = Field("tiny", description="base model: 'tiny', 'standin', a local checkpoint folder, a hub id, "
+                       "s3://BUCKET/FOLDER or models:/NAME@ALIAS")
+    task: str = Field("arithmetic", description="task name (arithmetic, mcq, tooluse, or a registered one)")
+    train_source: str = Field("", description="training prompts: a load_from_disk folder, .jsonl or .parquet, local "
+                              "or s3://BUCKET/KEY; empty = synthetic arithmetic")
+    eval_source: str = Field("", description="held-out prompts, same formats; empty = synthetic arithmetic")
     seed: int = Field(0, description="seed of the data, the rollouts and the training (evaluation uses seed + 1)")
-    n_train: int = Field(2000, ge=1, description="training prompts (arithmetic)")
-    n_eval: int = Field(2000, ge=1, description="held-out evaluation prompts (arithmetic); 2000 keeps the "
+    n_train: int = Field(2000, ge=1, description="training prompts (synthetic arithmetic)")
+    n_eval: int = Field(2000, ge=1, description="held-out evaluation prompts (synthetic arithmetic); 2000 keeps the "
                         "accuracy standard error near one point")
     kind_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_KIND_WEIGHTS),
                                            description="arithmetic kind -> sampling weight of train and eval prompts")
@@ -32,18 +46,34 @@ class RunConfig(BaseModel):
     teacher_context: TeacherMode = Field(
         "demo", description="privileged context of the teacher: the gold demonstration or a verified correct rollout")
     train_baseline: bool = Field(True, description="also train plain OPD (the baseline arm)")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="shared training settings of both arms")
-    max_new_tokens: int = Field(24, ge=1, description="completion length limit")
-    temperature: float = Field(1.0, ge=0.0, description="sampling temperature (rollouts, training, evaluation)")
+    prompt: PromptConfig = Field(default_factory=PromptConfig, description="how prompts reach the model: the chat "
+                                 "template's thinking switch and the confidence instruction")
+    rollout: DecodingConfig = _decoding("the rollouts that estimate P")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="shared training settings of both arms "
+                               "(train.sampling: the decoding of the on-policy training samples)")
+    evaluation: DecodingConfig = _decoding("the calibration evaluation")
     cache: bool = Field(False, description="reuse tasks that already ran with the same inputs under this --out "
                         "(kfp.local caching); off by default so that a changed library is never skipped")
 
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        get_preset(value)  # an unknown name fails here, naming the known ones
+        return value
+
     @model_validator(mode="after")
     def _train_leaves_the_run_its_own(self) -> RunConfig:
-        # The run sets these TrainConfig fields itself (k, seed, temperature, ... are shared with the rollouts and
-        # the evaluation; the method is each arm's): a value given under `train` would be ignored, so say so.
+        # The run sets these TrainConfig fields itself (k, seed, ... are shared with the rollouts and the evaluation;
+        # the method is each arm's): a value given under `train` would be ignored, so say so.
         defaults = TrainConfig()
-        for name, source in train_fields_set_by_the_run().items():
-            if getattr(self.train, name) != getattr(defaults, name):
-                raise ValueError(f"train.{name} is not read by `caopd run`, which sets it from {source}")
+        for path, source in train_fields_set_by_the_run().items():
+            if _get(self.train, path) != _get(defaults, path):
+                raise ValueError(f"train.{path} is not read by `caopd run`, which sets it from {source}")
         return self
+
+
+def _get(config: BaseModel, path: str):
+    value = config
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value

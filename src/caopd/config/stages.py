@@ -21,7 +21,7 @@ from caopd.config.training import TrainConfig
 from caopd.method.types import EngineName, Method, Sharding, TeacherMode
 from caopd.tasks import get_task
 from caopd.tasks.arithmetic import KINDS
-from caopd.tasks.datasets import DATA_ROOT_ENV, confined_path
+from caopd.tasks.datasets import DATA_ROOT_ENV, confined_path, is_remote
 
 # Artifact files, one name each.
 SUMMARY = "summary.json"  # every stage's summary
@@ -45,9 +45,11 @@ class DataConfig(BaseModel):
     data_root: str = Field(default_factory=lambda: os.environ.get(DATA_ROOT_ENV, ""),
                            description="the folder every dataset source must resolve inside (relative sources are "
                            "taken from it); default $CAOPD_DATA_ROOT, empty = no restriction")
-    train_source: str = Field("", description="training prompts: a load_from_disk folder, .jsonl or .parquet; "
-                              "empty = synthetic arithmetic")
-    eval_source: str = Field("", description="held-out prompts, same formats; empty = synthetic arithmetic")
+    train_source: str = Field("", description="training prompts: a load_from_disk folder, .jsonl or .parquet, on "
+                              "this machine or s3://BUCKET/KEY (a folder: a key ending in /); empty = synthetic "
+                              "arithmetic")
+    eval_source: str = Field("", description="held-out prompts, same formats and places; empty = synthetic "
+                             "arithmetic")
     n_train: int = Field(2000, ge=1, description="synthetic training prompts (when train_source is empty)")
     n_eval: int = Field(2000, ge=1, description="synthetic held-out prompts (when eval_source is empty); 2000 "
                         "keeps the accuracy standard error near one point")
@@ -69,7 +71,7 @@ class DataConfig(BaseModel):
     @field_validator("train_source", "eval_source", "ood_source")
     @classmethod
     def _inside_data_root(cls, value: str, info) -> str:
-        if value:  # a path outside the data root fails here, before any work
+        if value and not is_remote(value):  # a path outside the data root fails here, before any work
             confined_path(value, info.data.get("data_root"))
         return value
 
@@ -133,9 +135,10 @@ class DataConfig(BaseModel):
 class RolloutConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("tiny", description="base model: 'tiny', a local checkpoint folder or a hub id")
+    model: str = Field("tiny", description="base model: 'tiny', 'standin', a local checkpoint folder, a hub id, "
+                       "s3://BUCKET/FOLDER or models:/NAME@ALIAS")
     task: str = Field("arithmetic", description="task name (arithmetic, mcq, tooluse, or a registered one)")
-    data: str = Field(..., description="prompts: a load_from_disk folder, .jsonl or .parquet")
+    data: str = Field(..., description="prompts: a load_from_disk folder, .jsonl or .parquet, or s3://BUCKET/KEY")
     prompt: PromptConfig = Field(default_factory=PromptConfig, description="how prompts reach the model: the chat "
                                  "template's thinking switch and the confidence instruction")
     k: int = Field(8, ge=1, description="rollouts per prompt (K)")
@@ -171,7 +174,8 @@ class TargetsConfig(BaseModel):
 class TrainStageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("tiny", description="the student's starting point: 'tiny', a folder or a hub id")
+    model: str = Field("tiny", description="the student's starting point: 'tiny', 'standin', a folder, a hub id, "
+                       "s3://BUCKET/FOLDER or models:/NAME@ALIAS")
     task: str = Field("arithmetic", description="task used to verify the training rollouts")
     prompt: PromptConfig = Field(default_factory=PromptConfig, description="how prompts reach the model: the chat "
                                  "template's thinking switch and the confidence instruction")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from caopd.config.parameters import run_arguments
+from caopd.config.presets import check_pipeline_values
 from caopd.config.run import ARMS, RunConfig
 from caopd.config.stages import SUMMARY
 from caopd.errors import CaopdServiceError
@@ -37,6 +38,15 @@ def pipeline_arguments(cfg: RunConfig, mlflow_dir: Path) -> dict[str, Any]:
         "mlflow_settings": {"tracking_uri": f"sqlite:///{mlflow_dir / 'mlflow.db'}",
                             "artifact_root": str(mlflow_dir / "artifacts"), "experiment": "caopd"},
     }
+
+
+def pipeline_defaults() -> dict[str, Any]:
+    """The pipeline's parameters at their defaults (its signature)."""
+    import inspect
+
+    from caopd.pipelines import caopd_pipeline
+
+    return {name: p.default for name, p in inspect.signature(caopd_pipeline.pipeline_func).parameters.items()}
 
 
 def task_environment(progress: bool, cpus: int | None = None) -> dict[str, str]:
@@ -119,10 +129,13 @@ def collect_forgetting(run_dir: Path) -> dict[str, dict[str, float]]:
 
 def run_main_job(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     out = Path(out_dir).resolve()
+    arguments = pipeline_arguments(cfg, out / "mlflow")
+    # Every stage's config, as the components will build it (the preset applied): a bad combination fails now.
+    check_pipeline_values({**pipeline_defaults(), **arguments})
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     (out / "mlflow").mkdir(exist_ok=True)
-    outputs = run_pipeline_locally(pipeline_arguments(cfg, out / "mlflow"), out / "kfp", cfg.cache, progress)
+    outputs = run_pipeline_locally(arguments, out / "kfp", cfg.cache, progress)
     _copy_dir(outputs["evaluation"].path, out / "evaluation")
     evaluation = read_json(out / "evaluation" / SUMMARY)
     for arm in ("opd", "caopd"):
