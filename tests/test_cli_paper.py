@@ -62,3 +62,18 @@ def test_score_exits_2_naming_file_row_and_field(tmp_path, capsys):
         err = capsys.readouterr().err
         assert named in err and "row" in err and "id" in err, err
         assert not (folder / "out" / "summary.json").exists()
+
+
+def test_build_standin_writes_a_loadable_instruct_model(tmp_path, capsys):
+    from caopd.models.loading import load_model
+    from caopd.models.standin import CHAT_TEMPLATE
+
+    out = tmp_path / "standin"
+    assert main(["build-standin", "--quiet", "--out", str(out), "--steps", "2", "--warmup-steps", "1",
+                 "--batch-size", "2", "--bpe-sample", "200"]) == 0
+    assert json.loads(capsys.readouterr().out)["out_dir"] == str(out)
+    loaded = load_model(str(out))
+    assert loaded.tokenizer.chat_template == CHAT_TEMPLATE and loaded.template == "paper"
+    rendered = loaded.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                    add_generation_prompt=True, enable_thinking=False)
+    assert rendered.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")

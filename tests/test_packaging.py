@@ -1,8 +1,8 @@
 """The package as it installs from its wheel, not from this checkout: the wheel is built from a clean copy of the
 source, installed (non-editable, no dependencies) into a fresh virtualenv that borrows this machine's packages, and
 used from a folder outside the repository with PYTHONPATH cleared. Every module imports from the venv, the
-Dockerfiles' own import checks pass, the console script runs, and the data files (the tiny checkpoint, the compiled
-pipeline) are in the wheel. The images build from what their Dockerfiles COPY: that context must give the same
+Dockerfiles' own import checks pass, the console script runs, and the data files (the tiny and stand-in checkpoints, the
+compiled pipeline) are in the wheel. The images build from what their Dockerfiles COPY: that context must give the same
 wheel."""
 
 import json
@@ -171,6 +171,29 @@ def test_the_tiny_checkpoint_and_the_compiled_pipeline_are_in_the_wheel_and_load
     pipeline = Path(result["pipeline"])
     assert pipeline.is_relative_to(venv)
     assert pipeline.read_bytes() == (ROOT / "pipelines" / "caopd_pipeline.yaml").read_bytes()
+
+
+STANDIN_FILES = ("caopd.json", "chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
+                 "tokenizer.json", "tokenizer_config.json")
+CHECK_STANDIN = """
+import json
+from caopd.models import standin
+from caopd.models.loading import load_model
+loaded = load_model("standin")
+print(json.dumps({"checkpoint": str(standin.CHECKPOINT_DIR), "template": loaded.template,
+                  "files": sorted(p.name for p in standin.CHECKPOINT_DIR.iterdir()),
+                  "eos": loaded.tokenizer.eos_token}))
+"""
+
+
+def test_the_standin_checkpoint_is_in_the_wheel_and_loads(installed):
+    venv, _, wheel = installed
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"caopd/models/standin_checkpoint/{name}" for name in STANDIN_FILES}
+    assert expected <= names, sorted(expected - names)
+    result = json.loads(_run(installed, [str(venv / "bin" / "python"), "-c", CHECK_STANDIN]).stdout)
+    assert Path(result["checkpoint"]).is_relative_to(venv) and result["files"] == sorted(STANDIN_FILES)
+    assert result["template"] == "paper" and result["eos"] == "<|im_end|>"  # the metadata and the tokenizer load
 
 
 def _copied(dockerfile: Path) -> list[str]:

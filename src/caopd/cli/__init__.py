@@ -43,6 +43,7 @@ def _commands() -> list[tuple[str, str, Callable, Any, str]]:
     from caopd.config.pretrain import PretrainConfig
     from caopd.config.run import RunConfig
     from caopd.config.scoring import ScoreConfig
+    from caopd.config.standin import StandinConfig
 
     def stage(identity, help_text: str, func: Callable, examples: str) -> tuple[str, str, Callable, Any, str]:
         return identity.cli, help_text, func, identity.config, examples
@@ -85,6 +86,9 @@ def _commands() -> list[tuple[str, str, Callable, Any, str]]:
          "  caopd continual --out runs/continual --task-a-kinds add_2x1 add_2x2 --task-b-kinds mul_2x1 mul_2x2"),
         ("pretrain-tiny", "regenerate the packaged tiny base model (deterministic)", commands.cmd_pretrain_tiny,
          PretrainConfig, "example:\n  caopd pretrain-tiny --out tiny_checkpoint"),
+        ("build-standin", "regenerate the packaged stand-in instruct model: Qwen3 architecture, chat template and "
+         "thinking, a BPE tokenizer trained on the task corpora (deterministic, a few minutes)",
+         commands.cmd_build_standin, StandinConfig, "example:\n  caopd build-standin --out standin_checkpoint"),
     ]
 
 

@@ -242,6 +242,15 @@ def cmd_pretrain_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_standin(args: argparse.Namespace) -> int:
+    from caopd.config.standin import StandinConfig
+    from caopd.training.standin import build_standin
+
+    summary = build_standin(config_from_args(StandinConfig, args), args.out, progress=not args.quiet)
+    _print_json({k: summary[k] for k in ("out_dir", "parameters", "tokenizer_size", "final_loss", "seconds")})
+    return 0
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from caopd.config.stages import EVAL, TRAIN, DataConfig
     from caopd.stages.prepare import run_data_preparation

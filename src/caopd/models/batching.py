@@ -42,6 +42,20 @@ def left_padded(prompt_ids: Sequence[Sequence[int]], pad_id: int, device: torch.
     return input_ids.to(device), mask.to(device), positions.to(device)
 
 
+def right_padded(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """(input ids, labels) rows right-padded to the longest, for language-model training: ``input_ids`` (padded with
+    ``pad_id``), ``labels`` (padded with -100, which the loss ignores) and ``attention_mask``."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id)
+    labels = torch.full((len(rows), width), -100)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        attention[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
 def prefill(model: Any, prompt_ids: Sequence[Sequence[int]], pad_id: int,
             ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward over the left-padded prompts: (KV cache, last-position logits, mask, next position per row)."""

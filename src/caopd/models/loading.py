@@ -15,10 +15,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from caopd.errors import CaopdInputError
-from caopd.models import tiny
+from caopd.models import standin, tiny
 from caopd.models.attention import use_cpu_attention
 
 TINY_ALIASES = ("tiny", "caopd-tiny")
+STANDIN_ALIASES = ("standin", "caopd-standin")  # the packaged Qwen3-conventions stand-in (chat template, thinking)
 METADATA_FILE = "caopd.json"  # written beside checkpoints this project makes (template, provenance)
 # Running the Python a checkpoint ships is the user's explicit choice, for checkpoints they trust.
 TRUST_REMOTE_CODE_ENV = "CAOPD_TRUST_REMOTE_CODE"
@@ -37,9 +38,11 @@ class LoadedModel:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """The packaged tiny checkpoint for its aliases; otherwise the local folder or hub id unchanged."""
+    """The packaged tiny or stand-in checkpoint for their aliases; otherwise the local folder or hub id unchanged."""
     if name_or_path in TINY_ALIASES:
         return str(tiny.CHECKPOINT_DIR)
+    if name_or_path in STANDIN_ALIASES:
+        return str(standin.CHECKPOINT_DIR)
     return name_or_path
 
 

@@ -22,6 +22,7 @@ from caopd.config.pretrain import PretrainConfig
 from caopd.method.protocol import format_confidence
 from caopd.method.templates import PrivilegedContext, teacher_prompt
 from caopd.models import tiny
+from caopd.models.batching import right_padded
 from caopd.tasks.arithmetic import KINDS, make_problem
 
 
@@ -58,15 +59,7 @@ def make_batch(pairs: list[tuple[str, str]], tokenizer) -> dict[str, torch.Tenso
         ctx_ids = [vocab[c] for c in context]
         tgt_ids = [vocab[c] for c in target] + [tokenizer.eos_token_id]
         rows.append((ctx_ids + tgt_ids, [-100] * len(ctx_ids) + tgt_ids))
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    labels = torch.full((len(rows), width), -100)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        attention[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    return right_padded(rows, tokenizer.pad_token_id)
 
 
 @torch.no_grad()
