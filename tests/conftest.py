@@ -63,3 +63,40 @@ def records(tmp_path, arithmetic_files, session_targets):
     test's own copy of the session's, so a test may change or delete it."""
     targets = shutil.copytree(session_targets, tmp_path / "targets")
     return str(targets / "records.jsonl")
+
+
+# --- the S3-compatible and MLflow servers on 127.0.0.1, one of each per test module that asks ----------------------
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """An S3-compatible server (moto) with the test bucket; its endpoint URL."""
+    import boto3
+    from servers import BUCKET, s3_env, start_s3
+
+    server, endpoint = start_s3(tmp_path_factory.mktemp("s3"))
+    env = s3_env(endpoint)
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1").create_bucket(
+        Bucket=BUCKET)
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow_url(s3, tmp_path_factory):
+    """An MLflow server whose artifacts go to the S3 server; its URL."""
+    from servers import start_mlflow
+
+    server, url = start_mlflow(tmp_path_factory.mktemp("mlflow"), s3)
+    yield url
+    server.stop()
+
+
+@pytest.fixture
+def s3_client_env(s3, monkeypatch):
+    """A boto3 client on the S3 server, with the same variables set for the code under test."""
+    import boto3
+    from servers import s3_env
+
+    for name, value in s3_env(s3).items():
+        monkeypatch.setenv(name, value)
+    return boto3.client("s3", endpoint_url=s3)

@@ -6,10 +6,9 @@ import json
 import os
 from pathlib import Path
 
-import boto3
 import pytest
 from conftest import SHARED_DATA
-from servers import BUCKET, s3_env, start_mlflow, start_s3
+from servers import BUCKET
 
 from caopd.config.gates import GateConfig
 from caopd.config.stages import RolloutConfig
@@ -90,42 +89,16 @@ def test_source_tags_name_the_source_its_digest_and_what_it_resolved_to():
 
 
 # --- the S3 and MLflow servers --------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server, endpoint = start_s3(tmp_path_factory.mktemp("s3"))
-    env = s3_env(endpoint)
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                 aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1").create_bucket(
-        Bucket=BUCKET)
-    yield endpoint
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def mlflow_url(s3, tmp_path_factory):
-    server, url = start_mlflow(tmp_path_factory.mktemp("mlflow"), s3)
-    yield url
-    server.stop()
-
-
-@pytest.fixture
-def bucket(s3, monkeypatch):
-    """A boto3 client on the test bucket, with the same variables set for the code under test."""
-    for name, value in s3_env(s3).items():
-        monkeypatch.setenv(name, value)
-    return boto3.client("s3", endpoint_url=s3)
-
-
 def _tracker(url, tmp_path, pipeline_run_id):
     return Tracker(TrackingConfig(tracking_uri=url, experiment="sources", pipeline_run_id=pipeline_run_id),
                    tmp_path / "mlflow-local")
 
 
 @pytest.mark.slow  # the S3 server
-def test_datasets_from_s3_are_fetched_once_per_content_and_keep_their_format(bucket, tmp_path):
+def test_datasets_from_s3_are_fetched_once_per_content_and_keep_their_format(s3_client_env, tmp_path):
     local = tmp_path / "prompts.jsonl"
     write_jsonl(local, generate_rows(5, 0))
-    bucket.upload_file(str(local), BUCKET, "data/prompts.jsonl")
+    s3_client_env.upload_file(str(local), BUCKET, "data/prompts.jsonl")
     cache = tmp_path / "cache"
 
     fetched = fetch_dataset(f"s3://{BUCKET}/data/prompts.jsonl", tmp_path / "root", cache)
@@ -136,7 +109,7 @@ def test_datasets_from_s3_are_fetched_once_per_content_and_keep_their_format(buc
     assert again.path == fetched.path and os.stat(again.path).st_ino == first.st_ino  # not downloaded again
 
     write_jsonl(local, generate_rows(6, 0))  # the object changes: its new content is fetched
-    bucket.upload_file(str(local), BUCKET, "data/prompts.jsonl")
+    s3_client_env.upload_file(str(local), BUCKET, "data/prompts.jsonl")
     changed = fetch_dataset(f"s3://{BUCKET}/data/prompts.jsonl", None, cache)
     assert changed.digest == file_digest(local) != fetched.digest and len(load_rows(changed.path)) == 6
 
@@ -150,18 +123,18 @@ def test_datasets_from_s3_are_fetched_once_per_content_and_keep_their_format(buc
     with pytest.raises(CaopdInputError, match="no such object") as info:
         fetch_dataset(f"s3://{BUCKET}/data/nothing.jsonl", None, cache, field="eval_data")
     assert info.value.field == "eval_data" and "data/nothing.jsonl" in str(info.value)
-    bucket.put_object(Bucket=BUCKET, Key="data/prompts.csv", Body=b"a,b\n")
+    s3_client_env.put_object(Bucket=BUCKET, Key="data/prompts.csv", Body=b"a,b\n")
     with pytest.raises(CaopdInputError, match="unknown dataset format '.csv'"):
         fetch_dataset(f"s3://{BUCKET}/data/prompts.csv", None, cache)
     assert not [p for p in cache.rglob("*") if p.name.startswith(".")]  # no partial download left behind
 
 
 @pytest.mark.slow  # the S3 server
-def test_a_model_folder_that_changed_after_upload_is_refused_naming_the_file(bucket, tmp_path):
+def test_a_model_folder_that_changed_after_upload_is_refused_naming_the_file(s3_client_env, tmp_path):
     cache = tmp_path / "cache"
     uri = f"s3://{BUCKET}/models/tampered"
     upload_folder(CHECKPOINT_DIR, uri)
-    bucket.put_object(Bucket=BUCKET, Key="models/tampered/config.json", Body=b"{}")
+    s3_client_env.put_object(Bucket=BUCKET, Key="models/tampered/config.json", Body=b"{}")
     with pytest.raises(CaopdInputError, match="config.json: sha256") as info:
         fetch_model(uri, cache)
     assert info.value.field == "model" and info.value.file == f"{uri}/config.json"
@@ -169,10 +142,10 @@ def test_a_model_folder_that_changed_after_upload_is_refused_naming_the_file(buc
     uri = f"s3://{BUCKET}/models/bad-manifest"
     manifest = upload_folder(CHECKPOINT_DIR, uri)
     manifest["files"]["tokenizer.json"] = "0" * 64
-    bucket.put_object(Bucket=BUCKET, Key=f"models/bad-manifest/{MANIFEST}", Body=json.dumps(manifest).encode())
+    s3_client_env.put_object(Bucket=BUCKET, Key=f"models/bad-manifest/{MANIFEST}", Body=json.dumps(manifest).encode())
     with pytest.raises(CaopdInputError, match="tokenizer.json: sha256"):
         fetch_model(uri, cache)
-    bucket.put_object(Bucket=BUCKET, Key="models/bad-manifest/extra.bin", Body=b"x")
+    s3_client_env.put_object(Bucket=BUCKET, Key="models/bad-manifest/extra.bin", Body=b"x")
     with pytest.raises(CaopdInputError, match=f"extra.bin is not listed in {MANIFEST}"):
         fetch_model(uri, cache)
     assert not list(cache.rglob("*.safetensors"))  # nothing unverified is left where a later run would take it
@@ -183,13 +156,13 @@ def test_a_model_folder_that_changed_after_upload_is_refused_naming_the_file(buc
 
 
 @pytest.mark.slow  # the S3 and MLflow servers
-def test_the_champion_is_fetched_from_the_registry_and_its_sources_reach_lineage(bucket, mlflow_url, tmp_path):
+def test_the_champion_is_fetched_from_the_registry_and_its_sources_reach_lineage(s3_client_env, mlflow_url, tmp_path):
     from caopd.models.loading import load_model
 
     cache, name = tmp_path / "cache", "caopd-sources"
     local = tmp_path / "train.jsonl"
     write_jsonl(local, generate_rows(4, 0))
-    bucket.upload_file(str(local), BUCKET, "data/train.jsonl")
+    s3_client_env.upload_file(str(local), BUCKET, "data/train.jsonl")
 
     # A stage run that read its model and data from elsewhere; registration carries the sources onto the version.
     tracker = _tracker(mlflow_url, tmp_path, "kfp-sources-1")
@@ -240,9 +213,9 @@ def test_the_champion_is_fetched_from_the_registry_and_its_sources_reach_lineage
     from_run = fetch_model(f"models:/{name}/{version['version']}", cache, mlflow_client=client,
                            tracking_uri=mlflow_url)
     assert from_run.digest == file_digest(CHECKPOINT_DIR) and from_run.path != champion.path
-    listed = bucket.list_objects_v2(Bucket=BUCKET, Prefix="mlflow/")["Contents"]
+    listed = s3_client_env.list_objects_v2(Bucket=BUCKET, Prefix="mlflow/")["Contents"]
     for item in [o for o in listed if stage_run.run_id in o["Key"]]:
-        bucket.delete_object(Bucket=BUCKET, Key=item["Key"])
+        s3_client_env.delete_object(Bucket=BUCKET, Key=item["Key"])
     assert fetch_model(f"models:/{name}/{version['version']}", cache, mlflow_client=client).path == from_run.path
 
     # A version whose stated weights digest does not match what its source holds is refused.
@@ -254,14 +227,14 @@ def test_the_champion_is_fetched_from_the_registry_and_its_sources_reach_lineage
 
 @pytest.mark.slow  # the S3 and MLflow servers, and a rollout stage of the tiny model
 def test_a_stage_reads_prompts_from_s3_and_its_base_model_from_the_champion_and_names_both_in_lineage(
-        bucket, mlflow_url, tmp_path, monkeypatch):
+        s3_client_env, mlflow_url, tmp_path, monkeypatch):
     from caopd.cli import main
 
     monkeypatch.setenv("CAOPD_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the stage takes the registry from --tracking-uri
     name, prompts = "caopd-stage-sources", tmp_path / "prompts.jsonl"
     write_jsonl(prompts, generate_rows(4, 1))
-    bucket.upload_file(str(prompts), BUCKET, "stage/prompts.jsonl")
+    s3_client_env.upload_file(str(prompts), BUCKET, "stage/prompts.jsonl")
     setup = _tracker(mlflow_url, tmp_path, "kfp-stage-sources-0")
     registered = register_in_mlflow(setup, name, CHECKPOINT_DIR, METRICS, "tiny", GateConfig(),
                                     artifact_root=f"s3://{BUCKET}/registry")

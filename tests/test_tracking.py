@@ -2,16 +2,13 @@
 
 import time
 
-import boto3
 import pytest
 from servers import (
     BUCKET,
     S3_KEY_ID,
     S3_SECRET,
     free_port,
-    s3_env,
     start_mlflow,
-    start_s3,
 )
 
 from caopd.config.gates import GateConfig
@@ -53,31 +50,6 @@ from caopd.tracking.tracker import (
 
 # The tests against the MLflow and S3 servers (processes of their own, started once per module) are slow; those on
 # a local SQLite store or on no server at all are fast.
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server, endpoint = start_s3(tmp_path_factory.mktemp("s3"))
-    env = s3_env(endpoint)
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                 aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1").create_bucket(
-        Bucket=BUCKET)
-    yield endpoint
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def mlflow_url(s3, tmp_path_factory):
-    server, url = start_mlflow(tmp_path_factory.mktemp("mlflow"), s3)
-    yield url
-    server.stop()
-
-
-@pytest.fixture
-def s3_client_env(s3, monkeypatch):
-    for name, value in s3_env(s3).items():
-        monkeypatch.setenv(name, value)
-    return boto3.client("s3", endpoint_url=s3)
 
 
 def _tracker(url, tmp_path, experiment, pipeline_run_id, **kw):

@@ -47,7 +47,8 @@ def run_rollout_estimation(cfg: RolloutConfig, out_dir: str | Path, progress: bo
                               progress)
     rows = score_completions(task, kept, outputs)
     return _write_outputs(out_dir, rows, skipped, {"config": cfg.model_dump(), "data_digest": file_digest(data),
-                                                   "sources": found})
+                                                   "sources": found,
+                                                   "confidence_instruction": task.confidence_instruction_text})
 
 
 def merge_rollout_shards(shard_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:

@@ -137,9 +137,12 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: str | Path, progress: bool = Tr
             results[set_name][name] = {**result, "model": model}
     write_report(results, out, "Calibration evaluation", bool(cfg.bootstrap_resamples))
     summary = {"stage": CALIBRATION_EVALUATION.id, "config": cfg.model_dump(), "sources": found,
+               "confidence_instruction": tasks[None].confidence_instruction_text,
                "data_digest": file_digest(sources[None]), "arms": results[None],
                "sets": {name: {"arms": results[name], "data_digest": file_digest(sources[name]),
-                               "task": cfg.task_of(name)} for name in cfg.extra_data}}
+                               "task": cfg.task_of(name),
+                               "confidence_instruction": tasks[name].confidence_instruction_text}
+                        for name in cfg.extra_data}}
     write_json(out / SUMMARY, summary)
     return summary
 

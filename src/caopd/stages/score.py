@@ -73,6 +73,7 @@ def run_scoring(cfg: ScoreConfig, out_dir: str | Path) -> dict[str, Any]:
     write_report({None: {cfg.arm: result}}, out, f"Scored completions: {cfg.arm}", bool(cfg.bootstrap_resamples),
                  main_set=f"prompts: {Path(cfg.data).name}")
     summary = {"stage": SCORE_STAGE, "config": cfg.model_dump(), "data_digest": file_digest(cfg.data),
-               "completions_digest": file_digest(cfg.completions), "arms": {cfg.arm: result}, "sets": {}}
+               "completions_digest": file_digest(cfg.completions),
+               "confidence_instruction": task.confidence_instruction_text, "arms": {cfg.arm: result}, "sets": {}}
     write_json(out / SUMMARY, summary)
     return summary

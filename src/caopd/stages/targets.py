@@ -61,7 +61,8 @@ def run_target_replacement(cfg: TargetsConfig, out_dir: str | Path) -> dict[str,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / RECORDS, records)
-    summary = {"stage": TARGET_REPLACEMENT.id, "config": cfg.model_dump(), "sources": found, "template": template,
+    summary = {"stage": TARGET_REPLACEMENT.id, "config": cfg.model_dump(), "sources": found,
+               "confidence_instruction": task.confidence_instruction_text, "template": template,
                "n_prompts": len(by_prompt), "n_records": len(records),
                "teacher_modes": {m: sum(r["teacher_mode"] == m for r in records) for m in ("demo", "correct_solution")},
                "mean_target_confidence": sum(r["target_confidence"] for r in records) / max(1, len(records)),

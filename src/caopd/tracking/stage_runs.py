@@ -54,6 +54,8 @@ def tracked(tracker: Tracker | None, stage: str, config: Any, run: Callable[[], 
             stage_run.set_tags(source_tags(role, fetched))
         with registry_for_sources(tracker.uri):
             summary = run()
+        if "confidence_instruction" in summary:  # the line the task added to every prompt ("" = none)
+            stage_run.log_params({"prompt": {"instruction_added": summary["confidence_instruction"]}})
         # The sources the stage fetched itself (s3://, models:/) and where their local copies are.
         fetched = {role: Fetched(**record) for role, record in (summary.get("sources") or {}).items()}
         for role, found in fetched.items():

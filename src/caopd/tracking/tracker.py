@@ -187,8 +187,9 @@ class StageRun:
         from mlflow.entities import Param
 
         params = [Param(k, v) for k, v in flat_params(config).items()]
-        for i in range(0, len(params), 100):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, params=params[i: i + 100])
+        with service_errors(self.tracker.uri):
+            for i in range(0, len(params), 100):  # MLflow's batch limit
+                self.client.log_batch(self.run_id, params=params[i: i + 100])
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, prefix: str = "") -> None:
         from mlflow.entities import Metric
