@@ -79,7 +79,8 @@ def test_a_stage_records_the_instruction_it_added_in_its_mlflow_params(tmp_path,
     write_jsonl(data, [tool_row])
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert main(["rollout", "--quiet", "--task", "tooluse", "--model", "standin", "--data", str(data), "--k", "1",
-                 "--sampling.max-new-tokens", "4", "--out", str(tmp_path / "out"), "--tracking-uri", uri]) == 0
+                 "--sampling.max-new-tokens", "4", "--out", str(tmp_path / "out"), "--tracking-uri", uri,
+                 "--mlflow-dir", str(tmp_path / "mlflow")]) == 0
     client = MlflowClient(uri)
     [run] = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
              if r.data.tags.get("mlflow.runName") == "rollout-estimation"]
