@@ -34,6 +34,7 @@ from caopd.components import (
     target_replacement,
     training_arms,
 )
+from caopd.config.images import IMAGE_CACHE_DIR
 from caopd.config.launch import WORKSPACE_MOUNT
 from caopd.config.parameters import pipeline_default as _DEFAULT
 from caopd.config.parameters import pipeline_docstring
@@ -62,6 +63,9 @@ def _on_gpu(task: dsl.PipelineTask, accelerator_type, accelerator_count, node_se
     kubernetes.add_toleration_json(task, tolerations)
     kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                size_limit=SHM_SIZE)
+    # The downloads (a base model from s3:// or the registry, hub models) on a volume of their own rather than the
+    # container's writable layer; it lives as long as the pod.
+    kubernetes.empty_dir_mount(task, volume_name="cache", mount_path=IMAGE_CACHE_DIR)
     return task
 
 

@@ -14,7 +14,6 @@ import torch  # noqa: E402
 if torch.get_num_threads() != int(os.environ["OMP_NUM_THREADS"]):  # torch was loaded before this file
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")

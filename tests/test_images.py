@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from caopd.config.images import CPU_IMAGE, GPU_IMAGE
+from caopd.config.images import CPU_IMAGE, GPU_IMAGE, IMAGE_CACHE_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {"cpu": ROOT / "images" / "cpu" / "Dockerfile", "gpu": ROOT / "images" / "gpu" / "Dockerfile"}
@@ -54,6 +54,12 @@ def test_the_image_installs_the_package_the_components_import_and_runs_as_non_ro
     assert users and users[-1] not in ("0", "root")
     last_run = max(i for i, (instruction, _) in enumerate(instructions) if instruction == "RUN")
     assert max(i for i, (instruction, _) in enumerate(instructions) if instruction == "USER") > last_run
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_the_pipelines_download_volume_is_the_images_cache(name):
+    home = re.search(r"^ENV HOME=(\S+)", (ROOT / "images" / name / "Dockerfile").read_text(), re.MULTILINE).group(1)
+    assert IMAGE_CACHE_DIR == f"{home}/.cache"  # where caopd's sources and the hub cache go under $HOME
 
 
 def test_the_pipeline_names_the_images_these_dockerfiles_build():

@@ -10,6 +10,7 @@ import sys
 import pytest
 import yaml
 
+from caopd.config.images import IMAGE_CACHE_DIR
 from caopd.config.launch import WORKSPACE_MOUNT
 from caopd.config.stages import DataConfig
 from caopd.config.training import TrainConfig
@@ -91,7 +92,8 @@ def test_gpu_stages_take_accelerator_resources_and_pod_settings_from_parameters(
         assert _bare(toleration["tolerationJson"]["componentInputParameter"]) == "gpu_tolerations", name
         assert _bare(pod["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"]) == "gpu_node_selector"
         assert pod["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi",
-                                          "volumeName": "dshm"}]
+                                          "volumeName": "dshm"},
+                                         {"mountPath": IMAGE_CACHE_DIR, "volumeName": "cache"}]  # downloads
         assert "pvcMount" not in pod, name  # the default spec needs no volume the cluster may not have
     assert seen == GPU_STAGES
 

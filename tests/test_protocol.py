@@ -112,7 +112,15 @@ def test_format_parse_round_trip():
     ("42\nConfidence:", "42\nConfidence: 0.70"),
     ("42\n", "42\nConfidence: 0.70"),
     # the cut is at the FIRST statement of the answer part, as the official edit cuts
-    ("Step: Confidence: 0.1 is low\n408\nConfidence: 0.9 (sure)", "Step: \nConfidence: 0.70"),
+    # from the first statement of the answer part on, each line loses its statement and the rest of that line;
+    # a line that says something else stays (the official edit cuts everything from the first statement on)
+    ("Step: Confidence: 0.1 is low\n408\nConfidence: 0.9 (sure)", "Step: \n408\nConfidence: 0.70"),
+    ("<reasoning>r</reasoning>\nConfidence: 0.8\n<answer>B</answer>",
+     "<reasoning>r</reasoning>\n<answer>B</answer>\nConfidence: 0.70"),
+    ("Action: X\nAction Input: {}\nconfidence: 0.6\nObservation: none\n<confidence>0.9</confidence>",
+     "Action: X\nAction Input: {}\nObservation: none\nConfidence: 0.70"),
+    # a "confidence:" in prose is no statement: nothing is cut, the line is added
+    ("Thought: my confidence: low\nAction: X", "Thought: my confidence: low\nAction: X\nConfidence: 0.70"),
     ("408\nconfidence: 90%\nCONFIDENCE: 0.2", "408\nConfidence: 0.70"),
     ("408 <confidence>0.9</confidence>", "408 \nConfidence: 0.70"),
     # the thinking block is kept byte for byte, even when it mentions confidence
@@ -129,7 +137,7 @@ def test_replace_confidence(text, expected):
 
 def test_strip_confidence_uses_the_same_cut():
     assert strip_confidence("408\nConfidence: 0.9") == "408\n"
-    assert strip_confidence("Step: Confidence: 0.1 is low\n408\nConfidence: 0.9") == "Step: "
+    assert strip_confidence("Step: Confidence: 0.1 is low\n408\nConfidence: 0.9") == "Step: \n408"
     assert strip_confidence("<think>Confidence: 0.9</think>408 confidence: 1") == "<think>Confidence: 0.9</think>408 "
     assert strip_confidence("408") == "408"
 

@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
 from servers import BUCKET
 
 from caopd.config.gates import GateConfig
@@ -32,6 +31,7 @@ from caopd.tracking.storage import MANIFEST, upload_folder
 from caopd.tracking.tracker import TAG_METHOD, Tracker
 
 METRICS = {"accuracy": 0.5, "ece": 0.2, "brier": 0.25}
+CHEMISTRY = Path(__file__).parent / "fixtures" / "sciknoweval_chemistry_rows.jsonl"
 
 
 # --- no server ------------------------------------------------------------------------------------------------------
@@ -114,10 +114,14 @@ def test_datasets_from_s3_are_fetched_once_per_content_and_keep_their_format(s3_
     assert changed.digest == file_digest(local) != fetched.digest and len(load_rows(changed.path)) == 6
 
     # A save_to_disk folder under a prefix, uploaded with its manifest; with or without the trailing "/".
-    folder = SHARED_DATA / "sciknoweval_chemistry_eval"
+    import datasets
+
+    folder = tmp_path / "chem"
+    rows = [json.loads(line) for line in CHEMISTRY.read_text().splitlines()]
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder))
     upload_folder(folder, f"s3://{BUCKET}/data/chem")
     saved = fetch_dataset(f"s3://{BUCKET}/data/chem/", None, cache)
-    assert saved.digest == file_digest(folder) and len(load_rows(saved.path)) == 507
+    assert saved.digest == file_digest(folder) and load_rows(saved.path) == rows
     assert fetch_dataset(f"s3://{BUCKET}/data/chem", None, cache).path == saved.path
 
     with pytest.raises(CaopdInputError, match="no such object") as info:
@@ -257,3 +261,15 @@ def test_a_stage_reads_prompts_from_s3_and_its_base_model_from_the_champion_and_
     assert lineage["caopd.source.model.sha256"] == file_digest(CHECKPOINT_DIR)
     summary = json.loads((tmp_path / "rollouts" / "summary.json").read_text())
     assert summary["n_prompts"] == 4 and summary["data_digest"] == file_digest(prompts)
+
+    # Scheduled retraining continues from the champion: the training stage fetches it too, and says so.
+    rollouts, records = tmp_path / "rollouts", tmp_path / "targets"
+    assert main(["targets", "--data", source, "--rollouts", str(rollouts / "rollouts.jsonl"), "--estimates",
+                 str(rollouts / "estimates.jsonl"), "--model", champion, "--out", str(records)]) == 0
+    assert main(["train", "--quiet", "--records", str(records / "records.jsonl"), "--model", champion,
+                 "--train.steps", "1", "--train.prompts-per-step", "2", "--train.k", "2",
+                 "--train.sampling.max-new-tokens", "8", "--out", str(tmp_path / "train"), "--tracking-uri",
+                 mlflow_url, "--experiment", "sources", "--pipeline-run-id", "kfp-stage-sources-1"]) == 0
+    [training] = tracker.stage_runs()["opd-training"]
+    assert training.data.tags["caopd.source.model.resolved"] == f"models:/{name}/{registered['version']}"
+    assert training.data.tags["caopd.source.model.sha256"] == file_digest(CHECKPOINT_DIR)

@@ -175,7 +175,7 @@ def test_tooluse_prompts_are_the_tooluse_tasks_prompts_of_the_converted_rows():
              "JSON format. All of the action input must be realistic and from the user.\n\nBegin!\nQuestion: ")
     first, second = api.instructions
     assert first.prompt_without_confidence == plain + "Show me a cat."
-    # The official confidence line, on its own line before Begin! (DESIGN §7).
+    # The official confidence line, on its own line before Begin! (docs/paper-setup.md).
     assert first.prompt == plain.replace(
         "from the user.\n\nBegin!", "from the user.\nConfidence: your confidence level (0.0-1.0) regarding the success "
         "of this action, must be in numerical format, no other words or explanation.\n\nBegin!") + "Show me a cat."

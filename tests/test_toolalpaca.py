@@ -23,8 +23,8 @@ EVAL_REAL = ROOT / "data" / "toolalpaca" / "eval_real.json"
 # A two-API release the project wrote itself; the first record writes its lists as Python-literal strings.
 SMALL_RELEASE = Path(__file__).with_name("fixtures") / "tasks" / "toolalpaca_release.json"
 
-# The official template filled by hand for the fixture's first instruction (DESIGN §7): the space before the first
-# newline, the documentation without its trailing newline, then a blank line.
+# The official template filled by hand for the fixture's first instruction (docs/paper-setup.md): the space before
+# the first newline, the documentation without its trailing newline, then a blank line.
 OPEN_METEO_PROMPT = (
     "Your task is to answer the user's question using available tools. \n"
     "You have access to the following tools:\n"

@@ -21,7 +21,7 @@ from caopd.config.training import TrainConfig
 from caopd.method.types import EngineName, Method, Sharding, TeacherMode
 from caopd.tasks import get_task
 from caopd.tasks.arithmetic import KINDS
-from caopd.tasks.datasets import DATA_ROOT_ENV, confined_path, is_remote
+from caopd.tasks.datasets import DATA_ROOT_ENV, confined_path
 
 # Artifact files, one name each.
 SUMMARY = "summary.json"  # every stage's summary
@@ -71,7 +71,7 @@ class DataConfig(BaseModel):
     @field_validator("train_source", "eval_source", "ood_source")
     @classmethod
     def _inside_data_root(cls, value: str, info) -> str:
-        if value and not is_remote(value):  # a path outside the data root fails here, before any work
+        if value and not value.startswith("s3://"):  # a path outside the data root fails here, before any work
             confined_path(value, info.data.get("data_root"))
         return value
 

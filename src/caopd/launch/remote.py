@@ -22,6 +22,7 @@ from caopd.errors import TrainingStopped
 from caopd.io import atomic_dir, atomic_file, file_digest, read_jsonl, write_json
 from caopd.launch.jobs import LABEL_DIGEST, LABEL_METHOD, job_manifest, job_name
 from caopd.launch.launcher import JobLauncher, JobRef, launching_pod_owner
+from caopd.stages.sources import Found, model_path
 from caopd.stages.train import run_training
 from caopd.training.checkpoints import CHECKPOINT_RE, checkpoint_root
 
@@ -170,8 +171,16 @@ def run_training_stage(cfg: TrainStageConfig, out_dir: str | Path, progress: boo
                        pipeline_run_id: str = "") -> dict[str, Any]:
     """The training stage wherever ``cfg.launch`` puts it: in this process, under torchrun in this pod, in the
     shared workspace (checkpoints outlive the pod), or as a job on the cluster that this waits for."""
+    # A base model from s3:// or the registry is fetched once, here: torchrun's processes and a job's nodes then
+    # read the local copy (staged onto the workspace for a job), and the summary names where it came from.
+    found: Found = {}
+    cfg = cfg.model_copy(update={"model": model_path(cfg.model, "model", found)})
     if cfg.launch.kind != "local":
-        return train_on_cluster(cfg, out_dir, pipeline_run_id)
-    if cfg.launch.workspace_pvc:
-        return train_in_workspace(cfg, out_dir, pipeline_run_id, progress)
-    return train_here(cfg, out_dir, progress)
+        summary = train_on_cluster(cfg, out_dir, pipeline_run_id)
+    elif cfg.launch.workspace_pvc:
+        summary = train_in_workspace(cfg, out_dir, pipeline_run_id, progress)
+    else:
+        summary = train_here(cfg, out_dir, progress)
+    summary["sources"] = found
+    write_json(Path(out_dir) / SUMMARY, summary)
+    return summary

@@ -40,9 +40,8 @@ _STATEMENT_RE = re.compile(
     rf"|<confidence>\s*(?P<tag_value>{_NUMBER})(?P<tag_pct>\s*%)?\s*</confidence>",
     re.IGNORECASE,
 )
-# Where a confidence statement starts, number or not: the official edit cuts at a bare "confidence:" too, and a
-# "<confidence>" tag opens one.
-_START_RE = re.compile(r"confidence:|<confidence>", re.IGNORECASE)
+# A key with nothing after it but whitespace, at the very end: a statement cut before its number (max_new_tokens).
+_TRAILING_KEY_RE = re.compile(r"confidence:\s*$", re.IGNORECASE)
 
 
 def split_thinking(text: str) -> tuple[str, str]:
@@ -59,6 +58,11 @@ def split_thinking(text: str) -> tuple[str, str]:
     if THINK_OPEN in text:
         return text, ""
     return "", text
+
+
+def thinking_of(text: str) -> str:
+    """The thinking block of ``text`` ("" when it has none)."""
+    return split_thinking(text)[0]
 
 
 def _is_cut_while_thinking(text: str) -> bool:
@@ -95,36 +99,75 @@ def parse_confidence(text: str) -> float | None:
     return min(max(value, 0.0), 1.0)
 
 
+def _statement_spans(answer: str) -> list[tuple[int, int]]:
+    """The confidence statements of an answer part, in order: keys with their numbers, tags, and a key left
+    without its number at the very end."""
+    spans = [m.span() for m in _STATEMENT_RE.finditer(answer)]
+    trailing = _TRAILING_KEY_RE.search(answer)
+    if trailing and not any(start <= trailing.start() < end for start, end in spans):
+        spans.append(trailing.span())
+    return sorted(spans)
+
+
 def confidence_start(text: str) -> int | None:
     """Index in ``text`` where the answer part's first confidence statement begins, or None.
 
-    A statement begins at a case-insensitive ``confidence:`` (with or without a number after it) or at a
-    ``<confidence>`` tag. CaOPD's edit cuts here, and the training loss masks the confidence tokens from here.
+    A statement is a case-insensitive ``confidence:`` with a number after it, a ``<confidence>`` tag, or a key cut
+    before its number at the very end; a ``confidence:`` in prose ("my confidence: low") is none. CaOPD's edit
+    cuts here, and the training loss masks the confidence tokens from here.
     """
     thinking, answer = split_thinking(text)
-    found = _START_RE.search(answer)
-    return None if found is None else len(thinking) + found.start()
-
-
-def strip_confidence(text: str) -> str:
-    """The response without its confidence: everything from ``confidence_start`` on removed (the thinking
-    block is kept). The text unchanged when it states none."""
-    start = confidence_start(text)
-    return text if start is None else text[:start]
+    spans = _statement_spans(answer)
+    return len(thinking) + spans[0][0] if spans else None
 
 
 def remove_confidence_statements(text: str) -> str:
-    """``text`` with every confidence statement (a key with its number, a tag) deleted where it stands."""
-    return _STATEMENT_RE.sub("", text)
+    """``text`` with every confidence statement (a key with its number, a tag, a key cut at the very end)
+    deleted where it stands."""
+    return _TRAILING_KEY_RE.sub("", _STATEMENT_RE.sub("", text))
+
+
+def _without_trailing_key(text: str) -> str:
+    """``text`` without a key left at its end with no number ("... Confidence:"): it belongs to the statement
+    that follows it, or to none."""
+    while (key := _TRAILING_KEY_RE.search(text)) is not None:
+        text = text[:key.start()]
+    return text
+
+
+def _before_statement(line: str) -> str:
+    """A line up to its first confidence statement (the statement and the rest of its line go together)."""
+    spans = _statement_spans(line)
+    return _without_trailing_key(line[:spans[0][0]]) if spans else line
+
+
+def strip_confidence(text: str) -> str:
+    """The response without its confidence statements: from the answer part's first statement on, each line is cut
+    at its first statement (the rest of a statement's line goes with it) and the lines left empty are dropped, so
+    the lines after a statement that say something else (an answer written after its confidence) stay; the thinking
+    block is kept. The text unchanged when it states none."""
+    start = confidence_start(text)
+    if start is None:
+        return text
+    head, rest = text[:start], text[start:]
+    thinking = thinking_of(head)
+    head = thinking + _without_trailing_key(head[len(thinking):])
+    later = [_before_statement(line) for line in rest.split("\n")[1:]]
+    later = [line for line in later if line.strip()]
+    if not later:
+        return head
+    return head + ("" if head.endswith("\n") or not head else "\n") + "\n".join(later)
 
 
 def replace_confidence(text: str, p: float) -> str:
     """CaOPD's edit of a response: its confidence becomes ``p``; ``parse_confidence`` of the result is ``p``.
 
-    The thinking block is kept byte for byte. In the answer part, everything from the first confidence
-    statement on is cut (the official edit cuts at the first ``confidence:`` of the whole text, which deletes a
-    thinking block that mentions confidence), then ``Confidence: {p:.2f}`` is appended on its own line. A
-    completion cut while thinking gets its block closed first: ``"\\n</think>\\n\\n"`` and the line.
+    The thinking block is kept byte for byte. The answer part loses its confidence statements (from the first one
+    on, keeping the lines after it that say something else, so an answer written after its confidence survives)
+    and gets ``Confidence: {p:.2f}`` on a line of its own at the end: exactly one statement, after the answer. The
+    official edit cuts at the first ``confidence:`` of the whole text to the end, which deletes a thinking block
+    that mentions confidence and an answer written after the confidence. A completion cut while thinking gets
+    its block closed first: ``"\\n</think>\\n\\n"`` and the line.
     """
     if _is_cut_while_thinking(text):
         return f"{text}\n{THINK_CLOSE}\n\n{format_confidence(p)}"
@@ -135,5 +178,6 @@ def replace_confidence(text: str, p: float) -> str:
 
 
 def asks_for_confidence(text: str) -> bool:
-    """Whether a prompt already asks for a confidence (it holds a case-insensitive ``confidence:``)."""
+    """Whether a prompt already asks for a confidence: it holds a case-insensitive ``confidence:``, as a request
+    for the format does ("End with a line Confidence: X"; no ToolAlpaca API documentation holds one otherwise)."""
     return "confidence:" in text.lower()

@@ -34,7 +34,7 @@ def student_target(completion: str, p: float, method: Method) -> str:
 def choose_reference(mode: TeacherMode, demonstration: str, correct_rollout: str | None) -> tuple[TeacherMode, str]:
     """The teacher's reference: a verified correct rollout in ``correct_solution`` mode, else the demo.
 
-    With no correct rollout to show, ``correct_solution`` falls back to the demonstration (DESIGN §1).
+    With no correct rollout to show, ``correct_solution`` falls back to the demonstration (docs/method.md).
     """
     if mode == "correct_solution" and correct_rollout is not None:
         return "correct_solution", correct_rollout

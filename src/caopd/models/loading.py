@@ -15,11 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from caopd.errors import CaopdInputError
-from caopd.models import standin, tiny
 from caopd.models.attention import use_cpu_attention
+from caopd.models.packaged import PACKAGED_MODELS
 
-TINY_ALIASES = ("tiny", "caopd-tiny")
-STANDIN_ALIASES = ("standin", "caopd-standin")  # the packaged Qwen3-conventions stand-in (chat template, thinking)
 METADATA_FILE = "caopd.json"  # written beside checkpoints this project makes (template, provenance)
 # Running the Python a checkpoint ships is the user's explicit choice, for checkpoints they trust.
 TRUST_REMOTE_CODE_ENV = "CAOPD_TRUST_REMOTE_CODE"
@@ -39,10 +37,8 @@ class LoadedModel:
 
 def resolve_model_path(name_or_path: str) -> str:
     """The packaged tiny or stand-in checkpoint for their aliases; otherwise the local folder or hub id unchanged."""
-    if name_or_path in TINY_ALIASES:
-        return str(tiny.CHECKPOINT_DIR)
-    if name_or_path in STANDIN_ALIASES:
-        return str(standin.CHECKPOINT_DIR)
+    if name_or_path in PACKAGED_MODELS:
+        return str(PACKAGED_MODELS[name_or_path])
     return name_or_path
 
 

@@ -4,17 +4,15 @@ The packaged tiny model (``models/tiny.py``) has no chat template, so the path a
 exercised by it. This model takes that path on 2 CPU cores: a byte-level BPE (transformers' own ``Qwen2Tokenizer``
 pipeline: NFC, Qwen's split regex, byte-level), Qwen3's added tokens and a simplified copy of Qwen3's chat template.
 
-What Qwen3 does, as found with the search tool (code corpus) before this was written:
-- ``tokenizer_config.json`` of a Qwen3 checkpoint (akougkas/warpio-cli, warpio-docs/ai-docs/model_cards/qwen3:4b.md,
-  a dump of Qwen3-4B's files): ``<|endoftext|>`` (151643), ``<|im_start|>`` (151644) and ``<|im_end|>`` (151645) are
+What Qwen3 does (its published ``tokenizer_config.json``, ``config.json`` and chat template, e.g. Qwen/Qwen3-4B and
+Qwen/Qwen3-8B):
+- ``tokenizer_config.json``: ``<|endoftext|>`` (151643), ``<|im_start|>`` (151644) and ``<|im_end|>`` (151645) are
   ``"special": true``; ``<think>`` (151667) and ``</think>`` (151668) are added tokens with ``"special": false``, so
   ``decode(..., skip_special_tokens=True)`` keeps them; ``eos_token`` is ``<|im_end|>``, ``pad_token``
   ``<|endoftext|>``, ``bos_token`` null; the added tokens come after the BPE vocabulary; config.json has 151936
   embedding rows (the tokenizer's 151669 rounded up), ``bos_token_id`` 151643, ``eos_token_id`` 151645,
   ``tie_word_embeddings`` true (the small sizes).
-- The hybrid-thinking chat template (Qwen3-8B's, quoted in tyler-griggs/SkyRL,
-  skyrl-train/skyrl_train/utils/templates/README.md, and in several copies found by the string
-  ``enable_thinking is defined and enable_thinking is false``): turns are
+- The hybrid-thinking chat template (Qwen3-8B's): turns are
   ``<|im_start|>{role}\\n{content}<|im_end|>\\n``; ``add_generation_prompt`` appends ``<|im_start|>assistant\\n``
   and, only when ``enable_thinking`` is defined and false, ``<think>\\n\\n</think>\\n\\n``; an assistant turn after
   the last user query is written with its thinking block (``<think>\\n{reasoning}\\n</think>\\n\\n{answer}``, an
@@ -32,12 +30,12 @@ from tokenizers import AddedToken
 from transformers import Qwen2Tokenizer, Qwen3Config
 
 from caopd.config.standin import StandinConfig
+from caopd.method.protocol import THINK_CLOSE, THINK_OPEN
 
 CHECKPOINT_DIR = Path(__file__).parent / "standin_checkpoint"
 TEMPLATE = "paper"  # teacher-context family: the paper's English instructions, as for any instruct model
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)  # dropped by decode(skip_special_tokens=True)
 THINK_TOKENS = (THINK_OPEN, THINK_CLOSE)  # added but not special: decode keeps them, the parser needs </think>
 # What enable_thinking=False appends to the generation prompt: an empty, closed thinking block.

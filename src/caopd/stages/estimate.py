@@ -47,7 +47,7 @@ def run_rollout_estimation(cfg: RolloutConfig, out_dir: str | Path, progress: bo
                               progress)
     rows = score_completions(task, kept, outputs)
     return _write_outputs(out_dir, rows, skipped, {"config": cfg.model_dump(), "data_digest": file_digest(data),
-                                                   "sources": found,
+                                                   "sources": found, "template": loaded.template,
                                                    "confidence_instruction": task.confidence_instruction_text})
 
 
@@ -56,9 +56,11 @@ def merge_rollout_shards(shard_dirs: Sequence[str | Path], out_dir: str | Path) 
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
     seen: dict[str, str] = {}
+    templates: set[str] = set()
     for shard_dir in map(Path, shard_dirs):
         summary = read_json(shard_dir / SUMMARY)
         skipped += summary.get("skipped_ids", [])
+        templates.update([summary["template"]] if summary.get("template") else [])
         for i, row in enumerate(read_jsonl(shard_dir / ROLLOUTS)):
             owner = seen.setdefault(row["prompt_id"], str(shard_dir))
             if owner != str(shard_dir):
@@ -67,7 +69,9 @@ def merge_rollout_shards(shard_dirs: Sequence[str | Path], out_dir: str | Path) 
             rows.append(row)
     if not rows:
         raise CaopdInputError("no rollouts in any shard", file=", ".join(map(str, shard_dirs)))
-    return _write_outputs(out_dir, rows, skipped, {"shards": [str(d) for d in shard_dirs]})
+    # Every shard ran the same model: its teacher-context template family travels on to target replacement.
+    template = {"template": templates.pop()} if len(templates) == 1 else {}
+    return _write_outputs(out_dir, rows, skipped, {"shards": [str(d) for d in shard_dirs], **template})
 
 
 def _write_outputs(out_dir: str | Path, rows: list[dict[str, Any]], skipped: list[str],

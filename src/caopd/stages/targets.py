@@ -8,7 +8,7 @@ from typing import Any
 
 from caopd.config.stages import RECORDS, SUMMARY, TARGET_REPLACEMENT, TargetsConfig
 from caopd.errors import CaopdInputError
-from caopd.io import file_digest, read_jsonl, write_json, write_jsonl
+from caopd.io import file_digest, read_json, read_jsonl, write_json, write_jsonl
 from caopd.method.targets import choose_reference, student_target, teacher_context
 from caopd.method.templates import TEMPLATES, teacher_prompt
 from caopd.models.loading import model_template, resolve_model_path
@@ -17,12 +17,19 @@ from caopd.tasks import get_task
 from caopd.tasks.datasets import load_examples
 
 
+def rollouts_template(rollouts: str) -> str | None:
+    """The teacher-context template family of the model the rollouts came from, as rollout estimation recorded it
+    beside them: this CPU stage then needs no copy of a remote model to read it."""
+    summary = Path(rollouts).parent / SUMMARY
+    return read_json(summary).get("template") if summary.is_file() else None
+
+
 def run_target_replacement(cfg: TargetsConfig, out_dir: str | Path) -> dict[str, Any]:
     task = get_task(cfg.task, **cfg.prompt.task_options())
     found: Found = {}
     examples = {e.id: e for e in load_examples(dataset_path(cfg.data, "train_data", found), task)}
-    # Only the model's teacher-context template family is read here (the packaged tiny model's is "compact").
-    template = cfg.template or model_template(resolve_model_path(model_path(cfg.model, "model", found)))
+    template = cfg.template or rollouts_template(cfg.rollouts) or \
+        model_template(resolve_model_path(model_path(cfg.model, "model", found)))
     if template not in TEMPLATES:
         raise CaopdInputError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}", field="template")
     estimates = {}

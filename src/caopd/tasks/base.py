@@ -63,9 +63,10 @@ class Task(ABC):
 
     def prompt_asking_confidence(self, prompt: Any) -> Any:
         """``prompt`` with the confidence instruction inserted, unless asking is off, the instruction is empty,
-        or some message already asks (holds a case-insensitive ``confidence:``). The input is not modified."""
+        or some message already asks (holds the instruction, or a line opening with ``Confidence:``). The input is
+        not modified."""
         line = self.confidence_instruction_text
-        if not line or any(asks_for_confidence(text) for text in prompt_texts(prompt)):
+        if not line or any(asks_for_confidence(text) or line in text for text in prompt_texts(prompt)):
             return prompt
         return self.insert_confidence_instruction(prompt, line)
 

@@ -19,15 +19,6 @@ from caopd.tasks.base import Example, Task
 DATA_ROOT_ENV = "CAOPD_DATA_ROOT"
 
 
-# Sources a pod reaches over the network: an S3 object or folder, a registered model version. A stage downloads them
-# (caopd.tracking.sources) and records their digests; the data-root confinement is for paths on this machine.
-REMOTE_PREFIXES = ("s3://", "models:/")
-
-
-def is_remote(source: str) -> bool:
-    return str(source).startswith(REMOTE_PREFIXES)
-
-
 def load_rows(path: PathLike) -> list[dict[str, Any]]:
     """All rows of a dataset as plain dicts; the format follows from the path.
 

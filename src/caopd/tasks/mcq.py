@@ -87,7 +87,7 @@ def answer_letter(completion: str) -> str | None:
     1. closed ``<answer>X</answer>`` tags (any case): the **last** one decides; if it holds anything but one
        letter (``B``, ``(B)``, ``B.``, whitespace around), the completion gives no answer. The official
        evaluation takes the first tag; after ``</think>`` a response rarely holds two, so they rarely differ,
-       and the last one is the model's final word (DESIGN §1);
+       and the last one is the model's final word (docs/method.md);
     2. no closed tag — an unclosed ``<answer>X`` (a completion cut before ``</answer>``): the letter right after
        the last open tag;
     3. ``Answer: X`` (key in any case) where the letter ends its line: the last such line;

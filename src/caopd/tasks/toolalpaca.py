@@ -3,8 +3,8 @@
 The release (tangqiaoyu/ToolAlpaca, e.g. ``data/eval_real.json``) holds one record per API: ``Name``,
 ``Description``, ``NLDocumentation``, ``Instructions`` and ``Golden_Answers`` (lists, or Python-literal strings of
 lists; ``Golden_Answers[i]`` is the list of ``{'Action', 'Action_Input'}`` calls for ``Instructions[i]``). The
-CaOPD tool-use rows are one per instruction, with the official prompt template filled (DESIGN §7). The confidence
-instruction is not in the rows: the ``tooluse`` task adds it, as the official training code does.
+CaOPD tool-use rows are one per instruction, with the official prompt template filled (docs/paper-setup.md). The
+confidence instruction is not in the rows: the ``tooluse`` task adds it, as the official training code does.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from typing import Any
 
 from caopd.errors import CaopdInputError, CaopdServiceError
 from caopd.io import PathLike, file_digest
+from caopd.models.packaged import PACKAGED_MODELS
 from caopd.tasks.datasets import confined_path
 from caopd.tracking.storage import (
     download_file,
@@ -43,7 +44,6 @@ WEIGHTS_TAG = "caopd.weights_sha256"  # on a model version: the registered folde
 CACHE_ENV = "CAOPD_CACHE_DIR"
 MODELS_SCHEME = "models:/"
 DATASET_SUFFIXES = (".jsonl", ".parquet")
-TINY_ALIASES = ("tiny", "caopd-tiny")  # as caopd.models.loading names them (that module imports torch)
 _ENTRY_FILE = "fetched.json"  # beside the payload in a cache entry: its name and digest
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 _ROLE = re.compile(r"^[A-Za-z0-9_-]+$")  # no dots: the tag key's parts stay unambiguous
@@ -288,10 +288,8 @@ def fetch_model(source: str | PathLike, cache_dir: PathLike | None = None, *, tr
     if _SCHEME.match(source):
         raise CaopdInputError(f"{source!r}: unsupported model source; use a folder, a hub id, s3://BUCKET/FOLDER, "
                               "models:/NAME@ALIAS or models:/NAME/VERSION", field=field)
-    if source in TINY_ALIASES:
-        from caopd.models.tiny import CHECKPOINT_DIR
-
-        return Fetched(source, source, file_digest(CHECKPOINT_DIR), source)
+    if source in PACKAGED_MODELS:
+        return Fetched(source, source, file_digest(PACKAGED_MODELS[source]), source)
     local = Path(source).expanduser()
     return Fetched(source, source, file_digest(local) if local.exists() else "", source)
 
