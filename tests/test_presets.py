@@ -110,3 +110,19 @@ def test_the_docs_list_every_presets_values_with_their_sources():
             assert f"| `{key}` |" in text, key
     # the defaults the presets replace are the tiny model's
     assert field_default("TrainConfig.lr") == 1.5e-4
+
+
+def test_caopd_runs_values_win_over_its_preset_even_when_they_equal_the_tiny_default(tmp_path):
+    parser = build_parser()
+    args = parser.parse_args(["run", "--out", "o", "--preset", "paper-tooluse", "--train-source", "t.jsonl",
+                              "--eval-source", "e.jsonl", "--train.teacher", "frozen", "--train.prompts-per-step",
+                              "16", "--evaluation.temperature", "1.0", "--train.steps", "3"])
+    cfg = config_from_args(RunConfig, args)
+    assert (cfg.train.teacher, cfg.train.prompts_per_step, cfg.evaluation.temperature) == ("frozen", 16, 1.0)
+    assert (cfg.train.steps, cfg.train.epochs, cfg.train.lr_schedule, cfg.rollout.max_new_tokens) == (
+        3, None, "cosine", 1024)  # the rest is the preset's
+    arguments = pipeline_arguments(cfg, tmp_path)
+    assert arguments["preset"] == "" and arguments["teacher"] == "frozen"  # the pipeline gets resolved values
+    configs = check_pipeline_values({**pipeline_defaults(), **arguments})
+    assert configs["train_caopd"].train.teacher == "frozen" and configs["evaluation"].sampling.temperature == 1.0
+    assert RunConfig.model_validate(cfg.model_dump()) == cfg  # a saved run config loads as it was

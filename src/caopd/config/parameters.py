@@ -114,7 +114,8 @@ def _decoding(stage: str, config: str, run: str, where: str) -> tuple[Parameter,
 
 # In the pipeline signature's order: by stage, as the pipeline runs them.
 PARAMETERS: tuple[Parameter, ...] = (
-    Parameter("preset", run="preset",
+    # `caopd run` resolves its preset itself (the values it was given win exactly) and passes the resolved values.
+    Parameter("preset", run=lambda run: "",
               help="a recipe of the paper: paper-tooluse or paper-science, every hyperparameter as the official "
                    "scripts set it (docs/paper-setup.md); a parameter left at its default takes the preset's value, "
                    "any other value wins; empty = none"),

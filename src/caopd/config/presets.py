@@ -3,7 +3,8 @@
 A preset is a set of pipeline values (``caopd.config.parameters``), plus TrainConfig fields that travel in
 ``train_options``. It is a starting point, never a lock:
 
-* on the command line (``--preset`` on ``caopd run`` and the stage commands) every flag and ``--config`` value wins;
+* on the command line (``--preset`` on ``caopd run`` and the stage commands) every flag and ``--config`` value wins:
+  a run config resolves its preset when it is built, and hands the pipeline the resolved values;
 * in the pipeline (the ``preset`` parameter) a parameter left at its default takes the preset's value, and any other
   value wins; ``train_options`` given in the run win key by key.
 
@@ -20,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from caopd.config.parameters import config_values, pipeline_default
+from caopd.config.parameters import BY_NAME, config_values, pipeline_default
 from caopd.config.training import TrainConfig
 
 # A preset's training-length and warm-up settings give way to the user's: preset key -> the user's key that wins.
@@ -133,6 +134,24 @@ def preset_config(name: str, config: type[BaseModel]) -> dict[str, Any]:
         out.update(train)
     elif "train" in config.model_fields and config.model_fields["train"].annotation is TrainConfig:
         out["train"] = train
+    return out
+
+
+def preset_run_values(name: str) -> dict[str, Any]:
+    """A preset as ``caopd run``'s config spells it (nested dicts: ``{"rollout": {"temperature": 1.0}, "train":
+    {...}}``), through each parameter's path into the run config: the start that the values given override."""
+    preset = get_preset(name)
+    if preset is None:
+        return {}
+    out: dict[str, Any] = {}
+    settings = [(BY_NAME[key].run, BY_NAME[key].to_config(value)) for key, value in preset.values.items()]
+    settings += [(f"train.{key}", value) for key, value in preset.train_options.items()]
+    for path, value in settings:
+        node = out
+        *parents, last = path.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
     return out
 
 

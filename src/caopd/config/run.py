@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from caopd.config.parameters import train_fields_set_by_the_run
-from caopd.config.presets import get_preset
+from caopd.config.presets import get_preset, merge_over_preset, preset_run_values
 from caopd.config.prompting import PromptConfig
 from caopd.config.sampling import DecodingConfig
 from caopd.config.stages import DEFAULT_KIND_WEIGHTS
@@ -54,6 +56,15 @@ class RunConfig(BaseModel):
     evaluation: DecodingConfig = _decoding("the calibration evaluation")
     cache: bool = Field(False, description="reuse tasks that already ran with the same inputs under this --out "
                         "(kfp.local caching); off by default so that a changed library is never skipped")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_under_the_values_given(cls, data: Any) -> Any:
+        # The values given win over the preset's, whatever they are (a value equal to the tiny default included);
+        # the pipeline then gets the resolved values, not the preset's name.
+        if isinstance(data, dict) and data.get("preset"):
+            return merge_over_preset(preset_run_values(data["preset"]), data)
+        return data
 
     @field_validator("preset")
     @classmethod
