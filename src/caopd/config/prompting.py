@@ -29,3 +29,9 @@ class PromptConfig(BaseModel, frozen=True):
     def task_options(self) -> dict[str, Any]:
         """The options a task is built with (``caopd.tasks.get_task(name, **options)``)."""
         return {"ask_confidence": self.ask_confidence, "confidence_instruction": self.confidence_instruction or None}
+
+
+def prompt_field() -> Any:
+    """The ``prompt`` field of every config that renders prompts (the stages and ``caopd run``)."""
+    return Field(default_factory=PromptConfig, description="how prompts reach the model: the chat template's "
+                 "thinking switch and the confidence instruction")

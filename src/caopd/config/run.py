@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from caopd.config.parameters import train_fields_set_by_the_run
 from caopd.config.presets import get_preset, merge_over_preset, preset_run_values
-from caopd.config.prompting import PromptConfig
+from caopd.config.prompting import PromptConfig, prompt_field
 from caopd.config.sampling import DecodingConfig
 from caopd.config.stages import DEFAULT_KIND_WEIGHTS
 from caopd.config.training import TrainConfig
@@ -48,8 +48,7 @@ class RunConfig(BaseModel):
     teacher_context: TeacherMode = Field(
         "demo", description="privileged context of the teacher: the gold demonstration or a verified correct rollout")
     train_baseline: bool = Field(True, description="also train plain OPD (the baseline arm)")
-    prompt: PromptConfig = Field(default_factory=PromptConfig, description="how prompts reach the model: the chat "
-                                 "template's thinking switch and the confidence instruction")
+    prompt: PromptConfig = prompt_field()
     rollout: DecodingConfig = _decoding("the rollouts that estimate P")
     train: TrainConfig = Field(default_factory=TrainConfig, description="shared training settings of both arms "
                                "(train.sampling: the decoding of the on-policy training samples)")

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from caopd.config.gates import GateConfig
 from caopd.config.launch import LaunchConfig
-from caopd.config.prompting import PromptConfig
+from caopd.config.prompting import PromptConfig, prompt_field
 from caopd.config.sampling import SamplingConfig
 from caopd.config.training import TrainConfig
 from caopd.method.types import EngineName, Method, Sharding, TeacherMode
@@ -139,8 +139,7 @@ class RolloutConfig(BaseModel):
                        "s3://BUCKET/FOLDER or models:/NAME@ALIAS")
     task: str = Field("arithmetic", description="task name (arithmetic, mcq, tooluse, or a registered one)")
     data: str = Field(..., description="prompts: a load_from_disk folder, .jsonl or .parquet, or s3://BUCKET/KEY")
-    prompt: PromptConfig = Field(default_factory=PromptConfig, description="how prompts reach the model: the chat "
-                                 "template's thinking switch and the confidence instruction")
+    prompt: PromptConfig = prompt_field()
     k: int = Field(8, ge=1, description="rollouts per prompt (K)")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_new_tokens=24),
                                      description="rollout sampling (n is set from k)")
@@ -162,8 +161,7 @@ class TargetsConfig(BaseModel):
                                          "correct rollout (falls back to the demo when none exists)")
     task: str = Field("arithmetic", description="task name")
     data: str = Field(..., description="the prompts the rollouts came from")
-    prompt: PromptConfig = Field(default_factory=PromptConfig, description="how prompts reach the model: the chat "
-                                 "template's thinking switch and the confidence instruction")
+    prompt: PromptConfig = prompt_field()
     rollouts: str = Field(..., description="rollouts.jsonl from rollout estimation")
     estimates: str = Field(..., description="estimates.jsonl from rollout estimation")
     model: str = Field("tiny", description="base model (only its teacher-context template is read)")
@@ -177,8 +175,7 @@ class TrainStageConfig(BaseModel):
     model: str = Field("tiny", description="the student's starting point: 'tiny', 'standin', a folder, a hub id, "
                        "s3://BUCKET/FOLDER or models:/NAME@ALIAS")
     task: str = Field("arithmetic", description="task used to verify the training rollouts")
-    prompt: PromptConfig = Field(default_factory=PromptConfig, description="how prompts reach the model: the chat "
-                                 "template's thinking switch and the confidence instruction")
+    prompt: PromptConfig = prompt_field()
     records: str = Field(..., description="records.jsonl from target replacement")
     train: TrainConfig = Field(default_factory=TrainConfig, description="the distillation settings")
     engine: EngineName = Field("transformers", description="rollout engine for training samples: transformers "
@@ -200,8 +197,7 @@ class EvaluateConfig(BaseModel):
     models: dict[str, str] = Field(..., description="arm name -> model ('tiny', a folder or a hub id)")
     task: str = Field("arithmetic", description="task name")
     data: str = Field(..., description="held-out prompts: a load_from_disk folder, .jsonl or .parquet")
-    prompt: PromptConfig = Field(default_factory=PromptConfig, description="how prompts reach the model: the chat "
-                                 "template's thinking switch and the confidence instruction")
+    prompt: PromptConfig = prompt_field()
     extra_data: dict[str, str] = Field(default_factory=dict, description="other prompt sets scored beside `data`, "
                                        "name -> file (e.g. ood -> prompts of kinds never trained on)")
     extra_tasks: dict[str, str] = Field(default_factory=dict, description="the task of an extra set when it is not "
