@@ -10,6 +10,7 @@ from transformers import (
     Qwen3Config,
 )
 
+from caopd.models.compat import enable_activation_checkpointing
 from caopd.models.tree_forward import forward_with_bias, supports, visibility_bias
 
 SMALL = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -68,7 +69,7 @@ def test_other_architectures_and_checkpointing_keep_transformers_forward():
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=40))
     assert not supports(gpt2)
     model = small_model(Qwen3Config, head_dim=8)
-    model.activation_checkpointing_enable()
+    enable_activation_checkpointing(model)
     assert not supports(model)
     windowed = small_model(Qwen2Config, use_sliding_window=True, sliding_window=4)
     assert not supports(windowed)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from caopd.models import tree_forward
+from caopd.models.compat import cache_kwargs, output_cache
 
 # The longest prompt + prefix tree scored as one segment: its attention scores and bias grow with the square of its
 # length, so longer ones take the per-row path whatever they share.
@@ -62,7 +63,7 @@ def prefill(model: Any, prompt_ids: Sequence[Sequence[int]], pad_id: int,
     device = next(model.parameters()).device
     input_ids, mask, positions = left_padded(prompt_ids, pad_id, device)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    return out.cache, out.logits[:, -1], mask, positions[:, -1:] + 1
+    return output_cache(out), out.logits[:, -1], mask, positions[:, -1:] + 1
 
 
 def completion_logits(model: Any, prompt_ids: Sequence[Sequence[int]],
@@ -101,7 +102,7 @@ def completion_logits(model: Any, prompt_ids: Sequence[Sequence[int]],
     columns = torch.arange(width, device=device)
     inputs_mask = (columns[None, :] < (lengths[:, None] - 1)).long()
     logits = model(input_ids=inputs.to(device), attention_mask=torch.cat([mask[group_of_row], inputs_mask], dim=1),
-                   position_ids=next_pos[group_of_row] + columns[None, :], cache=cache, use_cache=True).logits
+                   position_ids=next_pos[group_of_row] + columns[None, :], **cache_kwargs(cache), use_cache=True).logits
     every = torch.cat([first[:, None], logits], dim=1)  # [rows, width + 1, vocab]: position j predicts token j
     predicts = torch.arange(width + 1, device=device)[None, :] < lengths[:, None]
     return every[predicts]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from caopd.models.attention import PLAIN_ATTENTION_MODELS, grouped_attention
+from caopd.models.compat import activation_checkpointing
 
 # Rotary variants whose frequencies are fixed at load time (dynamic ones change with the sequence length).
 STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
@@ -33,9 +34,7 @@ def supports(model: Any) -> bool:
         return False
     if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
         return False  # Mistral-style windows: keys beyond the window would be attended here
-    checkpointing = (model.is_activation_checkpointing if hasattr(type(model), "is_activation_checkpointing")
-                     else getattr(model, "is_gradient_checkpointing", False))
-    if getattr(config, "pretraining_tp", 1) != 1 or checkpointing:
+    if getattr(config, "pretraining_tp", 1) != 1 or activation_checkpointing(model):
         return False
     if model.training and getattr(config, "attention_dropout", 0.0):
         return False
