@@ -98,8 +98,10 @@ def rollout_case(n_prompts: int = 64, k: int = 8, max_new_tokens: int = 24, repe
     ours_tokens = sum(len(c.token_ids) for group in ours for c in group)
     # distinct prefixes among the new tokens (the engine computes each once): how much of the speed-up comes from this
     # workload's samples coinciding
-    eos = tokenizer.eos_token_id  # every prefix of a sample's tokens is a proper prefix of them + EOS
-    distinct = sum(distinct_prefix_tokens([c.token_ids + [eos] for c in group]) for group in ours)
+    eos = tokenizer.eos_token_id  # every prefix of a sample's tokens is a proper prefix of them + EOS (a finished
+    # sample's tokens end with theirs)
+    distinct = sum(distinct_prefix_tokens([c.token_ids if c.finished else c.token_ids + [eos] for c in group])
+                   for group in ours)
     new = generated[:, width:]
     # A row's new tokens end at its EOS (inclusive); generate pads the rest.
     is_eos = (new == tokenizer.eos_token_id).int()

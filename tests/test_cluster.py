@@ -151,7 +151,7 @@ def test_the_job_state_comes_from_its_true_conditions(kind, conditions, expected
 
 
 def _stage_config(records, workspace, **launch):
-    train = TrainConfig(steps=3, prompts_per_step=4, k=2, micro_batch_size=4, save_every=2,
+    train = TrainConfig(steps=3, prompts_per_step=4, k=1, micro_batch_size=4, save_every=2,
                         sampling=SamplingConfig(temperature=0.0, max_new_tokens=24))
     return TrainStageConfig(records=records, train=train,
                             launch=LaunchConfig(workspace_pvc="ws", workspace=str(workspace), gpus_per_node=0,

@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 
 from caopd.models.distributed import World
 
-# Greedy sampling makes the completions independent of how the step's prompts are split across processes, so the
-# two runs see the same samples and differ only in the order of float sums.
-FLAGS = ["--quiet", "--train.steps", "4", "--train.prompts-per-step", "4", "--train.k", "2",
+# Greedy sampling (one sample per prompt: several greedy ones would be copies, refused) makes the completions
+# independent of how the step's prompts are split across processes, so the two runs see the same samples and differ
+# only in the order of float sums.
+FLAGS = ["--quiet", "--train.steps", "4", "--train.prompts-per-step", "4", "--train.k", "1",
          "--train.micro-batch-size", "4", "--train.sampling.temperature", "0", "--train.save-every", "2"]
 
 

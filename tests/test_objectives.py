@@ -7,11 +7,14 @@ from typing import get_args
 import pytest
 import torch
 
+from caopd.config.sampling import SamplingConfig
 from caopd.config.training import TrainConfig
 from caopd.method.protocol import parse_confidence
 from caopd.method.types import TEACHERLESS_METHODS, TrainMethod
 from caopd.models.distributed import World
+from caopd.models.loading import encode_text
 from caopd.rollout.base import Completion
+from caopd.rollout.transformers_engine import TransformersEngine
 from caopd.tasks.base import Example
 from caopd.training.objectives import (
     DistillationObjective,
@@ -39,8 +42,9 @@ def test_every_training_method_has_an_objective_and_the_torch_free_layers_agree_
 
 def _rollouts(tokenizer, texts=TEXTS, prompt="12+3=", answer="15", prompt_ids=(5, 6)):
     example = Example("p0", prompt, answer, f"{answer}\nConfidence: 1.00", {})
-    completions = [Completion(t, tokenizer(t, add_special_tokens=False)["input_ids"], finished=i % 2 == 0)
-                   for i, t in enumerate(texts)]
+    # a finished sample's ids end with the stop token it drew (caopd.rollout.base.Completion)
+    completions = [Completion(t, tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * done,
+                              finished=done) for t, done in zip(texts, [i % 2 == 0 for i in range(len(texts))])]
     correct = [t.split("\n")[0] == answer for t in texts]
     return VerifiedRollouts(TrainItem(example, 0.5, None), list(prompt_ids), completions, correct,
                             [parse_confidence(t) for t in texts], sum(correct) / len(correct))
@@ -55,8 +59,7 @@ def test_rlcr_groups_train_the_sampled_ids_on_their_reward_advantages(tiny_model
     rollouts = _rollouts(tiny_model.tokenizer)
     objective = objective_for(TrainConfig(method="rlcr"))
     group = objective.group(rollouts, _context(tiny_model))
-    eos = tiny_model.tokenizer.eos_token_id
-    assert group.completion_ids == [c.token_ids + ([eos] if c.finished else []) for c in rollouts.completions]
+    assert group.completion_ids == [c.token_ids for c in rollouts.completions]  # as sampled, stop token included
     assert group.teacher_prompt_ids == [] and not any(m for mask in group.confidence_masks for m in mask)
     rewards = [rlcr_reward(ok, q) for ok, q in zip(rollouts.correct, rollouts.confidences)]
     assert group.rewards == rewards and group.advantages == group_advantages(rewards)
@@ -72,8 +75,7 @@ def test_distillation_groups_edit_caopd_targets_and_keep_the_opd_samples(tiny_mo
     decode = tiny_model.tokenizer.decode
     assert all(decode(ids, skip_special_tokens=True).endswith("Confidence: 0.50") for ids in caopd.completion_ids)
     assert all(any(mask) for mask in caopd.confidence_masks)
-    eos = tiny_model.tokenizer.eos_token_id
-    assert opd.completion_ids == [c.token_ids + ([eos] if c.finished else []) for c in rollouts.completions]
+    assert opd.completion_ids == [c.token_ids for c in rollouts.completions]  # as sampled, stop token included
     # one teacher prompt per group; CaOPD's context states P, OPD's reference says 1.00
     assert caopd.teacher_prompt_ids and opd.teacher_prompt_ids and caopd.teacher_prompt_ids != opd.teacher_prompt_ids
     assert objective_for(TrainConfig(method="caopd")).sums([caopd]) == {}
@@ -105,3 +107,20 @@ def test_the_step_loss_and_its_gradients_do_not_depend_on_the_micro_batches(tiny
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     if overrides.get("variant") == "decoupled":
         assert whole["confidence_ce"] > 0
+
+
+def test_opd_and_rlcr_train_on_sampled_sequences_with_exactly_one_eos(tiny_model):
+    """The transformers engine's samples become training sequences as drawn: a finished one ends with its one EOS,
+    an unfinished one has none (the vLLM engine's contract is the same: tests/test_vllm_engine.py)."""
+    tok = tiny_model.tokenizer
+    engine = TransformersEngine(tiny_model.model, tok)
+    # the tiny model's answers take 20 tokens and the EOS: cut at 20 none finishes, at 24 all do
+    completions = [c for limit in (20, 24) for c in engine.generate(
+        ["12*34="], SamplingConfig(n=4, temperature=1.0, max_new_tokens=limit, seed=5))[0]]
+    assert [c.finished for c in completions] == [False] * 4 + [True] * 4
+    rollouts = VerifiedRollouts(TrainItem(Example("p0", "12*34=", "408", "408\nConfidence: 1.00", {}), 0.5, None),
+                                encode_text(tok, "12*34="), completions, [False] * 8, [None] * 8, 0.0)
+    for method in ("opd", "rlcr"):
+        group = objective_for(TrainConfig(method=method)).group(rollouts, _context(tiny_model))
+        for ids, c in zip(group.completion_ids, completions):
+            assert ids.count(tok.eos_token_id) == c.finished and (ids[-1] == tok.eos_token_id) == c.finished

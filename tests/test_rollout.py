@@ -7,6 +7,7 @@ from caopd.rollout.transformers_engine import (
     TransformersEngine,
     chunk_generator,
     sample_next,
+    stop_token_ids,
 )
 
 PROMPTS = ["12*34=", "3+4=", "56*7=", "88+19="]
@@ -20,9 +21,7 @@ def test_greedy_matches_transformers_generate(tiny_model):
         ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
         ref = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
-        if ref and ref[-1] == tok.eos_token_id:
-            ref = ref[:-1]
-        assert completion.token_ids == ref
+        assert completion.token_ids == ref and ref[-1] == tok.eos_token_id  # generate's ids: the EOS included
         assert completion.finished and "Confidence:" in completion.text
 
 
@@ -37,7 +36,9 @@ def test_k_samples_per_prompt_seeded_and_stopping_at_eos(tiny_model):
     eos = tiny_model.tokenizer.eos_token_id
     for group in first:
         for c in group:
-            assert eos not in c.token_ids and (c.finished or len(c.token_ids) == 24)
+            # the stop token ends a finished sample's ids, once; an unfinished one ran to max_new_tokens
+            assert c.token_ids.count(eos) == c.finished and (c.token_ids[-1] == eos if c.finished
+                                                             else len(c.token_ids) == 24)
 
 
 def test_each_decoding_step_computes_each_distinct_prefix_once(tiny_model):
@@ -49,7 +50,8 @@ def test_each_decoding_step_computes_each_distinct_prefix_once(tiny_model):
         out = TransformersEngine(model, tok).generate(PROMPTS, cfg)
     finally:
         handle.remove()
-    samples = [(p, c.token_ids) for p, group in enumerate(out) for c in group]
+    # the tokens each sample fed back: all it drew but its stop token
+    samples = [(p, c.token_ids[:-1] if c.finished else c.token_ids) for p, group in enumerate(out) for c in group]
     # the forward of step j feeds the j-th token of each sample still running: one row per distinct prefix
     expected = [len({(p, tuple(ids[:j])) for p, ids in samples if len(ids) >= j}) for j in range(1, 24)]
     expected = [rows for rows in expected if rows]
@@ -122,3 +124,40 @@ def test_an_engine_with_its_own_weights_is_handed_each_steps_weights_and_the_res
     step2, step3 = (load_file(checkpoint / f"step-{s:07d}" / "model.safetensors") for s in (2, 3))
     assert all(torch.equal(step2[k], resumed[k]) for k in step2)
     assert all(torch.equal(step3[k], after[k]) for k in step3)
+
+
+def test_stops_on_every_eos_id_of_the_generation_config(tiny_model):
+    """As vLLM does (it adds the generation config's EOS ids to every request's stop ids): a model whose generation
+    config lists a second EOS id stops on it, and keeps it as the last token."""
+    import copy
+
+    model, tok = copy.deepcopy(tiny_model.model), tiny_model.tokenizer
+    (plain,) = TransformersEngine(model, tok).generate(["12*34="], SamplingConfig(temperature=0.0, max_new_tokens=24))
+    second_stop = plain[0].token_ids[3]  # the greedy answer's 4th token: the newline before "Confidence:"
+    assert stop_token_ids(tok, model.generation_config) == {tok.eos_token_id}
+    model.generation_config.eos_token_id = [tok.eos_token_id, second_stop]
+    assert stop_token_ids(tok, model.generation_config) == {tok.eos_token_id, second_stop}
+    (cut,) = TransformersEngine(model, tok).generate(["12*34="], SamplingConfig(temperature=0.0, max_new_tokens=24))
+    assert cut[0].finished and cut[0].token_ids == plain[0].token_ids[:4]
+
+
+def test_several_greedy_samples_are_refused_up_front_and_by_the_engine(tiny_model):
+    """vLLM raises for greedy decoding with n > 1; the configs refuse it when built, and the transformers engine
+    refuses a copy made without validation, so both engines accept the same settings."""
+    import pytest
+    from pydantic import ValidationError
+
+    from caopd.config.run import RunConfig
+    from caopd.config.training import TrainConfig
+
+    with pytest.raises(ValidationError, match="sampling.temperature: 4 samples per prompt at temperature 0.0"):
+        SamplingConfig(n=4, temperature=0.0)
+    with pytest.raises(ValidationError, match=r"train.sampling.temperature \(with train.k rollouts per prompt\)"):
+        TrainConfig(sampling=SamplingConfig(temperature=0.0))
+    with pytest.raises(ValidationError, match=r"rollout.temperature \(with k rollouts per prompt\)"):
+        RunConfig(rollout={"temperature": 0.0})
+    SamplingConfig(n=1, temperature=0.0)  # one greedy answer is fine, and so is a small positive temperature
+    SamplingConfig(n=4, temperature=1e-5)
+    unchecked = SamplingConfig(n=1, temperature=0.0).model_copy(update={"n": 4})
+    with pytest.raises(ValueError, match="copies of one greedy answer"):
+        TransformersEngine(tiny_model.model, tiny_model.tokenizer).generate(["3+4="], unchecked)

@@ -45,13 +45,13 @@ def test_the_servers_top_k_are_the_models_in_the_order_completion_logits_uses(ti
 def test_training_against_the_server_teacher_matches_the_same_teacher_in_process(tmp_path, records, tiny_model):
     def config(teacher, **extra):
         return TrainStageConfig(records=records, train=TrainConfig(
-            steps=2, prompts_per_step=4, k=2, micro_batch_size=4, top_k=TOP_K, teacher=teacher,
+            steps=2, prompts_per_step=4, k=1, micro_batch_size=4, top_k=TOP_K, teacher=teacher,
             sampling=SamplingConfig(temperature=0.0, max_new_tokens=24), **extra))
 
     local = run_training(config("frozen"), tmp_path / "local", progress=False)
     with FakeVLLM(tiny_model.model) as server:  # the frozen base, on "other GPUs"
         remote = run_training(config("server", teacher_server=server.url), tmp_path / "remote", progress=False)
-        assert len(server.requests) == 4  # one request per micro-batch: 2 steps x 8 sequences in fours
+        assert len(server.requests) == 2  # one request per micro-batch: 2 steps x 4 sequences in fours
     assert [r["loss"] for r in _log(tmp_path / "remote")] == pytest.approx(
         [r["loss"] for r in _log(tmp_path / "local")], rel=1e-4)
     a, b = load_file(tmp_path / "local" / "model" / "model.safetensors"), load_file(

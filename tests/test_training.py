@@ -89,9 +89,9 @@ def test_prompt_order_is_a_pure_function_of_seed_and_step():
 
 def test_completion_tokens_mark_the_confidence_line():
     tok = build_tokenizer()
-    ids, mask = completion_tokens(tok, "408\nConfidence: 0.50", None, finished=False)
+    ids, mask = completion_tokens(tok, "408\nConfidence: 0.50", None)
     assert ids[-1] == tok.eos_token_id and len(ids) == len("408\nConfidence: 0.50") + 1
     assert mask == [False] * 4 + [True] * (len("Confidence: 0.50") + 1)
     sampled = tok("7\nConfidence: 0.9", add_special_tokens=False)["input_ids"]
-    ids, mask = completion_tokens(tok, "7\nConfidence: 0.9", sampled, finished=False)
+    ids, mask = completion_tokens(tok, "7\nConfidence: 0.9", sampled)
     assert ids == sampled and not any(mask)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from caopd.config.parameters import train_fields_set_by_the_run
 from caopd.config.presets import get_preset, merge_over_preset, preset_run_values
 from caopd.config.prompting import PromptConfig, prompt_field
-from caopd.config.sampling import DecodingConfig
+from caopd.config.sampling import DecodingConfig, check_draws
 from caopd.config.stages import DEFAULT_KIND_WEIGHTS
 from caopd.config.training import TrainConfig
 from caopd.method.types import TeacherMode
@@ -79,6 +79,7 @@ class RunConfig(BaseModel):
         for path, source in train_fields_set_by_the_run().items():
             if _get(self.train, path) != _get(defaults, path):
                 raise ValueError(f"train.{path} is not read by `caopd run`, which sets it from {source}")
+        check_draws(self.rollout.temperature, self.k, "rollout.temperature (with k rollouts per prompt)")
         return self
 
 

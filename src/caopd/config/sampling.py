@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
+
+# Both engines decode greedily below this temperature: vLLM's threshold (vllm/sampling_params.py, _SAMPLING_EPS), so
+# that a temperature means the same thing whichever engine samples.
+GREEDY_BELOW = 1e-5
+
+
+def is_greedy(temperature: float) -> bool:
+    return temperature < GREEDY_BELOW
+
+
+def check_draws(temperature: float, n: int, setting: str) -> None:
+    """Several samples per prompt need a temperature: greedy decoding would give ``n`` copies of one answer (and vLLM
+    refuses it: "n must be 1 when using greedy sampling"). ``setting`` names what to change."""
+    if n > 1 and is_greedy(temperature):
+        raise ValueError(f"{setting}: {n} samples per prompt at temperature {temperature} would be {n} copies of one "
+                         f"greedy answer (vLLM refuses it); sample at a temperature of at least {GREEDY_BELOW}, or "
+                         "ask for 1 sample")
 
 
 class DecodingConfig(BaseModel, frozen=True):
@@ -18,3 +35,8 @@ class SamplingConfig(DecodingConfig, frozen=True):
 
     n: int = Field(1, ge=1, description="completions per prompt (K)")
     seed: int = Field(0, description="sampling seed: same seed, prompts and batch → same completions")
+
+    @model_validator(mode="after")
+    def _samples_need_a_temperature(self) -> SamplingConfig:
+        check_draws(self.temperature, self.n, "sampling.temperature")
+        return self

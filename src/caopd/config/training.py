@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from caopd.config.sampling import SamplingConfig
+from caopd.config.sampling import SamplingConfig, check_draws
 from caopd.method.types import TEACHERLESS_METHODS, Divergence, TeacherKind, TeacherMode, TrainMethod, Variant
 
 
@@ -89,6 +89,7 @@ class TrainConfig(BaseModel):
                                                    or self.top_k):
             raise ValueError(f"method={self.method!r} has no teacher and no divergence: leave teacher, variant and "
                              "top_k at their defaults")
+        check_draws(self.sampling.temperature, self.k, "train.sampling.temperature (with train.k rollouts per prompt)")
         if self.variant == "decoupled" and self.method != "caopd":
             raise ValueError("variant='decoupled' trains towards the replaced confidence: it needs method='caopd'")
         # The length and warm-up are each given one way: a changed default beside its replacement is a contradiction.

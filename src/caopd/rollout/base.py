@@ -16,9 +16,13 @@ Prompt = str | Sequence[int]
 
 @dataclass
 class Completion:
+    """One sample. ``token_ids`` are the tokens drawn, ending with the stop token when ``finished`` (as vLLM returns
+    them: a training sequence is exactly what was sampled, its one EOS included); ``text`` is their decoding without
+    special tokens; ``finished``: it stopped on a stop token (an EOS id) rather than at ``max_new_tokens``."""
+
     text: str
     token_ids: list[int]
-    finished: bool  # ended with EOS rather than at max_new_tokens
+    finished: bool
 
 
 class RolloutEngine(ABC):

@@ -11,16 +11,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from caopd.config.sampling import SamplingConfig
+from caopd.config.sampling import SamplingConfig, check_draws, is_greedy
 from caopd.models.batching import prefill
+from caopd.models.compat import cache_kwargs, output_cache
 from caopd.models.loading import encode_text
 from caopd.rollout.base import Completion, Prompt, RolloutEngine
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row: argmax at temperature 0, else a draw from the (nucleus-truncated) softmax."""
-    if temperature == 0.0:
+    """Next token per row: argmax at a greedy temperature (``caopd.config.sampling.is_greedy``), else a draw from
+    the (nucleus-truncated) softmax."""
+    if is_greedy(temperature):
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
@@ -29,6 +31,15 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def stop_token_ids(tokenizer: Any, generation_config: Any) -> set[int]:
+    """The ids a sample stops on: the tokenizer's EOS and every EOS id of the model's generation config (Qwen3
+    instruct: ``<|im_end|>`` and ``<|endoftext|>``) — the ids vLLM stops on too (it adds the generation config's
+    EOS ids to every request's stop ids)."""
+    configured = getattr(generation_config, "eos_token_id", None)
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    return {i for i in [tokenizer.eos_token_id, *configured] if i is not None}
 
 
 def chunk_generator(seed: int, chunk: int, device: torch.device) -> torch.Generator:
@@ -49,6 +60,7 @@ class TransformersEngine(RolloutEngine):
 
     def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig,
                  progress: bool = False) -> list[list[Completion]]:
+        check_draws(sampling.temperature, sampling.n, "sampling.temperature")  # as the vLLM engine checks
         encoded = [encode_text(self.tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # length buckets: less padding
         chunks = [order[lo: lo + self.max_batch_prompts] for lo in range(0, len(order), self.max_batch_prompts)]
@@ -76,6 +88,8 @@ class TransformersEngine(RolloutEngine):
         had a row of its own); short answers, whose K samples largely coincide, need a fraction of the forwards.
         """
         model, device, k = self.model, self.device, sampling.n
+        stops = stop_token_ids(self.tokenizer, getattr(model, "generation_config", None))
+        stop_ids = torch.tensor(sorted(stops), device=device)
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         cache, logits, mask, next_pos = prefill(model, prompt_ids, pad)
@@ -87,11 +101,9 @@ class TransformersEngine(RolloutEngine):
         for step in range(sampling.max_new_tokens):
             nxt = sample_next(logits[node_of_row], sampling.temperature, sampling.top_p, generator)
             for r, t in zip(rows.tolist(), nxt.tolist()):
-                if t == eos:
-                    finished[r] = True
-                else:
-                    tokens[r].append(t)
-            alive = nxt != eos
+                tokens[r].append(t)
+                finished[r] = t in stops
+            alive = ~torch.isin(nxt, stop_ids)
             if not bool(alive.any()) or step == sampling.max_new_tokens - 1:
                 break
             rows, nxt, parent = rows[alive], nxt[alive], node_of_row[alive]
@@ -104,7 +116,7 @@ class TransformersEngine(RolloutEngine):
                 mask, next_pos = mask[parents], next_pos[parents]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
             out = model(input_ids=node_tokens[:, None], attention_mask=mask, position_ids=next_pos,
-                        cache=cache, use_cache=True)
-            cache, logits, next_pos = out.cache, out.logits[:, -1], next_pos + 1
+                        **cache_kwargs(cache), use_cache=True)
+            cache, logits, next_pos = output_cache(out), out.logits[:, -1], next_pos + 1
         decode = self.tokenizer.decode
         return [Completion(decode(ids, skip_special_tokens=True), ids, done) for ids, done in zip(tokens, finished)]

@@ -127,19 +127,18 @@ def cut_teacher_prompt(teacher_ids: list[int], student_ids: list[int], n_cut: in
     return list(teacher_ids[n_cut:])
 
 
-def completion_tokens(tokenizer: Any, text: str, sampled_ids: list[int] | None, finished: bool,
-                      ) -> tuple[list[int], list[bool]]:
-    """Token ids of a training completion (+ EOS) and which of them belong to the Confidence line: every token
-    that ends after ``confidence_start`` (the answer part's first confidence statement, the one CaOPD's edit
-    writes), and the EOS.
+def completion_tokens(tokenizer: Any, text: str, sampled_ids: list[int] | None) -> tuple[list[int], list[bool]]:
+    """Token ids of a training completion and which of them belong to the Confidence line: every token that ends
+    after ``confidence_start`` (the answer part's first confidence statement, the one CaOPD's edit writes), and the
+    EOS.
 
-    An unedited (OPD) completion keeps exactly the ids the student sampled; an edited (CaOPD) one is
-    re-tokenised and always ends with EOS, since it ends with its Confidence line.
+    An unedited (OPD) completion keeps exactly the ids the student sampled, its stop token included when it stopped
+    on one (``caopd.rollout.base.Completion``): one EOS, never two. An edited (CaOPD) one is re-tokenised and always
+    ends with EOS, since it ends with its Confidence line.
     """
     eos = tokenizer.eos_token_id
     if sampled_ids is not None:
-        ids = list(sampled_ids) + ([eos] if finished else [])
-        return ids, [False] * len(ids)
+        return list(sampled_ids), [False] * len(sampled_ids)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     cut = confidence_start(text)
     mask = [cut is not None and end > cut for _, end in enc["offset_mapping"]]
@@ -256,7 +255,7 @@ class DistillationObjective(Objective):
         group = PromptGroup(rollouts.prompt_ids, t_prompt, [], [])
         for c in rollouts.completions:
             ids, conf_mask = completion_tokens(tokenizer, student_target(c.text, p, cfg.method),
-                                               c.token_ids if cfg.method == "opd" else None, c.finished)
+                                               c.token_ids if cfg.method == "opd" else None)
             group.completion_ids.append(ids)
             group.confidence_masks.append(conf_mask)
         return group
@@ -315,7 +314,7 @@ class RLCRObjective(Objective):
 
     def group(self, rollouts: VerifiedRollouts, context: StepContext) -> PromptGroup:
         rewards = [rlcr_reward(ok, q) for ok, q in zip(rollouts.correct, rollouts.confidences)]
-        ids = [completion_tokens(context.tokenizer, c.text, c.token_ids, c.finished)[0] for c in rollouts.completions]
+        ids = [completion_tokens(context.tokenizer, c.text, c.token_ids)[0] for c in rollouts.completions]
         return PromptGroup(rollouts.prompt_ids, [], ids, [[False] * len(i) for i in ids], group_advantages(rewards),
                            rewards)
 
