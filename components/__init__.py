@@ -13,6 +13,7 @@ from caopd.components.continual import (
 from caopd.components.data_preparation import data_preparation
 from caopd.components.model_registration import model_registration
 from caopd.components.opd_training import opd_training, training_arms
+from caopd.components.pod_shape import gpu_pod_shape
 from caopd.components.rollout_estimation import (
            merge_rollout_shards,
            rollout_estimation,
@@ -21,5 +22,5 @@ from caopd.components.rollout_estimation import (
 from caopd.components.target_replacement import target_replacement
 
 __all__ = ["calibration_evaluation", "continual_distillation", "continual_enabled", "continual_evaluation",
-           "data_preparation", "merge_rollout_shards", "model_registration",
+           "data_preparation", "gpu_pod_shape", "merge_rollout_shards", "model_registration",
            "opd_training", "rollout_estimation", "rollout_shard_indices", "target_replacement", "training_arms"]

@@ -26,6 +26,7 @@ from caopd.components import (
     continual_enabled,
     continual_evaluation,
     data_preparation,
+    gpu_pod_shape,
     merge_rollout_shards,
     model_registration,
     opd_training,
@@ -42,9 +43,6 @@ from caopd.config.stages import DataConfig, RegisterConfig, TrainStageConfig
 from caopd.config.training import TrainConfig
 
 PIPELINE_NAME = "caopd"
-# The GPU stages' pod shape. /dev/shm is memory-backed and large because vLLM and torch DataLoader workers
-# exchange tensors through it; the 64 MiB container default breaks both.
-SHM_SIZE = "16Gi"
 CPU_STAGE_CPU, CPU_STAGE_MEMORY = "1", "4Gi"
 # Defaults come from the stages' own configs: one home for each.
 _DATA, _TRAIN = DataConfig(), TrainConfig()
@@ -52,17 +50,21 @@ DEFAULT_GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effe
 
 
 def _on_gpu(task: dsl.PipelineTask, accelerator_type, accelerator_count, node_selector, tolerations,
-            cpu_request, memory_request) -> dsl.PipelineTask:
+            shape: dsl.PipelineTask) -> dsl.PipelineTask:
+    """A GPU stage's pod: ``accelerator_count`` GPUs, and the CPU and memory that ``shape`` (a ``gpu_pod_shape``
+    task of the same count) derived from it."""
+    cpu, memory = shape.outputs["cpu"], shape.outputs["memory"]
     task.set_accelerator_type(accelerator_type).set_accelerator_limit(accelerator_count)
-    task.set_cpu_request(cpu_request).set_memory_request(memory_request)
+    task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
     # Resource settings do not register their parameters as task inputs (kfp 2.17), so inside a ParallelFor or
     # an If the sub-DAG never receives them and the run fails with "parent pipeline input argument not found".
     # kfp-kubernetes registers its own parameters this same way.
-    task.register_pipeline_channels([accelerator_type, accelerator_count, cpu_request, memory_request])
+    task.register_pipeline_channels([accelerator_type, accelerator_count, cpu, memory])
     kubernetes.add_node_selector_json(task, node_selector)
     kubernetes.add_toleration_json(task, tolerations)
-    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
-                               size_limit=SHM_SIZE)
+    # /dev/shm: NCCL and vLLM exchange tensors through it and the 64 MiB container default breaks both. A
+    # memory-backed emptyDir without a size limit is sized by the pod's memory limit, which grows with its GPUs.
+    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
     # The downloads (a base model from s3:// or the registry, hub models) on a volume of their own rather than the
     # container's writable layer; it lives as long as the pod.
     kubernetes.empty_dir_mount(task, volume_name="cache", mount_path=IMAGE_CACHE_DIR)
@@ -169,14 +171,17 @@ def build_pipeline(workspace_pvc: str = ""):
         accelerator_count: int = 1,
         gpu_node_selector: dict = {},
         gpu_tolerations: list = DEFAULT_GPU_TOLERATIONS,
-        gpu_cpu_request: str = "4",
-        gpu_memory_request: str = "32Gi",
+        gpu_cpu_request: str = "",
+        gpu_memory_request: str = "",
     ) -> Outputs:
         parameters = dict(locals())  # name -> channel, before any other local exists
 
-        def gpu(t: dsl.PipelineTask) -> dsl.PipelineTask:
-            return _on_gpu(t, accelerator_type, accelerator_count, gpu_node_selector, gpu_tolerations,
-                           gpu_cpu_request, gpu_memory_request)
+        # The pods' CPU and memory grow with their GPU count: the training pods' (training_gpus) and the others'.
+        gpu_shape = _on_cpu(gpu_pod_shape(gpus=accelerator_count, cpu=gpu_cpu_request, memory=gpu_memory_request))
+        training_shape = _on_cpu(gpu_pod_shape(gpus=training_gpus, cpu=gpu_cpu_request, memory=gpu_memory_request))
+
+        def gpu(t: dsl.PipelineTask, shape: dsl.PipelineTask = gpu_shape) -> dsl.PipelineTask:
+            return _on_gpu(t, accelerator_type, accelerator_count, gpu_node_selector, gpu_tolerations, shape)
 
         tracking = dict(mlflow_settings=mlflow_settings, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         data = _on_cpu(_by_name(data_preparation, parameters, **tracking))
@@ -198,7 +203,7 @@ def build_pipeline(workspace_pvc: str = ""):
                                        rollouts=merged.outputs["rollouts"], method=method, **tracking))
             targets.set_retry(2)
             trained = gpu(_by_name(opd_training, parameters, records=targets.outputs["records"], method=method,
-                                   workspace_pvc=workspace_pvc, **tracking))
+                                   workspace_pvc=workspace_pvc, **tracking), training_shape)
             # Its own GPU count: 0 when the step only launches and watches a job on other nodes.
             trained.set_accelerator_limit(training_gpus)
             trained.register_pipeline_channels([training_gpus])

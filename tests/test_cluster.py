@@ -47,6 +47,21 @@ def _pod(spec, container):
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": {**spec, "containers": [container]}}
 
 
+def test_job_nodes_are_shaped_from_their_gpus_unless_given():
+    """8 CPUs, 64Gi and 16Gi of /dev/shm per GPU of the node; a value given replaces its derived one."""
+    derived = {k: v for k, v in GPU_LAUNCH.items() if k not in ("cpu", "memory", "shm_size")}
+    for gpus, expected in [(1, ("8", "64Gi", "16Gi")), (8, ("64", "512Gi", "128Gi")), (0, ("8", "64Gi", "16Gi"))]:
+        launch = LaunchConfig(kind="pytorchjob", **{**derived, "gpus_per_node": gpus, "procs_per_node": 1})
+        assert tuple(launch.node_shape()) == expected
+    job = pytorchjob_manifest("caopd-x", "team-a", LaunchConfig(kind="pytorchjob", **{**derived, "gpus_per_node": 8}),
+                              "/c.json", "/out", {}, OWNER)
+    [master] = [spec["template"]["spec"] for spec in job["spec"]["pytorchReplicaSpecs"].values()][:1]
+    assert master["containers"][0]["resources"]["requests"] == {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": 8}
+    assert {v["name"]: v for v in master["volumes"]}["dshm"]["emptyDir"]["sizeLimit"] == "128Gi"
+    given = LaunchConfig(kind="pytorchjob", **{**derived, "gpus_per_node": 8, "cpu": "20"})
+    assert tuple(given.node_shape()) == ("20", "512Gi", "128Gi")
+
+
 def test_the_trainjob_runs_torchrun_on_every_node_with_the_gpus_tolerations_shm_and_workspace():
     launch = LaunchConfig(kind="trainjob", **GPU_LAUNCH)
     job = trainjob_manifest("caopd-caopd-0123456789", "team-a", launch, "/mnt/caopd-workspace/j/config.json",

@@ -19,9 +19,11 @@ from caopd.pipelines import COMPILED_PIPELINE, caopd_pipeline, compile_pipeline
 GPU_STAGES = {"rollout-estimation", "opd-training", "calibration-evaluation", "continual-distillation",
               "continual-evaluation"}
 CPU_STAGES = {"data-preparation", "rollout-shard-indices", "merge-rollout-shards", "training-arms",
-              "target-replacement", "model-registration", "continual-enabled"}
-GPU_PARAMETERS = {"accelerator_type", "accelerator_count", "gpu_cpu_request", "gpu_memory_request",
-                  "gpu_node_selector", "gpu_tolerations"}
+              "target-replacement", "model-registration", "continual-enabled", "gpu-pod-shape"}
+# the GPU count of each GPU stage's pod, and the task that derives its CPU and memory from that count
+GPU_COUNT = {stage: "training_gpus" if stage == "opd-training" else "accelerator_count" for stage in GPU_STAGES}
+SHAPE_OF_COUNT = {"accelerator_count": "gpu-pod-shape", "training_gpus": "gpu-pod-shape-2"}
+GPU_PARAMETERS = {"accelerator_type", "accelerator_count", "gpu_node_selector", "gpu_tolerations"}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,8 @@ def test_compiling_is_reproducible_across_processes(tmp_path):
 def test_every_stage_is_a_named_component(spec):
     names = {task["componentRef"]["name"].removeprefix("comp-") for _, _, task in _tasks(spec["pipeline"])
              if _executor(spec["pipeline"], task)}
-    assert names == GPU_STAGES | CPU_STAGES
+    # the pod shape runs twice (the training pods' GPU count, the others'): kfp numbers the second component
+    assert names == GPU_STAGES | CPU_STAGES | {"gpu-pod-shape-2"}
 
 
 def test_gpu_stages_take_accelerator_resources_and_pod_settings_from_parameters(spec):
@@ -81,18 +84,19 @@ def test_gpu_stages_take_accelerator_resources_and_pod_settings_from_parameters(
         seen.add(stage)
         resources = pipeline["deploymentSpec"]["executors"][executor]["container"]["resources"]
         # the training step has its own count: 0 when it only launches a job on other nodes
-        count = "training_gpus" if stage == "opd-training" else "accelerator_count"
+        count, shape = GPU_COUNT[stage], SHAPE_OF_COUNT[GPU_COUNT[stage]]
         assert resources["accelerator"] == {"resourceType": _param("accelerator_type"),
                                             "resourceCount": _param(count)}, name
-        assert resources["resourceCpuRequest"] == _param("gpu_cpu_request")
-        assert resources["resourceMemoryRequest"] == _param("gpu_memory_request")
+        # CPU and memory, request and limit, from the shape task of the same GPU count
+        assert resources["resourceCpuRequest"] == resources["resourceCpuLimit"] == _param(f"{shape}-cpu"), name
+        assert resources["resourceMemoryRequest"] == resources["resourceMemoryLimit"] == _param(f"{shape}-memory")
         pod = k8s[executor]
         # A task at the root reads the pipeline parameter itself; one inside a sub-DAG reads its channel.
         [toleration] = pod["tolerations"]
         assert _bare(toleration["tolerationJson"]["componentInputParameter"]) == "gpu_tolerations", name
         assert _bare(pod["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"]) == "gpu_node_selector"
-        assert pod["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi",
-                                          "volumeName": "dshm"},
+        # /dev/shm without a size limit: sized by the pod's memory limit, which grows with its GPUs
+        assert pod["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm"},
                                          {"mountPath": IMAGE_CACHE_DIR, "volumeName": "cache"}]  # downloads
         assert "pvcMount" not in pod, name  # the default spec needs no volume the cluster may not have
     assert seen == GPU_STAGES
@@ -134,10 +138,31 @@ def test_sub_dags_receive_the_gpu_parameters_their_tasks_use(spec):
     for dag, name, task in _tasks(pipeline):
         if task["componentRef"]["name"].removeprefix("comp-") not in GPU_STAGES or dag == "root":
             continue
+        shape = SHAPE_OF_COUNT[GPU_COUNT[task["componentRef"]["name"].removeprefix("comp-")]]
+        needed = {f"pipelinechannel--{p}" for p in GPU_PARAMETERS | {f"{shape}-cpu", f"{shape}-memory"}}
         declared = set(pipeline["components"][dag]["inputDefinitions"]["parameters"])
-        assert {f"pipelinechannel--{p}" for p in GPU_PARAMETERS} <= declared, (dag, name)
+        assert needed <= declared, (dag, name)
         parent = next(t for _, _, t in _tasks(pipeline) if t["componentRef"]["name"] == dag)
-        assert {f"pipelinechannel--{p}" for p in GPU_PARAMETERS} <= set(parent["inputs"]["parameters"])
+        assert needed <= set(parent["inputs"]["parameters"])
+
+
+def test_gpu_pods_grow_with_their_gpu_count(spec):
+    """Each shape task reads its GPU count and the overrides from the pipeline's parameters; what it computes grows
+    with the count (a training pod of 8 GPUs runs 8 workers), and an override replaces it."""
+    from caopd.components import gpu_pod_shape
+
+    root = spec["pipeline"]["root"]["dag"]["tasks"]
+    for count, shape in SHAPE_OF_COUNT.items():
+        inputs = {name: _bare(value["componentInputParameter"])
+                  for name, value in root[shape]["inputs"]["parameters"].items()}
+        assert inputs == {"gpus": count, "cpu": "gpu_cpu_request", "memory": "gpu_memory_request"}
+    defaults = spec["pipeline"]["root"]["inputDefinitions"]["parameters"]
+    assert defaults["gpu_cpu_request"]["defaultValue"] == defaults["gpu_memory_request"]["defaultValue"] == ""
+    shape_of = gpu_pod_shape.python_func
+    assert tuple(shape_of(gpus=1, cpu="", memory="")) == ("8", "64Gi")
+    assert tuple(shape_of(gpus=8, cpu="", memory="")) == ("64", "512Gi")
+    assert tuple(shape_of(gpus=0, cpu="", memory="")) == ("8", "64Gi")  # a pod that launches a job elsewhere
+    assert tuple(shape_of(gpus=8, cpu="20", memory="")) == ("20", "512Gi")
 
 
 def test_caching_and_retries(spec):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import PurePosixPath
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -17,6 +17,26 @@ DEFAULT_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect":
 
 
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
+
+# What a GPU pod needs beside each GPU it requests: CPUs for its worker process (tokenisation, data loading, vLLM's
+# scheduler), host memory for the weights on their way to the card and the trainer's host state, and /dev/shm for
+# NCCL and vLLM (a pod with 8 GPUs runs 8 workers: it needs 8 times as much).
+CPU_PER_GPU, MEMORY_GI_PER_GPU, SHM_GI_PER_GPU = 8, 64, 16
+
+
+class PodShape(NamedTuple):
+    cpu: str
+    memory: str
+    shm: str
+
+
+def gpu_pod_shape(gpus: int, cpu: str = "", memory: str = "", shm: str = "") -> PodShape:
+    """A GPU pod's CPU and memory (request and limit) and its /dev/shm: ``CPU_PER_GPU`` … per GPU (a pod without
+    GPUs — a CPU-only cluster, or a step that launches a job elsewhere — is shaped as one with a single GPU); a
+    value given replaces its derived one."""
+    n = max(gpus, 1)
+    return PodShape(cpu or str(CPU_PER_GPU * n), memory or f"{MEMORY_GI_PER_GPU * n}Gi",
+                    shm or f"{SHM_GI_PER_GPU * n}Gi")
 
 
 _SECRET_REF = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[-._a-zA-Z0-9]+$")
@@ -35,9 +55,12 @@ class LaunchConfig(BaseModel):
     procs_per_node: int = Field(1, ge=1, description="torchrun processes per node (or in this pod): one per GPU")
     gpus_per_node: int = Field(1, ge=0, description="GPUs each node requests (0: a CPU-only job, gloo)")
     accelerator: str = Field("nvidia.com/gpu", description="the extended resource that counts the GPUs")
-    cpu: str = Field("8", description="CPU request and limit per node, e.g. '8' or '7500m'")
-    memory: str = Field("64Gi", description="memory request and limit per node, e.g. '64Gi'")
-    shm_size: str = Field("16Gi", description="size of the memory-backed /dev/shm (NCCL and vLLM use it)")
+    cpu: str = Field("", description="CPU request and limit per node, e.g. '64' or '7500m'; empty = "
+                     f"{CPU_PER_GPU} per GPU of the node (gpus_per_node)")
+    memory: str = Field("", description="memory request and limit per node, e.g. '512Gi'; empty = "
+                        f"{MEMORY_GI_PER_GPU}Gi per GPU of the node")
+    shm_size: str = Field("", description="size of the memory-backed /dev/shm (NCCL and vLLM use it); empty = "
+                          f"{SHM_GI_PER_GPU}Gi per GPU of the node")
     tolerations: list[dict[str, Any]] = Field(default_factory=lambda: [dict(t) for t in DEFAULT_TOLERATIONS],
                                               description="tolerations of the training pods")
     node_selector: dict[str, str] = Field(default_factory=dict, description="node selector of the training pods")
@@ -56,7 +79,7 @@ class LaunchConfig(BaseModel):
     @field_validator("cpu", "memory", "shm_size")
     @classmethod
     def _quantity(cls, value: str) -> str:
-        if not _QUANTITY.match(value):
+        if value and not _QUANTITY.match(value):
             raise ValueError(f"{value!r} is not a Kubernetes quantity such as '8', '500m' or '64Gi'")
         return value
 
@@ -81,4 +104,8 @@ class LaunchConfig(BaseModel):
             raise ValueError(f"procs_per_node={self.procs_per_node} > gpus_per_node={self.gpus_per_node}: each "
                              "process needs its own GPU")
         return self
+
+    def node_shape(self) -> PodShape:
+        """Each node's CPU, memory and /dev/shm: the values given, else derived from ``gpus_per_node``."""
+        return gpu_pod_shape(self.gpus_per_node, self.cpu, self.memory, self.shm_size)
 

@@ -28,6 +28,7 @@ from pydantic import BaseModel, TypeAdapter
 from pydantic.fields import FieldInfo
 
 from caopd.config.experiments import ContinualStepConfig
+from caopd.config.launch import CPU_PER_GPU, MEMORY_GI_PER_GPU
 from caopd.config.stages import (
     DataConfig,
     EvaluateConfig,
@@ -207,8 +208,10 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("gpu_node_selector",
               help=_gpu('node selector, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}')),
     Parameter("gpu_tolerations", help=_gpu("tolerations, as a pod spec writes them")),
-    Parameter("gpu_cpu_request", help=_gpu("CPU request, e.g. '4' or '3500m'")),
-    Parameter("gpu_memory_request", help=_gpu("memory request, e.g. '32Gi'")),
+    Parameter("gpu_cpu_request", help=_gpu(f"CPU request and limit, e.g. '16' or '7500m'; empty = {CPU_PER_GPU} per "
+                                           "GPU the pod requests (accelerator_count, training_gpus)")),
+    Parameter("gpu_memory_request", help=_gpu(f"memory request and limit, e.g. '256Gi'; empty = {MEMORY_GI_PER_GPU}Gi "
+                                              "per GPU the pod requests; /dev/shm is sized by it")),
 )
 
 BY_NAME: dict[str, Parameter] = {p.name: p for p in PARAMETERS}

@@ -50,7 +50,8 @@ def _env(launch: LaunchConfig) -> list[dict[str, Any]]:
 
 
 def _resources(launch: LaunchConfig) -> dict[str, dict[str, Any]]:
-    requests: dict[str, Any] = {"cpu": launch.cpu, "memory": launch.memory}
+    shape = launch.node_shape()
+    requests: dict[str, Any] = {"cpu": shape.cpu, "memory": shape.memory}
     limits: dict[str, Any] = dict(requests)
     if launch.gpus_per_node:
         requests[launch.accelerator] = limits[launch.accelerator] = launch.gpus_per_node
@@ -59,7 +60,7 @@ def _resources(launch: LaunchConfig) -> dict[str, dict[str, Any]]:
 
 def _volumes(launch: LaunchConfig) -> tuple[list[dict], list[dict]]:
     volumes = [{"name": "workspace", "persistentVolumeClaim": {"claimName": launch.workspace_pvc}},
-               {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": launch.shm_size}}]
+               {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": launch.node_shape().shm}}]
     mounts = [{"name": "workspace", "mountPath": launch.workspace}, {"name": "dshm", "mountPath": "/dev/shm"}]
     return volumes, mounts
 
