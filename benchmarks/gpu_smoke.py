@@ -1,11 +1,13 @@
-"""GPU check: rollout estimation and a few CaOPD training steps of a ~0.5B-parameter Qwen3-architecture model built
-from a config (no hub access needed), with samples/s, trained tokens/s and peak memory recorded.
+"""GPU check: rollout estimation with vLLM, then a few CaOPD training steps with the vLLM engine colocated beside
+the trainer (sleeping through each backward), on a ~0.5B-parameter Qwen3-architecture model built from a config (no
+hub access needed); samples/s, trained tokens/s, the GPU's peak memory in use and each engine's sizing recorded.
 
     python -m benchmarks.gpu_smoke                 # on a GPU machine; writes benchmarks/results/gpu_smoke.json
     python -m benchmarks.gpu_smoke --install-gpu-extra   # first installs vLLM (the `gpu` extra) if the disk has room
 
 Without a GPU it says so and exits 0 without writing anything. ``--size tiny --allow-cpu`` runs the same path on a
-small model on the CPU (the test suite does), so the script cannot rot where no GPU is.
+small model on the CPU with transformers (the test suite does; with tests/fake_vllm.py it runs the vLLM path too),
+so the script cannot rot where no GPU is.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -70,12 +73,43 @@ def _version(name: str) -> str | None:
         return None
 
 
+class PeakMemory:
+    """The GPU's peak memory in use (the whole card, as ``torch.cuda.mem_get_info`` sees it: vLLM's engine, which
+    allocates outside torch's caching allocator, included), polled every ``interval`` seconds while the block runs;
+    None without a GPU."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval, self.peak = interval, None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _poll(self) -> None:
+        while True:
+            free, total = torch.cuda.mem_get_info()
+            self.peak = max(self.peak or 0, total - free)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> PeakMemory:
+        if torch.cuda.is_available():
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def gib(self) -> float | None:
+        return None if self.peak is None else round(self.peak / 2**30, 2)
+
+
 def smoke(size: str, n_prompts: int, k: int, steps: int, prompts_per_step: int, work: Path) -> dict:
     from caopd.config.sampling import SamplingConfig
     from caopd.config.training import TrainConfig
     from caopd.experiments.chain import run_chain
     from caopd.io import write_jsonl
-    from caopd.rollout.vllm_engine import vllm_available
     from caopd.tasks.arithmetic import generate_rows
 
     model_dir, data = work / "model", work / "train.jsonl"
@@ -84,21 +118,23 @@ def smoke(size: str, n_prompts: int, k: int, steps: int, prompts_per_step: int, 
     # CaOPD; the rollout estimation samples as training does (K = k, 24 new tokens, seed 0)
     train = TrainConfig(steps=steps, prompts_per_step=prompts_per_step, k=k, warmup_steps=1, save_every=steps,
                         sampling=SamplingConfig(max_new_tokens=24))
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    # auto: with vLLM installed the training rollouts come from a colocated engine, synced after every step
-    done = run_chain(str(model_dir), str(data), train, work, rollout_engine="auto", train_engine="auto")
+    # auto: with vLLM installed and a GPU the estimation runs a standalone engine (shut down when it is done) and
+    # the training rollouts come from a colocated engine, asleep through each backward, synced after every step
+    with PeakMemory() as peak:
+        done = run_chain(str(model_dir), str(data), train, work, rollout_engine="auto", train_engine="auto")
     rollout_s, train_s, trained = done.seconds["rollouts"], done.seconds["training"], done.training
     log = [json.loads(line) for line in (work / "train" / "train_log.jsonl").read_text().splitlines() if line]
     return {
-        "size": size, "parameters": parameters, "rollout_engine": "vllm" if vllm_available() else "transformers",
-        "training_engine": "vllm (colocated)" if vllm_available() else "transformers",
+        "size": size, "parameters": parameters,
+        "rollout_engine": "vllm" if "vllm" in done.rollouts else "transformers",
+        "training_engine": "vllm (colocated)" if "vllm" in trained else "transformers",
         "rollout": {"prompts": n_prompts, "k": k, "seconds": round(rollout_s, 2),
                     "samples_per_s": round(n_prompts * k / rollout_s, 1)},
         "training": {"steps": trained["steps"], "prompts_per_step": prompts_per_step, "seconds": round(train_s, 2),
                      "trained_tokens_per_s": round(sum(r["trained_tokens"] for r in log) / train_s, 1),
                      "final_loss": log[-1]["loss"]},
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "peak_memory_gib": peak.gib(),
+        "vllm": {"rollout": done.rollouts.get("vllm"), "training": trained.get("vllm")},
     }
 
 

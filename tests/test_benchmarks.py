@@ -63,3 +63,28 @@ def test_the_gpu_smoke_script_skips_without_a_gpu_and_runs_its_path_on_a_tiny_mo
     assert result["rollout"]["samples_per_s"] > 0 and result["training"]["trained_tokens_per_s"] > 0
     assert result["training"]["steps"] == 2 and result["rollout_engine"] == "transformers"
     assert result["parameters"] > 0 and result["versions"]["torch"]
+
+
+def test_the_gpu_smoke_script_runs_its_vllm_path_on_a_fake_gpu(tmp_path, monkeypatch):
+    """With vLLM installed and a GPU (here tests/fake_vllm.py's, whose behaviours cite vLLM 0.33's source) the
+    estimation runs a standalone engine and the training a colocated one; the card's peak use is recorded."""
+    from fake_vllm import FakeGPU, install, uninstall
+
+    from benchmarks import gpu_smoke
+
+    gpu = FakeGPU()
+    install(monkeypatch, gpu)
+    try:
+        out = tmp_path / "smoke.json"
+        assert gpu_smoke.main(["--size", "tiny", "--prompts", "4", "--k", "2", "--steps", "1",
+                               "--prompts-per-step", "2", "--out", str(out)]) == 0
+    finally:
+        uninstall()
+    result = json.loads(out.read_text())
+    assert (result["rollout_engine"], result["training_engine"]) == ("vllm", "vllm (colocated)")
+    assert result["rollout"]["samples_per_s"] > 0 and result["training"]["trained_tokens_per_s"] > 0
+    assert result["vllm"]["rollout"]["max_num_seqs"] == 4 * 2 and result["vllm"]["training"]["max_num_seqs"] == 2 * 2
+    # the standalone engine took 0.9 of the card; the colocated one only what it needs
+    assert result["peak_memory_gib"] >= 0.9 * 24 and result["vllm"]["training"]["gpu_memory_utilization"] < 0.1
+    assert [what for what, *_ in gpu.events if what in ("start", "shutdown")] == ["start", "shutdown"] * 2
+    assert result["device"] == "fake GPU" and gpu.engine_bytes == 0

@@ -25,7 +25,8 @@ def check_draws(temperature: float, n: int, setting: str) -> None:
 class DecodingConfig(BaseModel, frozen=True):
     """One stage's decoding: temperature, nucleus mass and length. ``temperature=0`` decodes greedily."""
 
-    temperature: float = Field(1.0, ge=0.0, description="softmax temperature; 0 = greedy")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="softmax temperature; 0 = greedy (vLLM accepts up "
+                               "to 2)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     max_new_tokens: int = Field(32, ge=1, description="cut a completion after this many new tokens")
 

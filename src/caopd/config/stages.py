@@ -13,10 +13,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from caopd.config.engines import VLLMConfig
 from caopd.config.gates import GateConfig
 from caopd.config.launch import LaunchConfig
 from caopd.config.prompting import PromptConfig, prompt_field
-from caopd.config.sampling import SamplingConfig
+from caopd.config.sampling import SamplingConfig, check_draws
 from caopd.config.training import TrainConfig
 from caopd.method.types import EngineName, Method, Sharding, TeacherMode
 from caopd.tasks import get_task
@@ -144,12 +145,19 @@ class RolloutConfig(BaseModel):
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(max_new_tokens=24),
                                      description="rollout sampling (n is set from k)")
     engine: EngineName = Field("auto", description="auto: vLLM on a GPU when installed, else transformers")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="the vLLM engine's sizing (when vLLM samples)")
     shard_index: int = Field(0, ge=0, description="this shard's index (prompts are split into contiguous shards)")
     num_shards: int = Field(1, ge=1, description="number of shards")
 
     def model_post_init(self, _: Any) -> None:
         if self.shard_index >= self.num_shards:
             raise ValueError(f"shard_index {self.shard_index} must be below num_shards {self.num_shards}")
+
+    @model_validator(mode="after")
+    def _k_draws_need_a_temperature(self) -> RolloutConfig:
+        # the K rollouts are sampled with n = k (the sampling's own n is replaced): greedy would give K copies
+        check_draws(self.sampling.temperature, self.k, "sampling.temperature (with k rollouts per prompt)")
+        return self
 
 
 
@@ -180,8 +188,8 @@ class TrainStageConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig, description="the distillation settings")
     engine: EngineName = Field("transformers", description="rollout engine for training samples: transformers "
                                "samples from the live student; vllm runs beside it on its GPU, synced every step")
-    vllm_gpu_memory_utilization: float = Field(0.3, gt=0.0, lt=1.0, description="share of the GPU the colocated "
-                                               "vLLM engine may take (the rest is the trainer's)")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="the colocated vLLM engine's sizing and sleep "
+                             "mode (engine vllm, or auto with vLLM on a GPU)")
     sharding: Sharding = Field(
         "replicate", description="under torchrun: replicate = every process holds the whole model (data parallel); "
         "fsdp = weights, gradients and optimizer state sharded across the processes (FSDP2; the weights are "
@@ -207,6 +215,8 @@ class EvaluateConfig(BaseModel):
         description="decoding at test time; the default samples as rollout estimation does, so that the "
                     "confidence a model learned (its sampled success rate) is scored against the same policy")
     engine: EngineName = Field("auto", description="auto: vLLM on a GPU when installed, else transformers")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="the vLLM engine's sizing (when vLLM samples; "
+                             "one engine per arm, reused over its prompt sets)")
     bootstrap_resamples: int = Field(1000, ge=0, description="resamples for the 95 % bootstrap interval of every "
                                                              "metric (0: no intervals)")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from caopd.errors import CaopdInputError
@@ -33,6 +34,17 @@ class LoadedModel:
     tokenizer: Any
     template: str  # teacher-context template family: "paper" or "compact"
     source: str
+
+
+@dataclass
+class LoadedTokenizer:
+    """A model's tokenizer and config without its weights: what a stage needs when vLLM runs the model."""
+
+    tokenizer: Any
+    config: PretrainedConfig
+    template: str
+    source: str
+    path: str  # what vLLM loads: the resolved folder or hub id
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -80,6 +92,44 @@ def default_device() -> str:
     return "cpu"
 
 
+def checked_model_path(name_or_path: str) -> str:
+    """The folder or hub id a model source resolves to (``resolve_model_path``), a local folder checked for a config
+    and safetensors weights: the one resolution every loader shares."""
+    path = resolve_model_path(name_or_path)
+    if Path(path).exists():
+        check_checkpoint_folder(Path(path))
+    elif looks_like_local_path(path):
+        raise CaopdInputError("checkpoint folder does not exist", file=path)
+    return path
+
+
+@contextmanager
+def _loading_errors(path: str) -> Iterator[None]:
+    """transformers' loading errors as the user's: a missing or unreadable checkpoint, remote code refused."""
+    try:
+        yield
+    except OSError as err:
+        raise CaopdInputError(f"cannot load model: {str(err).splitlines()[0]}", file=path) from None
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise CaopdInputError(f"the checkpoint ships Python code to run, which is refused; set "
+                              f"{TRUST_REMOTE_CODE_ENV}=1 only for a checkpoint you trust", file=path,
+                              field="auto_map") from None
+
+
+def _tokenizer(path: str, trust_remote_code: bool) -> Any:
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def to_device(model: PreTrainedModel, device: str) -> PreTrainedModel:
+    """The one place a loaded model's weights go onto a device (tests account what lands on a GPU here)."""
+    return model.to(device)
+
+
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | None = None,
                trust_remote_code: bool | None = None, progress: bool = False) -> LoadedModel:
     """Load a model and its tokenizer with safetensors weights only and remote code off unless the user opts in
@@ -89,29 +139,49 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
     """
     if trust_remote_code is None:
         trust_remote_code = remote_code_allowed()
-    path = resolve_model_path(name_or_path)
-    if Path(path).exists():
-        check_checkpoint_folder(Path(path))
-    elif looks_like_local_path(path):
-        raise CaopdInputError("checkpoint folder does not exist", file=path)
-    try:
-        with hf_progress_bars(progress):
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                         trust_remote_code=trust_remote_code)
-    except OSError as err:
-        raise CaopdInputError(f"cannot load model: {str(err).splitlines()[0]}", file=path) from None
-    except ValueError as err:
-        if "trust_remote_code" not in str(err):
-            raise
-        raise CaopdInputError(f"the checkpoint ships Python code to run, which is refused; set "
-                              f"{TRUST_REMOTE_CODE_ENV}=1 only for a checkpoint you trust", file=path,
-                              field="auto_map") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.to(device or default_device()).eval()
+    path = checked_model_path(name_or_path)
+    with _loading_errors(path), hf_progress_bars(progress):
+        tokenizer = _tokenizer(path, trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    to_device(model, device or default_device()).eval()
     use_cpu_attention(model)  # a no-op on GPUs
     return LoadedModel(model, tokenizer, model_template(path), source=name_or_path)
+
+
+def load_tokenizer_and_config(name_or_path: str, *, trust_remote_code: bool | None = None) -> LoadedTokenizer:
+    """A model's tokenizer, config and template family, resolved and checked as ``load_model`` does, its weights
+    left on disk (for vLLM to load): nothing lands on a GPU."""
+    if trust_remote_code is None:
+        trust_remote_code = remote_code_allowed()
+    path = checked_model_path(name_or_path)
+    with _loading_errors(path):
+        tokenizer = _tokenizer(path, trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return LoadedTokenizer(tokenizer, config, model_template(path), source=name_or_path, path=path)
+
+
+def config_context_length(config: Any) -> int:
+    """The context a model's config declares (``max_position_embeddings``; unbounded when it declares none)."""
+    config = getattr(config, "text_config", None) or config
+    return int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
+
+
+def safetensors_parameters(path: str) -> int | None:
+    """The exact parameter count of a local checkpoint folder, from its safetensors headers (read, not loaded);
+    None for a hub id or a folder without safetensors files."""
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with file.open("rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        for name, tensor in header.items():
+            if name != "__metadata__":
+                total += math.prod(tensor["shape"])
+    return total
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:

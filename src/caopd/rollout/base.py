@@ -26,7 +26,14 @@ class Completion:
 
 
 class RolloutEngine(ABC):
-    """Generates completions for prompts: texts (already rendered, e.g. through a chat template) or token ids."""
+    """Generates completions for prompts: texts (already rendered, e.g. through a chat template) or token ids.
+
+    An engine is released with ``shutdown`` (or by leaving a ``with`` block): one that holds resources of its own
+    (vLLM: its GPU memory and process groups) gives them back then, not whenever garbage collection comes."""
+
+    # Whether the engine samples from weights of its own (colocated vLLM) rather than from the live model: then the
+    # trainer need not gather a sharded model to sample, and loads the trained weights into it (``sync_weights``).
+    holds_own_weights = False
 
     @abstractmethod
     def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig,
@@ -37,3 +44,13 @@ class RolloutEngine(ABC):
     def sync_weights(self, model: Any) -> None:  # noqa: B027 -- a no-op default, not an abstract method
         """Take the trained weights after an optimizer step (and after a resume). Engines that sample from the live
         model need nothing; an engine holding its own copy (colocated vLLM) loads them."""
+
+    def shutdown(self) -> None:  # noqa: B027 -- a no-op default, not an abstract method
+        """Release what the engine holds, now (idempotent). An engine sampling from a model it does not own holds
+        nothing."""
+
+    def __enter__(self) -> RolloutEngine:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()

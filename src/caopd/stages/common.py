@@ -54,7 +54,9 @@ def check_names(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def context_length(model: Any) -> int:
-    return int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
+    from caopd.models.loading import config_context_length  # loads torch; only stages that run a model come here
+
+    return config_context_length(model.config)
 
 
 def fit_to_context(examples: Sequence[Example], tokenizer: Any, max_length: int, max_new_tokens: int,

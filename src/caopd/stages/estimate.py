@@ -7,13 +7,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from caopd.config.engines import RunLengths
 from caopd.config.stages import ESTIMATES, ROLLOUT_ESTIMATION, ROLLOUTS, SUMMARY, RolloutConfig
 from caopd.errors import CaopdInputError
 from caopd.evaluation.metrics import calibration_metrics
 from caopd.io import file_digest, read_json, read_jsonl, write_json, write_jsonl
 from caopd.method.templates import render_prompt
-from caopd.models.loading import load_model
-from caopd.rollout import make_engine
+from caopd.models.loading import config_context_length, encode_text, load_model, load_tokenizer_and_config
+from caopd.rollout import make_engine, wants_vllm
 from caopd.stages.common import context_length, fit_to_context, score_completions
 from caopd.stages.sources import Found, dataset_path, model_path
 from caopd.tasks import get_task
@@ -34,21 +35,34 @@ def per_prompt_estimates(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_rollout_estimation(cfg: RolloutConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """K rollouts of every prompt that fits the model's context, scored; P per prompt. With vLLM sampling (asked
+    for, or ``auto`` on a GPU with vLLM) the stage reads only the model's tokenizer and config, and vLLM alone puts
+    weights on the GPU; its engine is sized for these prompts and shut down before the stage returns."""
     task = get_task(cfg.task, **cfg.prompt.task_options())
     found: Found = {}
     data = dataset_path(cfg.data, "train_data", found)
     examples = shard(load_examples(data, task), cfg.shard_index, cfg.num_shards)
-    loaded = load_model(model_path(cfg.model, "model", found), progress=progress)
+    source = model_path(cfg.model, "model", found)
+    vllm = wants_vllm(cfg.engine)
+    loaded = load_tokenizer_and_config(source) if vllm else load_model(source, progress=progress)
     sampling = cfg.sampling.model_copy(update={"n": cfg.k})
-    kept, skipped = fit_to_context(examples, loaded.tokenizer, context_length(loaded.model),
-                                   sampling.max_new_tokens, source=data, thinking=cfg.prompt.thinking)
-    engine = make_engine(loaded, cfg.engine)
-    outputs = engine.generate([render_prompt(loaded.tokenizer, e.prompt, cfg.prompt.thinking) for e in kept], sampling,
-                              progress)
+    context = config_context_length(loaded.config) if vllm else context_length(loaded.model)
+    kept, skipped = fit_to_context(examples, loaded.tokenizer, context, sampling.max_new_tokens, source=data,
+                                   thinking=cfg.prompt.thinking)
+    prompts = [render_prompt(loaded.tokenizer, e.prompt, cfg.prompt.thinking) for e in kept]
+    run = RunLengths(max(len(encode_text(loaded.tokenizer, p)) for p in prompts), sampling.max_new_tokens,
+                     len(prompts) * cfg.k) if vllm else None
+    engine = make_engine(loaded, cfg.engine, cfg.vllm, run)
+    try:
+        outputs = engine.generate(prompts, sampling, progress)
+    finally:
+        engine.shutdown()
     rows = score_completions(task, kept, outputs)
+    sizing = {"vllm": engine.sizing.summary()} if vllm else {}
     return _write_outputs(out_dir, rows, skipped, {"config": cfg.model_dump(), "data_digest": file_digest(data),
                                                    "sources": found, "template": loaded.template,
-                                                   "confidence_instruction": task.confidence_instruction_text})
+                                                   "confidence_instruction": task.confidence_instruction_text,
+                                                   **sizing})
 
 
 def merge_rollout_shards(shard_dirs: Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:

@@ -8,9 +8,11 @@ user logged. Model code loads only inside ``run_evaluation``, so scoring needs n
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from caopd.config.engines import RunLengths
 from caopd.config.stages import CALIBRATION_EVALUATION, REPORT, SUMMARY, EvaluateConfig
 from caopd.evaluation.metrics import (
     aurc,
@@ -23,7 +25,8 @@ from caopd.evaluation.plots import plot_confidence_histogram, plot_reliability_d
 from caopd.evaluation.tables import by_kind_table, comparison_table, intervals_table, markdown_table
 from caopd.io import file_digest, write_json, write_jsonl, write_text
 from caopd.method.templates import render_prompt
-from caopd.rollout import make_engine
+from caopd.rollout import make_engine, wants_vllm
+from caopd.rollout.base import RolloutEngine
 from caopd.stages.common import check_names, context_length, fit_to_context, score_completions
 from caopd.stages.sources import Found, dataset_path, model_path
 from caopd.tasks import get_task
@@ -68,17 +71,56 @@ def evaluate_arm(rows: list[dict[str, Any]], examples: Sequence[Example], tag: s
     return result
 
 
-def evaluate_on(loaded: Any, name: str, set_name: str | None, cfg: EvaluateConfig, task: Task,
-                examples: Sequence[Example], source: str, out: Path, progress: bool) -> dict[str, Any]:
-    """One model on one prompt set: generate, score, ``evaluate_arm`` (files end in ``_<set>`` for an extra set)."""
-    thinking = cfg.prompt.thinking
-    kept, skipped = fit_to_context(examples, loaded.tokenizer, context_length(loaded.model),
-                                   cfg.sampling.max_new_tokens, source=source, thinking=thinking)
-    outputs = make_engine(loaded, cfg.engine).generate(
-        [render_prompt(loaded.tokenizer, e.prompt, thinking) for e in kept], cfg.sampling, progress)
-    result = evaluate_arm(score_completions(task, kept, outputs), kept, f"{name}{_suffix(set_name)}", out,
-                          cfg.bootstrap_resamples, cfg.sampling.seed)
-    return {**result, "skipped_too_long": len(skipped)}
+@dataclass
+class FittedSet:
+    """One prompt set as one model sees it: the examples that fit its context with room for ``max_new_tokens``,
+    the ids of those skipped, and the kept prompts rendered."""
+
+    kept: list[Example]
+    skipped: list[str]
+    prompts: list[str]
+
+
+def fit_set(tokenizer: Any, context: int, examples: Sequence[Example], cfg: EvaluateConfig, source: str) -> FittedSet:
+    kept, skipped = fit_to_context(examples, tokenizer, context, cfg.sampling.max_new_tokens, source=source,
+                                   thinking=cfg.prompt.thinking)
+    return FittedSet(kept, skipped, [render_prompt(tokenizer, e.prompt, cfg.prompt.thinking) for e in kept])
+
+
+def evaluate_on(engine: RolloutEngine, name: str, set_name: str | None, cfg: EvaluateConfig, task: Task,
+                fitted: FittedSet, out: Path, progress: bool) -> dict[str, Any]:
+    """One model (its ``engine``) on one prompt set: generate, score, ``evaluate_arm`` (files end in ``_<set>`` for
+    an extra set)."""
+    outputs = engine.generate(fitted.prompts, cfg.sampling, progress)
+    result = evaluate_arm(score_completions(task, fitted.kept, outputs), fitted.kept, f"{name}{_suffix(set_name)}",
+                          out, cfg.bootstrap_resamples, cfg.sampling.seed)
+    return {**result, "skipped_too_long": len(fitted.skipped)}
+
+
+def evaluate_model(source: str, name: str, cfg: EvaluateConfig, tasks: Mapping[str | None, Task],
+                   prompt_sets: Mapping[str | None, Sequence[Example]], sources: Mapping[str | None, str], out: Path,
+                   progress: bool) -> tuple[dict[str | None, dict[str, Any]], dict[str, Any] | None]:
+    """One arm on every prompt set, with one engine, released before the next arm's: each set's results, and the
+    vLLM engine's sizing (None with transformers). With vLLM only the model's tokenizer and config are read (vLLM
+    loads the weights), and the engine is sized for the arm's longest prompt over its sets."""
+    from caopd.models.loading import config_context_length, encode_text, load_model, load_tokenizer_and_config
+
+    vllm = wants_vllm(cfg.engine)
+    loaded = load_tokenizer_and_config(source) if vllm else load_model(source, progress=progress)
+    context = config_context_length(loaded.config) if vllm else context_length(loaded.model)
+    fitted = {set_name: fit_set(loaded.tokenizer, context, examples, cfg, sources[set_name])
+              for set_name, examples in prompt_sets.items()}
+    run = None
+    if vllm:
+        run = RunLengths(max(len(encode_text(loaded.tokenizer, p)) for f in fitted.values() for p in f.prompts),
+                         cfg.sampling.max_new_tokens, max(len(f.prompts) for f in fitted.values()) * cfg.sampling.n)
+    engine = make_engine(loaded, cfg.engine, cfg.vllm, run)
+    try:
+        results = {set_name: evaluate_on(engine, name, set_name, cfg, tasks[set_name], f, out, progress)
+                   for set_name, f in fitted.items()}
+    finally:
+        engine.shutdown()
+    return results, engine.sizing.summary() if vllm else None
 
 
 def _extra_accuracies_table(arms: Mapping[str, Mapping[str, Any]]) -> str:
@@ -119,8 +161,6 @@ def write_report(results: Results, out: Path, heading: str, with_intervals: bool
 
 
 def run_evaluation(cfg: EvaluateConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
-    from caopd.models.loading import load_model  # torch: loaded only when a model runs
-
     found: Found = {}
     sources = {None: dataset_path(cfg.data, "eval_data", found),
                **{name: dataset_path(path, f"eval_data_{name}", found) for name, path in cfg.extra_data.items()}}
@@ -129,12 +169,14 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: str | Path, progress: bool = Tr
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str | None, dict[str, Any]] = {set_name: {} for set_name in sources}
-    for name, model in cfg.models.items():
-        loaded = load_model(model_path(model, f"model_{name}", found), progress=progress)
-        for set_name, examples in prompt_sets.items():
-            result = evaluate_on(loaded, name, set_name, cfg, tasks[set_name], examples, sources[set_name], out,
-                                 progress)
+    sizings: dict[str, Any] = {}
+    for name, model in cfg.models.items():  # one arm's engine at a time, shut down before the next arm's starts
+        arm, sizing = evaluate_model(model_path(model, f"model_{name}", found), name, cfg, tasks, prompt_sets,
+                                     sources, out, progress)
+        for set_name, result in arm.items():
             results[set_name][name] = {**result, "model": model}
+        if sizing is not None:
+            sizings[name] = sizing
     write_report(results, out, "Calibration evaluation", bool(cfg.bootstrap_resamples))
     summary = {"stage": CALIBRATION_EVALUATION.id, "config": cfg.model_dump(), "sources": found,
                "confidence_instruction": tasks[None].confidence_instruction_text,
@@ -142,7 +184,7 @@ def run_evaluation(cfg: EvaluateConfig, out_dir: str | Path, progress: bool = Tr
                "sets": {name: {"arms": results[name], "data_digest": file_digest(sources[name]),
                                "task": cfg.task_of(name),
                                "confidence_instruction": tasks[name].confidence_instruction_text}
-                        for name in cfg.extra_data}}
+                        for name in cfg.extra_data}, **({"vllm": sizings} if sizings else {})}
     write_json(out / SUMMARY, summary)
     return summary
 

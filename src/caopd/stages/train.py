@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 
+from caopd.config.engines import RunLengths
 from caopd.config.stages import CURVES, MODEL_DIR, SUMMARY, TRAIN_LOG, TrainStageConfig
 from caopd.errors import CaopdInputError
 from caopd.io import atomic_dir, file_digest, read_jsonl, write_json, write_jsonl
@@ -56,6 +58,14 @@ def trained_arms(artifact_dirs: list[str | Path]) -> dict[str, Path]:
     return arms
 
 
+def training_lengths(cfg: TrainStageConfig, trainer: Trainer, world_size: int) -> RunLengths:
+    """What a colocated vLLM engine is sized for: the longest prompt as sampled (cut to ``max_prompt_tokens``),
+    ``max_new_tokens``, and this process's share of a step's prompts × K."""
+    longest = max(len(ids) for ids in trainer.prompt_ids.values())
+    share = math.ceil(cfg.train.prompts_per_step / world_size)
+    return RunLengths(longest, cfg.train.sampling.max_new_tokens, share * cfg.train.k)
+
+
 def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Train, then write the model, log, curves and summary. Under torchrun every process trains on its share of
     each step and rank 0 alone writes (checkpoints included); the other ranks return a short summary."""
@@ -83,18 +93,24 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
             shard_model(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg.train, loaded.model, loaded.tokenizer, loaded.template, task, items,
-                      make_training_engine(loaded, cfg.engine, world.rank, world.size,
-                                           cfg.vllm_gpu_memory_utilization), teacher, out, progress, world,
-                      thinking=cfg.prompt.thinking)
+    # The engine is made once the trainer has encoded (and cut) the prompts: a vLLM engine is sized for them.
+    trainer = Trainer(cfg.train, loaded.model, loaded.tokenizer, loaded.template, task, items, None, teacher, out,
+                      progress, world, thinking=cfg.prompt.thinking)
+    trainer.engine = make_training_engine(loaded, cfg.engine, world.rank, world.size, cfg.vllm,
+                                          training_lengths(cfg, trainer, world.size))
     truncation = trainer.prompt_truncation()
     if truncation["truncated_prompts"] and world.is_main:  # never silent: also in every step record and the summary
         print(f"note: {truncation['truncated_prompts']} of {truncation['training_prompts']} training prompts are "
               f"longer than max_prompt_tokens={truncation['max_prompt_tokens']} (the longest: "
               f"{truncation['longest_prompt_tokens']} tokens) and keep only their last tokens", file=sys.stderr)
     start = time.perf_counter()
-    log = trainer.run()
-    weights = full_weights(loaded.model) if world.fsdp else None
+    try:
+        log = trainer.run()
+        weights = full_weights(loaded.model) if world.fsdp else None
+    finally:
+        # A vLLM engine's memory back before the save; its shutdown also ends the process groups, so it comes after
+        # the last collective (the gather of the sharded weights).
+        trainer.engine.shutdown()
     if not world.is_main:
         return {"stage": "opd-training", "rank": world.rank, "steps": len(log), "final": log[-1] if log else {}}
     loaded.model.eval()
@@ -115,5 +131,7 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
                "total_steps": trainer.n_steps, "prompt_truncation": truncation,
                "seconds": round(time.perf_counter() - start, 1), "final": log[-1] if log else {},
                "records_digest": file_digest(cfg.records), "model_digest": file_digest(out / MODEL_DIR)}
+    if hasattr(trainer.engine, "sizing"):  # the colocated vLLM engine's settings, as derived
+        summary["vllm"] = trainer.engine.sizing.summary()
     write_json(out / SUMMARY, summary)
     return summary

@@ -83,11 +83,12 @@ def learning_rate(cfg: TrainConfig, step: int, n_steps: int) -> float:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, student: torch.nn.Module, tokenizer: Any, template: str,
-                 task: Task, items: list[TrainItem], engine: RolloutEngine, teacher: Teacher,
+                 task: Task, items: list[TrainItem], engine: RolloutEngine | None, teacher: Teacher,
                  out_dir: Path, progress: bool = True, world: World | None = None,
                  thinking: Thinking = "template") -> None:
         """``thinking``: the chat template's thinking switch for every prompt it renders (the student's, and the
-        teacher's in the objective), as the stage's ``PromptConfig`` says."""
+        teacher's in the objective), as the stage's ``PromptConfig`` says. ``engine`` may be set after construction
+        (before ``run``): a vLLM engine is sized for the prompts as the trainer encodes and cuts them."""
         self.cfg, self.student, self.tokenizer, self.template = cfg, student, tokenizer, template
         self.task, self.items, self.engine, self.teacher = task, items, engine, teacher
         self.out_dir, self.progress, self.world, self.thinking = out_dir, progress, world or World(), thinking
@@ -171,7 +172,9 @@ class Trainer:
         sampling = cfg.sampling.model_copy(update={"n": cfg.k, "seed": cfg.seed * 100_003 + step})
         # Sharded (FSDP): sampling gathers the student whole once (processes stop sampling at different lengths, so
         # no forward there may wait on the others); the loss's forwards and backwards gather one layer at a time.
-        with gathered(self.student) if self.world.fsdp else contextlib.nullcontext():
+        # Sharded weights are gathered to sample from the live student; an engine with weights of its own needs none.
+        gather = self.world.fsdp and not self.engine.holds_own_weights
+        with gathered(self.student) if gather else contextlib.nullcontext():
             self.student.eval()
             # the very ids the loss sees: a truncated prompt is sampled from as truncated
             rollouts = self.engine.generate([self.prompt_ids[it.example.id] for it in batch], sampling)
