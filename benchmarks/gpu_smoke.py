@@ -3,7 +3,7 @@ the trainer (sleeping through each backward), on a ~0.5B-parameter Qwen3-archite
 hub access needed); samples/s, trained tokens/s, the GPU's peak memory in use and each engine's sizing recorded.
 
     python -m benchmarks.gpu_smoke                 # on a GPU machine; writes benchmarks/results/gpu_smoke.json
-    python -m benchmarks.gpu_smoke --install-gpu-extra   # first installs vLLM (the `gpu` extra) if the disk has room
+    python -m benchmarks.gpu_smoke --install-gpu-extra   # first installs the GPU image's lock (vLLM) if there is room
 
 Without a GPU it says so and exits 0 without writing anything. ``--size tiny --allow-cpu`` runs the same path on a
 small model on the CPU with transformers (the test suite does; with tests/fake_vllm.py it runs the vLLM path too),
@@ -61,9 +61,14 @@ def install_gpu_extra() -> str:
     free_gb = shutil.disk_usage(Path.cwd()).free / 2**30
     if free_gb < GPU_EXTRA_DISK_GB:
         return f"skipped: {free_gb:.0f} GB free, the gpu extra needs about {GPU_EXTRA_DISK_GB} GB"
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e", ".[gpu]"],
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
-    return "installed" if done.returncode == 0 else f"failed: {done.stderr.strip().splitlines()[-1:]}"
+    # The GPU image's versions (its lock), then caopd on top without touching them: the smoke runs what the image runs.
+    root = Path(__file__).resolve().parents[1]
+    for args in (["-r", "images/gpu/requirements.txt"], ["--no-deps", "-e", "."]):
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *args], cwd=root,
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            return f"failed: {done.stderr.strip().splitlines()[-1:]}"
+    return "installed"
 
 
 def _version(name: str) -> str | None:
@@ -147,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--prompts-per-step", type=int, default=16)
     parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU too (for the tiny size)")
-    parser.add_argument("--install-gpu-extra", action="store_true", help="pip install the gpu extra (vLLM) first")
+    parser.add_argument("--install-gpu-extra", action="store_true",
+                        help="pip install the GPU image's lock (vLLM, torch 2.14) first")
     parser.add_argument("--out", default=str(RESULTS / "gpu_smoke.json"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() and not args.allow_cpu:

@@ -1,16 +1,34 @@
 """The Dockerfiles, checked statically (no Docker engine here): base images pinned by digest with their tag named,
 every installed package pinned, the package the components import installed and checked, a non-root user, and
-the image names the pipeline uses matching the Dockerfiles."""
+the image names the pipeline uses matching the Dockerfiles. The GPU image installs its lock
+(images/gpu/requirements.txt, written by images/gpu/lock.py): every version is read from there, the lock agrees with
+pyproject.toml and with the image's Python, and CI's set is the lock minus exactly the documented exclusions. (The
+re-resolve that proves the lock is what its command gives needs the package index: tests/test_packaging.py, slow.)"""
 
+import importlib.util
 import re
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 from caopd.config.images import CPU_IMAGE, GPU_IMAGE, IMAGE_CACHE_DIR
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: pytest's own dependency
+    import tomli as tomllib
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = {"cpu": ROOT / "images" / "cpu" / "Dockerfile", "gpu": ROOT / "images" / "gpu" / "Dockerfile"}
+LOCK_FILE = ROOT / "images" / "gpu" / "requirements.txt"
+# images/ is no package: the lock script is loaded from its file
+_spec = importlib.util.spec_from_file_location("gpu_lock", ROOT / "images" / "gpu" / "lock.py")
+lock = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(lock)
+# The Python each Ubuntu release ships as python3: the image's venv runs it, so the lock must be resolved for it.
+UBUNTU_PYTHON = {"22.04": "3.10", "24.04": "3.12", "26.04": "3.14"}
 
 
 def _instructions(path: Path) -> list[tuple[str, str]]:
@@ -30,17 +48,32 @@ def test_base_image_is_pinned_by_digest_with_its_tag_in_a_comment(name):
     assert any(f"{match['image']}:{match['tag']}" in line for line in comments)
 
 
+def _pip_installs(path: Path) -> list[list[str]]:
+    """The arguments of every `pip install` the Dockerfile runs, in order."""
+    return [line.split() for instruction, args in _instructions(path) if instruction == "RUN"
+            for line in re.findall(r"pip install ([^&]+)", args)]
+
+
+def _locked_lines(text: str) -> list[str]:
+    """A requirements file's requirement lines: comments, annotations, options and blank lines dropped."""
+    return [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith(("#", "-"))]
+
+
 @pytest.mark.parametrize("name", sorted(DOCKERFILES))
 def test_every_installed_package_is_pinned(name):
-    installs = [args for instruction, args in _instructions(DOCKERFILES[name]) if instruction == "RUN"
-                for args in re.findall(r"pip install ([^&]+)", args)]
+    installs = _pip_installs(DOCKERFILES[name])
     assert installs
-    for line in installs:
-        for token in line.split():
+    for tokens in installs:
+        for i, token in enumerate(tokens):
             if token.startswith("-") or token.startswith("http"):
                 continue  # options and their values (an index URL)
-            # the project itself, whose own dependencies are pinned in pyproject.toml where they must be
-            assert re.fullmatch(r"[\w.-]+==[\w.+-]+", token) or token in (".", '".[gpu]"'), token
+            if i and tokens[i - 1] in ("-r", "--requirement"):
+                # a requirements file: every line in it is pinned
+                lines = _locked_lines((ROOT / token).read_text())
+                assert lines and all(re.fullmatch(r"[\w.-]+==[\w.+-]+", line) for line in lines), token
+                continue
+            # the project itself, whose own dependencies are pinned in pyproject.toml (and, for the GPU image, the lock)
+            assert re.fullmatch(r"[\w.-]+==[\w.+-]+", token) or token == ".", token
 
 
 @pytest.mark.parametrize("name", sorted(DOCKERFILES))
@@ -73,3 +106,126 @@ def test_the_cpu_image_uses_the_torch_the_project_tests_with():
     ci = (ROOT / ".ci" / "run").read_text()
     pinned = re.search(r"torch==([\w.]+)", ci)[1]
     assert f"torch=={pinned}" in DOCKERFILES["cpu"].read_text()
+
+
+# ---- the GPU image and its lock ----
+
+
+def _gpu_base() -> re.Match:
+    [base] = [args for instruction, args in _instructions(DOCKERFILES["gpu"]) if instruction == "FROM"]
+    match = re.fullmatch(r"nvidia/cuda:(?P<cuda>[\d.]+)-(?P<flavour>\w+)-ubuntu(?P<ubuntu>[\d.]+)@sha256:\w+", base)
+    assert match, base
+    return match
+
+
+def _apt_installed(path: Path) -> set[str]:
+    runs = " ".join(args for instruction, args in _instructions(path) if instruction == "RUN")
+    return {package for line in re.findall(r"apt-get install ([^&]+)", runs) for package in line.split()
+            if not package.startswith("-")}
+
+
+def test_the_gpu_base_is_cuda_13_with_nvcc_compilers_and_python_headers():
+    base = _gpu_base()
+    assert base["cuda"].startswith("13.")  # torch 2.14.0's CUDA wheels: CUDA 13, driver >= 580
+    assert base["flavour"] == "devel"  # nvcc and the CUDA headers FlashInfer's JIT compiles with
+    # Triton's C launcher: gcc, libc headers, Python.h; FlashInfer: the C++ compiler; the image's Python and its venv
+    assert {"gcc", "g++", "libc6-dev", "python3-dev", "python3", "python3-venv"} <= _apt_installed(DOCKERFILES["gpu"])
+    text = DOCKERFILES["gpu"].read_text()
+    assert "driver >= 580" in text
+
+
+def test_the_gpu_image_checks_what_triton_and_flashinfer_compile_with():
+    runs = [args for instruction, args in _instructions(DOCKERFILES["gpu"]) if instruction == "RUN"]
+    checks = " ".join(runs)
+    # Triton's own build of a C extension (its compiler lookup and its Python.h path), then FlashInfer's tools
+    assert "from triton.runtime.build import _build" in checks and "#include <Python.h>" in checks
+    assert "c++ --version" in checks and "nvcc --version" in checks
+
+
+def test_the_lock_is_resolved_for_the_python_of_the_gpu_base():
+    header = LOCK_FILE.read_text().split("\n\n", 1)[0]
+    [python] = re.findall(r"--python-version (\S+)", header)
+    assert python == lock.PYTHON_VERSION == UBUNTU_PYTHON[_gpu_base()["ubuntu"]]
+
+
+def test_the_gpu_image_installs_the_lock_then_caopd_without_dependencies_and_not_editable():
+    installs = _pip_installs(DOCKERFILES["gpu"])
+    assert installs == [["-r", lock.LOCK], ["--no-deps", "."]]
+    copied = [args.split()[0] for instruction, args in _instructions(DOCKERFILES["gpu"]) if instruction == "COPY"]
+    assert lock.LOCK in copied
+    # no version is written twice: the Dockerfile names none, the lock names them all
+    assert not re.search(r"\w==\d", " ".join(args for _, args in _instructions(DOCKERFILES["gpu"])))
+
+
+def test_the_gpu_image_frees_uid_1000_from_ubuntus_default_user():
+    # ubuntu:24.04 (and the CUDA images built on it) ships a user `ubuntu` with uid 1000: useradd --uid 1000 fails
+    runs = [args for instruction, args in _instructions(DOCKERFILES["gpu"]) if instruction == "RUN"]
+    [create] = [run for run in runs if "useradd" in run]
+    assert "--uid 1000" in create and create.index("userdel --remove ubuntu") < create.index("useradd")
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_every_requirement_of_the_project_and_its_gpu_extra_is_satisfied_by_its_locked_version():
+    locked = lock.pins(LOCK_FILE.read_text())
+    project = _pyproject()["project"]
+    requirements = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["gpu"]]
+    environment = {"python_version": lock.PYTHON_VERSION, "python_full_version": f"{lock.PYTHON_VERSION}.0"}
+    for requirement in requirements:
+        if requirement.marker and not requirement.marker.evaluate(environment):
+            continue
+        name = lock.canonical(requirement.name)
+        assert name in locked, f"{requirement} is not in the lock: regenerate it (python images/gpu/lock.py)"
+        assert requirement.specifier.contains(Version(locked[name]), prereleases=True), (
+            f"{requirement} in pyproject.toml, {name}=={locked[name]} in the lock: regenerate it")
+
+
+def test_the_lock_pins_vllm_torch_and_transformers_and_not_caopd():
+    locked = lock.pins(LOCK_FILE.read_text())
+    assert {"vllm", "torch", "transformers", "triton"} <= locked.keys()
+    assert "caopd" not in locked and not re.search(r"^(-e|\.|file:)", LOCK_FILE.read_text(), re.MULTILINE)
+    # transformers' lower bound in pyproject.toml is the oldest release CI tests: the lock's (vLLM caps it)
+    [transformers] = [Requirement(r) for r in _pyproject()["project"]["dependencies"]
+                      if Requirement(r).name == "transformers"]
+    [lower] = [spec.version for spec in transformers.specifier if spec.operator == ">="]
+    assert Version(lower).release[:2] == Version(locked["transformers"]).release[:2], (lower, locked["transformers"])
+
+
+def test_the_locks_header_carries_the_command_lock_py_runs():
+    header = LOCK_FILE.read_text().splitlines()[:2]
+    assert header[0] == "# This file was autogenerated by uv via the following command:"
+    assert header[1] == "#    " + " ".join(lock.COMMAND)
+    assert f"--exclude-newer {lock.EXCLUDE_NEWER}" in header[1] and f"-o {lock.LOCK}" in header[1]
+
+
+def test_ci_constraints_keep_every_pin_but_the_excluded_ones():
+    lock_text = ("--index-url https://pypi.org/simple\n\nTorch==2.14.0\n    # via caopd (pyproject.toml)\n"
+                 "nvidia-cublas==13.1.1.3\n    # via torch\ncuda-bindings==13.5.0\ntransformers==5.20.2\n"
+                 "torch-c-dlpack-ext==0.1.5\nscipy==1.18.1\nNumPy==2.3.5\n")
+    constraints = lock.ci_constraints(lock_text)
+    assert _locked_lines(constraints) == ["numpy==2.3.5", "torch-c-dlpack-ext==0.1.5", "transformers==5.20.2"]
+    assert lock.not_on_ci("Torch") == lock.NOT_ON_CI["torch"] and lock.not_on_ci("torch-c-dlpack-ext") is None
+
+
+def test_the_ci_set_is_the_lock_minus_exactly_the_documented_exclusions():
+    locked = lock.pins(LOCK_FILE.read_text())
+    kept = lock.pins(lock.ci_constraints(LOCK_FILE.read_text()))
+    assert kept == {name: version for name, version in locked.items() if lock.not_on_ci(name) is None}
+    left_out = locked.keys() - kept.keys()
+    named = {"torch", "torchvision", "torchaudio", "triton", "vllm", "contourpy", "networkx", "scipy"}
+    assert left_out == named | {name for name in locked if name.startswith(("nvidia-", "cuda-"))}
+    assert kept["transformers"] == locked["transformers"]
+    # every exclusion still matches a locked package, and each says why
+    for pattern, reason in lock.NOT_ON_CI.items():
+        assert any(lock.not_on_ci(name) == reason for name in locked), pattern
+        assert len(reason) > 20, pattern
+
+
+def test_ci_runs_the_gpu_image_set_from_the_lock_in_a_gitignored_venv():
+    ci = (ROOT / ".ci" / "run").read_text()
+    venv = re.search(r"local venv=(\S+)", ci)[1]
+    assert f"/{venv}/" in (ROOT / ".gitignore").read_text().splitlines()
+    assert "images/gpu/lock.py --ci-constraints" in ci and '-c "$constraints" -e ".[dev]"' in ci
+    assert "sed -n 's/^transformers==//p' images/gpu/requirements.txt" in ci  # the venv's transformers is the lock's

@@ -3,8 +3,9 @@ source, installed (non-editable, no dependencies) into a fresh virtualenv that b
 used from a folder outside the repository with PYTHONPATH cleared. Every module imports from the venv, the
 Dockerfiles' own import checks pass, the console script runs, and the data files (the tiny and stand-in checkpoints, the
 compiled pipeline) are in the wheel. The images build from what their Dockerfiles COPY: that context must give the same
-wheel."""
+wheel. The GPU image's lock is what its command resolves to today (this needs the package index)."""
 
+import importlib.util
 import json
 import os
 import re
@@ -25,8 +26,9 @@ DOCKERFILES = {"cpu": ROOT / "images" / "cpu" / "Dockerfile", "gpu": ROOT / "ima
 # runs. The wheel is built from a copy without them, and the build writes nothing into the checkout.
 NOT_SOURCE = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache",
                                     ".ruff_cache", "runs", "out", "mlruns", "mlflow", "shared")
-# Installed and importable on this machine, but not here: the GPU image's vLLM (a CUDA-only dependency).
-NOT_INSTALLED_HERE = {"vllm"}
+# Installed and importable in the GPU image, but not here: vLLM and Triton (CUDA-only; the CPU torch needs no Triton).
+NOT_INSTALLED_HERE = {"vllm", "triton"}
+LOCK_FILE = ROOT / "images" / "gpu" / "requirements.txt"
 
 
 def _instructions(path: Path) -> list[tuple[str, str]]:
@@ -127,7 +129,7 @@ def test_the_dockerfiles_import_check_passes_against_the_wheel(installed, name):
     python, flag, code = shlex.split(command)
     imported = [module.strip() for module in code.removeprefix("import ").split(",")]
     assert python in ("python", "python3") and flag == "-c" and code.startswith("import ") and "caopd.cli" in imported
-    # The GPU image imports vllm too, which this machine does not have: exactly that module is left out of the check.
+    # The GPU image imports vllm and triton too, which this machine does not have: exactly those are left out here.
     kept = [module for module in imported if module not in NOT_INSTALLED_HERE]
     assert name == "gpu" or kept == imported, imported
     if kept != imported:
@@ -216,9 +218,21 @@ def test_the_images_build_context_gives_the_same_wheel(installed, tmp_path, name
         if source.is_dir():
             shutil.copytree(source, context / path, ignore=NOT_SOURCE)
         else:
+            (context / path).parent.mkdir(parents=True, exist_ok=True)  # the GPU image's lock sits in images/gpu/
             shutil.copy2(source, context / path)
     image_wheel = _build_wheel(context, tmp_path / "dist")
     files = {n for n in zipfile.ZipFile(image_wheel).namelist() if ".dist-info/" not in n}
     expected = {n for n in zipfile.ZipFile(installed[2]).namelist() if ".dist-info/" not in n}
     assert files == expected, (f"the image's wheel lacks {sorted(expected - files)[:10]} and adds "
                                f"{sorted(files - expected)[:10]}; the Dockerfile copies {_copied(DOCKERFILES[name])}")
+
+
+def test_the_committed_gpu_lock_is_what_its_command_resolves_to(tmp_path):
+    """The real drift check: the command in images/gpu/lock.py (uv, from the dev extra; the index, as of the date it
+    records) resolves pyproject.toml to exactly the committed lock, header and annotations included."""
+    spec = importlib.util.spec_from_file_location("gpu_lock", ROOT / "images" / "gpu" / "lock.py")
+    lock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lock)
+    committed = LOCK_FILE.read_text()
+    fresh = lock.resolve(tmp_path)
+    assert fresh == committed, "\n".join(["regenerate: python images/gpu/lock.py", *lock.drift(committed, fresh)])
