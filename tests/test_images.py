@@ -229,3 +229,20 @@ def test_ci_runs_the_gpu_image_set_from_the_lock_in_a_gitignored_venv():
     assert f"/{venv}/" in (ROOT / ".gitignore").read_text().splitlines()
     assert "images/gpu/lock.py --ci-constraints" in ci and '-c "$constraints" -e ".[dev]"' in ci
     assert "sed -n 's/^transformers==//p' images/gpu/requirements.txt" in ci  # the venv's transformers is the lock's
+    # the venv sees the system's packages: what it runs must still be the lock's, checked package by package
+    assert 'python3 -m venv --system-site-packages "$venv"' in ci
+    assert '"$venv/bin/python" images/gpu/lock.py --verify-ci-set "$constraints"' in ci
+
+
+def test_the_ci_set_check_names_each_dependency_installed_at_another_version_than_the_lock():
+    from importlib.metadata import version
+
+    closure = lock.installed_closure()
+    assert {"transformers", "tokenizers", "huggingface-hub", "mlflow", "numpy"} <= closure.keys()
+    assert "pytest" not in closure and "caopd" not in closure  # caopd's own requirements, not its dev extra
+    here = {name: closure[name] for name in ("transformers", "numpy")}
+    assert lock.ci_set_drift("".join(f"{name}=={v}\n" for name, v in here.items())) == []
+    other = "transformers==5.20.2\n" if version("transformers") != "5.20.2" else "transformers==5.24.0\n"
+    assert lock.ci_set_drift(other) == [f"transformers: {version('transformers')} installed, "
+                                        f"{other.strip().split('==')[1]} in the lock"]
+    assert lock.ci_set_drift("not-a-dependency-of-caopd==1.0\n") == []

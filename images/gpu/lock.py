@@ -4,6 +4,7 @@ the CI set derived from it. Run from anywhere; it needs uv (the dev extra pins i
     python images/gpu/lock.py                       resolve again and write the lock (after changing dependencies)
     python images/gpu/lock.py --check               resolve again into a temporary folder; exit 1 naming the drift
     python images/gpu/lock.py --ci-constraints OUT  write the CI set: the lock minus NOT_ON_CI, as pip constraints
+    python images/gpu/lock.py --verify-ci-set FILE  check that caopd's dependencies here are at those versions
 
 The resolve reads only pyproject.toml (the project's dependencies and its gpu extra: vLLM, which pins torch), so the
 lock holds every package the image installs except caopd itself, which the image installs after it with --no-deps.
@@ -82,6 +83,41 @@ def ci_constraints(lock_text: str) -> str:
     return "\n".join(header + kept) + "\n"
 
 
+def installed_closure(root: str = "caopd") -> dict[str, str]:
+    """{canonical name: version} of what `root` requires, directly or not (markers evaluated, extras followed), as this
+    interpreter finds them installed. A requirement missing here raises PackageNotFoundError."""
+    from importlib.metadata import distribution
+
+    from packaging.requirements import Requirement
+
+    found: dict[str, str] = {}
+    seen: set[tuple[str, frozenset[str]]] = set()
+    todo = [(root, frozenset[str]())]
+    while todo:
+        name, extras = todo.pop()
+        if (canonical(name), extras) in seen:
+            continue
+        seen.add((canonical(name), extras))
+        dist = distribution(name)
+        if canonical(name) != canonical(root):
+            found[canonical(name)] = dist.version
+        for line in dist.requires or []:
+            requirement = Requirement(line)
+            wanted = requirement.marker is None or any(
+                requirement.marker.evaluate({"extra": extra}) for extra in (extras or {""}))
+            if wanted:
+                todo.append((requirement.name, frozenset(requirement.extras)))
+    return found
+
+
+def ci_set_drift(constraints_text: str) -> list[str]:
+    """Each package of caopd's own dependency closure installed at another version than the constraints pin (CI's
+    third tier runs on a venv that also sees the system's packages: what it tests must be the lock's)."""
+    locked = pins(constraints_text)
+    return [f"{name}: {version} installed, {locked[name]} in the lock"
+            for name, version in sorted(installed_closure().items()) if name in locked and locked[name] != version]
+
+
 def uv_binary() -> str:
     """The uv the dev extra installs (the `uv` package's binary), else one on PATH."""
     try:
@@ -125,9 +161,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="resolve again and exit 1 when the lock differs")
     parser.add_argument("--ci-constraints", metavar="OUT", type=Path,
                         help="write the lock minus NOT_ON_CI as a pip constraints file (no resolve, no network)")
+    parser.add_argument("--verify-ci-set", metavar="CONSTRAINTS", type=Path,
+                        help="exit 1 naming each package of caopd's dependency closure, as this Python finds them, "
+                             "that is not at the version CONSTRAINTS pins")
     args = parser.parse_args(argv)
     if args.ci_constraints:
         args.ci_constraints.write_text(ci_constraints((ROOT / LOCK).read_text()))
+        return 0
+    if args.verify_ci_set:
+        text = args.verify_ci_set.read_text()
+        differences = ci_set_drift(text)
+        if differences:
+            print("lock.py: caopd's dependencies are not at the lock's versions here:", *differences, sep="\n",
+                  file=sys.stderr)
+            return 1
+        checked = len(installed_closure().keys() & pins(text).keys())
+        print(f"lock.py: caopd's {checked} locked dependencies are at the lock's versions")
         return 0
     with tempfile.TemporaryDirectory(prefix="caopd-lock-") as workdir:
         fresh = resolve(Path(workdir))
