@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -154,12 +155,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU too (for the tiny size)")
     parser.add_argument("--install-gpu-extra", action="store_true",
                         help="pip install the GPU image's lock (vLLM, torch 2.14) first")
+    parser.add_argument("--installed-gpu-extra", default="not requested", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(RESULTS / "gpu_smoke.json"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() and not args.allow_cpu:
         print("gpu_smoke: no GPU here (torch.cuda.is_available() is False): skipped, nothing written")
         return 0
-    installed = install_gpu_extra() if args.install_gpu_extra else "not requested"
+    if args.install_gpu_extra:
+        installed = install_gpu_extra()
+        if installed == "installed":  # this process imported the torch it replaced: start again on the new one
+            rest = [arg for arg in (sys.argv[1:] if argv is None else argv) if arg != "--install-gpu-extra"]
+            os.execv(sys.executable, [sys.executable, "-m", "benchmarks.gpu_smoke", *rest,
+                                      "--installed-gpu-extra", installed])
+    else:
+        installed = args.installed_gpu_extra
     with tempfile.TemporaryDirectory() as work:
         result = smoke(args.size, args.prompts, args.k, args.steps, args.prompts_per_step, Path(work))
     result.update({"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor(),

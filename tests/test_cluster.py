@@ -48,9 +48,10 @@ def _pod(spec, container):
 
 
 def test_job_nodes_are_shaped_from_their_gpus_unless_given():
-    """8 CPUs, 64Gi and 16Gi of /dev/shm per GPU of the node; a value given replaces its derived one."""
+    """8 CPUs, 64Gi and 16Gi of /dev/shm per GPU of the node (4, 32Gi and 8Gi without GPUs); a value given replaces
+    its derived one."""
     derived = {k: v for k, v in GPU_LAUNCH.items() if k not in ("cpu", "memory", "shm_size")}
-    for gpus, expected in [(1, ("8", "64Gi", "16Gi")), (8, ("64", "512Gi", "128Gi")), (0, ("8", "64Gi", "16Gi"))]:
+    for gpus, expected in [(1, ("8", "64Gi", "16Gi")), (8, ("64", "512Gi", "128Gi")), (0, ("4", "32Gi", "8Gi"))]:
         launch = LaunchConfig(kind="pytorchjob", **{**derived, "gpus_per_node": gpus, "procs_per_node": 1})
         assert tuple(launch.node_shape()) == expected
     job = pytorchjob_manifest("caopd-x", "team-a", LaunchConfig(kind="pytorchjob", **{**derived, "gpus_per_node": 8}),

@@ -25,7 +25,7 @@ DOCKERFILES = {"cpu": ROOT / "images" / "cpu" / "Dockerfile", "gpu": ROOT / "ima
 # What a checkout may hold besides the source: build outputs (a stale build/lib would leak into the wheel), caches,
 # runs. The wheel is built from a copy without them, and the build writes nothing into the checkout.
 NOT_SOURCE = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "__pycache__", "*.pyc", ".pytest_cache",
-                                    ".ruff_cache", "runs", "out", "mlruns", "mlflow", "shared")
+                                    ".ruff_cache", "runs", "out", "mlruns", "mlflow", "shared", ".venv-gpu-set")
 # Installed and importable in the GPU image, but not here: vLLM and Triton (CUDA-only; the CPU torch needs no Triton).
 NOT_INSTALLED_HERE = {"vllm", "triton"}
 LOCK_FILE = ROOT / "images" / "gpu" / "requirements.txt"

@@ -161,8 +161,10 @@ def test_gpu_pods_grow_with_their_gpu_count(spec):
     shape_of = gpu_pod_shape.python_func
     assert tuple(shape_of(gpus=1, cpu="", memory="")) == ("8", "64Gi")
     assert tuple(shape_of(gpus=8, cpu="", memory="")) == ("64", "512Gi")
-    assert tuple(shape_of(gpus=0, cpu="", memory="")) == ("8", "64Gi")  # a pod that launches a job elsewhere
+    assert tuple(shape_of(gpus=0, cpu="", memory="")) == ("4", "32Gi")  # a pod that launches a job elsewhere
     assert tuple(shape_of(gpus=8, cpu="20", memory="")) == ("20", "512Gi")
+    with pytest.raises(ValueError, match="memory '64GB' is not a Kubernetes quantity"):
+        shape_of(gpus=1, cpu="", memory="64GB")  # the shape step fails, naming it, before any GPU pod is created
 
 
 def test_caching_and_retries(spec):

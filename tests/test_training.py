@@ -95,3 +95,15 @@ def test_completion_tokens_mark_the_confidence_line():
     sampled = tok("7\nConfidence: 0.9", add_special_tokens=False)["input_ids"]
     ids, mask = completion_tokens(tok, "7\nConfidence: 0.9", sampled)
     assert ids == sampled and not any(mask)
+
+
+def test_each_process_samples_its_own_noise_and_rank_0_keeps_the_one_process_seed():
+    from caopd.training.trainer import step_sampling
+
+    cfg = TrainConfig(seed=3, k=4)
+    seeds = {rank: step_sampling(cfg, 7, rank).seed for rank in range(4)}
+    assert seeds[0] == 3 * 100_003 + 7 and len(set(seeds.values())) == 4
+    assert step_sampling(cfg, 7, 0).n == 4
+    # no process's seed is another's at another step of a long run
+    assert not {step_sampling(cfg, s, 1).seed for s in range(10_000)} & {step_sampling(cfg, s, 0).seed
+                                                                         for s in range(10_000)}

@@ -5,6 +5,7 @@ weights when vLLM samples. The sizing arithmetic is pinned against hand-computed
 
 import copy
 import json
+import math
 import os
 import shutil
 import time
@@ -14,6 +15,8 @@ import torch
 from fake_vllm import GIB, FakeGPU, FakeLLM, SamplingParams, VLLMValidationError, install, uninstall
 
 from caopd.config.engines import (
+    HEADROOM_BYTES,
+    STANDALONE_SHARE,
     DeviceMemory,
     ModelShape,
     RunLengths,
@@ -133,6 +136,24 @@ def test_sizing_refuses_what_vllm_would_refuse_naming_the_numbers_and_the_settin
         size_vllm(VLLMConfig(max_model_len=50_000), shape, run, card, colocated=False)
     with pytest.raises(CaopdInputError, match=r"vllm.max_num_batched_tokens.*below max_num_seqs \(512\)"):
         size_vllm(VLLMConfig(max_num_seqs=512, max_num_batched_tokens=256), shape, run, card, colocated=False)
+
+
+def test_a_derived_share_is_never_below_what_vllm_needs_to_start():
+    """Rounding to thousandths of the card, or the standalone ceiling of 0.9, must not leave vLLM less than the
+    weights, one sequence and the activations: vLLM would pass the start-up check and fail its own KV cache check."""
+    shape, total = ModelShape.from_config(QWEN3_8B), 140 * GIB
+    run = RunLengths(1024, 1024, 8)
+    minimum = size_vllm(VLLMConfig(), shape, run, DeviceMemory(120 * GIB, total), colocated=True).minimum_bytes
+    # a free card barely larger than the model (1.5 GiB beyond the minimum): 0.9 of it is less than vLLM needs
+    small = DeviceMemory(minimum + 3 * GIB // 2, minimum + 3 * GIB // 2)
+    assert minimum > STANDALONE_SHARE * small.total
+    sizing = size_vllm(VLLMConfig(), shape, run, small, colocated=False)
+    assert sizing.gpu_memory_utilization > STANDALONE_SHARE
+    assert math.ceil(small.total * sizing.gpu_memory_utilization) >= minimum
+    # free memory just above the minimum, but below it once rounded down to a thousandth of the card: refused here
+    tight = DeviceMemory(minimum + HEADROOM_BYTES + total // 2000, total)
+    with pytest.raises(CaopdInputError, match=r"field 'vllm': vLLM needs at least"):
+        size_vllm(VLLMConfig(), shape, run, tight, colocated=True)
 
 
 def test_the_startup_check_fails_where_vllm_s_own_does(fake_gpu):
@@ -358,3 +379,22 @@ def test_tokenizer_and_config_load_without_weights(fake_gpu, tiny_model):
     assert ModelShape.from_config(info.config.to_dict(), n_params).kv_bytes_per_token(2) == 2 * 4 * 2 * 32 * 2
     with pytest.raises(CaopdInputError, match="checkpoint folder does not exist"):
         load_tokenizer_and_config("./no/such/model")
+
+
+def test_a_sharded_checkpoint_counts_the_files_its_index_names(tmp_path, tiny_model):
+    """A folder may hold a consolidated copy beside its shards (Mistral's do): the index decides what is counted."""
+    from safetensors.torch import save_file
+
+    state = {name: p.detach().clone().contiguous() for name, p in tiny_model.model.named_parameters()}
+    names = sorted(state)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    for file, keys in shards.items():
+        save_file({key: state[key] for key in keys}, str(tmp_path / file))
+    n_params = sum(t.numel() for t in state.values())
+    assert safetensors_parameters(str(tmp_path)) == n_params
+    save_file(state, str(tmp_path / "consolidated.safetensors"))
+    assert safetensors_parameters(str(tmp_path)) == 2 * n_params  # without an index every file counts
+    weight_map = {key: file for file, keys in shards.items() for key in keys}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert safetensors_parameters(str(tmp_path)) == n_params

@@ -177,9 +177,10 @@ def size_vllm(cfg: VLLMConfig, shape: ModelShape, run: RunLengths, device: Devic
     state the trainer allocates after the engine has started). A derived utilisation is, standalone, all of
     ``available`` up to ``STANDALONE_SHARE`` of the card (the KV cache beyond ``needed`` keeps prefixes); colocated,
     ``needed`` rounded up to 0.001 of the card, within ``available`` (fewer sequences at once when less is free);
-    ``available`` counts in whole thousandths of the card, rounded down. Raises ``CaopdInputError`` naming the
-    numbers and the setting to change when the engine could not start: less than ``minimum`` available, or a given
-    setting that vLLM would refuse.
+    ``available`` counts in whole thousandths of the card, rounded down, and the share is never below ``minimum``
+    (a model that needs more than ``STANDALONE_SHARE`` of the card gets what it needs when that is free). Raises
+    ``CaopdInputError`` naming the numbers and the setting to change when the engine could not start: less than
+    ``minimum`` available, or a given setting that vLLM would refuse.
     """
     dtype_bytes = DTYPE_BYTES[cfg.dtype]
     wanted_len = run.longest_prompt + run.max_new_tokens
@@ -222,13 +223,16 @@ def size_vllm(cfg: VLLMConfig, shape: ModelShape, run: RunLengths, device: Devic
                                   f"need of the {_gib(device.free)} GiB free; lower it to at most {most} (or 0 to "
                                   "derive it)", field=VLLM_UTILIZATION)
     else:
-        if available < minimum:
+        # in thousandths of the card: the share may take no more than is available, and no less than vLLM needs to
+        # start (a share rounded below it would pass the start-up check and fail vLLM's own KV cache check)
+        most = math.floor(available * 1000 / device.total)
+        least = math.ceil(minimum * 1000 / device.total)
+        if most < least:
             raise CaopdInputError(f"vLLM needs at least {_gib(minimum)} GiB ({breakdown}) but has {_gib(available)} "
                                   f"GiB ({where}); lower vllm.max_model_len or max_new_tokens, use a smaller model or "
                                   "free the GPU", field="vllm")
-        most = math.floor(available * 1000 / device.total)  # in thousandths of the card
-        utilization = (min(most, math.ceil(needed * 1000 / device.total)) if colocated
-                       else min(round(STANDALONE_SHARE * 1000), most)) / 1000
+        wanted = math.ceil(needed * 1000 / device.total) if colocated else max(round(STANDALONE_SHARE * 1000), least)
+        utilization = min(most, wanted) / 1000
     return VLLMSizing(gpu_memory_utilization=utilization, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                       max_num_batched_tokens=batched, weights_bytes=weights,
                       kv_bytes_per_token=shape.kv_bytes_per_token(dtype_bytes),

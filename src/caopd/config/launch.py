@@ -22,6 +22,9 @@ _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
 # scheduler), host memory for the weights on their way to the card and the trainer's host state, and /dev/shm for
 # NCCL and vLLM (a pod with 8 GPUs runs 8 workers: it needs 8 times as much).
 CPU_PER_GPU, MEMORY_GI_PER_GPU, SHM_GI_PER_GPU = 8, 64, 16
+# A pod of a GPU stage without GPUs: a training step that launches its job on other nodes, or a CPU-only cluster
+# running the tiny model.
+NO_GPU_SHAPE = ("4", "32Gi", "8Gi")
 
 
 class PodShape(NamedTuple):
@@ -31,12 +34,14 @@ class PodShape(NamedTuple):
 
 
 def gpu_pod_shape(gpus: int, cpu: str = "", memory: str = "", shm: str = "") -> PodShape:
-    """A GPU pod's CPU and memory (request and limit) and its /dev/shm: ``CPU_PER_GPU`` … per GPU (a pod without
-    GPUs — a CPU-only cluster, or a step that launches a job elsewhere — is shaped as one with a single GPU); a
-    value given replaces its derived one."""
-    n = max(gpus, 1)
-    return PodShape(cpu or str(CPU_PER_GPU * n), memory or f"{MEMORY_GI_PER_GPU * n}Gi",
-                    shm or f"{SHM_GI_PER_GPU * n}Gi")
+    """A GPU pod's CPU and memory (request and limit) and its /dev/shm: ``CPU_PER_GPU`` … per GPU, ``NO_GPU_SHAPE``
+    without GPUs; a value given replaces its derived one (a Kubernetes quantity, else ValueError naming it)."""
+    for name, value in (("cpu", cpu), ("memory", memory), ("shm", shm)):
+        if value and not _QUANTITY.match(value):
+            raise ValueError(f"{name} {value!r} is not a Kubernetes quantity such as '8', '500m' or '64Gi'")
+    derived = (PodShape(*NO_GPU_SHAPE) if gpus < 1 else
+               PodShape(str(CPU_PER_GPU * gpus), f"{MEMORY_GI_PER_GPU * gpus}Gi", f"{SHM_GI_PER_GPU * gpus}Gi"))
+    return PodShape(cpu or derived.cpu, memory or derived.memory, shm or derived.shm)
 
 
 _SECRET_REF = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[-._a-zA-Z0-9]+$")
@@ -56,11 +61,11 @@ class LaunchConfig(BaseModel):
     gpus_per_node: int = Field(1, ge=0, description="GPUs each node requests (0: a CPU-only job, gloo)")
     accelerator: str = Field("nvidia.com/gpu", description="the extended resource that counts the GPUs")
     cpu: str = Field("", description="CPU request and limit per node, e.g. '64' or '7500m'; empty = "
-                     f"{CPU_PER_GPU} per GPU of the node (gpus_per_node)")
+                     f"{CPU_PER_GPU} per GPU of the node (gpus_per_node; {NO_GPU_SHAPE[0]} without)")
     memory: str = Field("", description="memory request and limit per node, e.g. '512Gi'; empty = "
-                        f"{MEMORY_GI_PER_GPU}Gi per GPU of the node")
+                        f"{MEMORY_GI_PER_GPU}Gi per GPU of the node ({NO_GPU_SHAPE[1]} without)")
     shm_size: str = Field("", description="size of the memory-backed /dev/shm (NCCL and vLLM use it); empty = "
-                          f"{SHM_GI_PER_GPU}Gi per GPU of the node")
+                          f"{SHM_GI_PER_GPU}Gi per GPU of the node ({NO_GPU_SHAPE[2]} without)")
     tolerations: list[dict[str, Any]] = Field(default_factory=lambda: [dict(t) for t in DEFAULT_TOLERATIONS],
                                               description="tolerations of the training pods")
     node_selector: dict[str, str] = Field(default_factory=dict, description="node selector of the training pods")

@@ -209,9 +209,9 @@ PARAMETERS: tuple[Parameter, ...] = (
               help=_gpu('node selector, e.g. {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}')),
     Parameter("gpu_tolerations", help=_gpu("tolerations, as a pod spec writes them")),
     Parameter("gpu_cpu_request", help=_gpu(f"CPU request and limit, e.g. '16' or '7500m'; empty = {CPU_PER_GPU} per "
-                                           "GPU the pod requests (accelerator_count, training_gpus)")),
+                                           "GPU the pod requests (accelerator_count, training_gpus); 4 without GPUs")),
     Parameter("gpu_memory_request", help=_gpu(f"memory request and limit, e.g. '256Gi'; empty = {MEMORY_GI_PER_GPU}Gi "
-                                              "per GPU the pod requests; /dev/shm is sized by it")),
+                                              "per GPU the pod requests, 32Gi without; /dev/shm counts against it")),
 )
 
 BY_NAME: dict[str, Parameter] = {p.name: p for p in PARAMETERS}

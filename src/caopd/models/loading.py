@@ -169,9 +169,14 @@ def config_context_length(config: Any) -> int:
 
 def safetensors_parameters(path: str) -> int | None:
     """The exact parameter count of a local checkpoint folder, from its safetensors headers (read, not loaded);
-    None for a hub id or a folder without safetensors files."""
+    None for a hub id or a folder without safetensors files. A sharded checkpoint counts the files its index names
+    (some folders also hold a consolidated copy of the same weights)."""
     folder = Path(path)
-    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    else:
+        files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if not files:
         return None
     total = 0

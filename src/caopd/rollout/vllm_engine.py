@@ -126,7 +126,9 @@ class VLLMEngine(RolloutEngine):
                  trainer_pending_bytes: int = 0, parameters: int | None = None) -> None:
         """``config``: the model's config.json values; ``parameters``: its exact parameter count when known (else
         estimated from the config); ``trainer_pending_bytes``: what the colocated trainer will still allocate
-        (gradients, optimizer state). Under torchrun each process runs its own engine (seeded by its rank)."""
+        (gradients, optimizer state). Under torchrun each process runs its own engine; each request carries its own seed
+        (``request_seeds``, from the sampling seed the trainer gives each process), so vLLM's engine seed (the rank)
+        decides no sample."""
         from vllm import LLM
 
         from caopd.models.loading import remote_code_allowed

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from caopd.config.sampling import SamplingConfig
 from caopd.config.training import TrainConfig, total_steps, warmup_steps
 from caopd.errors import TrainingStopped
 from caopd.method.protocol import parse_confidence
@@ -79,6 +80,13 @@ def learning_rate(cfg: TrainConfig, step: int, n_steps: int) -> float:
         return cfg.lr * (float(step) / float(max(1, warmup)))
     progress = float(step - warmup) / float(max(1, n_steps - warmup))
     return cfg.lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))  # transformers' λ, op for op
+
+
+def step_sampling(cfg: TrainConfig, step: int, rank: int) -> SamplingConfig:
+    """The training rollouts' sampling at ``step`` on process ``rank``: K samples per prompt, and a seed of the step
+    and the process — each process draws its own noise (its prompts differ: their draws must not be correlated), and
+    rank 0's seed is a one-process run's."""
+    return cfg.sampling.model_copy(update={"n": cfg.k, "seed": cfg.seed * 100_003 + step + rank * 1_000_000_007})
 
 
 class Trainer:
@@ -169,10 +177,10 @@ class Trainer:
         cfg = self.cfg
         batch = [self.items[i] for i in prompt_order(len(self.items), cfg.seed, step, cfg.prompts_per_step)]
         batch = self.world.shard(batch)  # under torchrun, this process's share of the step's prompts
-        sampling = cfg.sampling.model_copy(update={"n": cfg.k, "seed": cfg.seed * 100_003 + step})
-        # Sharded (FSDP): sampling gathers the student whole once (processes stop sampling at different lengths, so
-        # no forward there may wait on the others); the loss's forwards and backwards gather one layer at a time.
-        # Sharded weights are gathered to sample from the live student; an engine with weights of its own needs none.
+        sampling = step_sampling(cfg, step, self.world.rank)
+        # Sharded (FSDP): sampling from the live student gathers it whole once (processes stop sampling at different
+        # lengths, so no forward there may wait on the others); the loss's forwards and backwards gather one layer at
+        # a time. An engine with weights of its own (colocated vLLM) needs no gather.
         gather = self.world.fsdp and not self.engine.holds_own_weights
         with gathered(self.student) if gather else contextlib.nullcontext():
             self.student.eval()
