@@ -62,8 +62,8 @@ def _on_gpu(task: dsl.PipelineTask, accelerator_type, accelerator_count, node_se
     task.register_pipeline_channels([accelerator_type, accelerator_count, cpu, memory])
     kubernetes.add_node_selector_json(task, node_selector)
     kubernetes.add_toleration_json(task, tolerations)
-    # /dev/shm: NCCL and vLLM exchange tensors through it and the 64 MiB container default breaks both. A
-    # memory-backed emptyDir without a size limit is sized by the pod's memory limit, which grows with its GPUs.
+    # /dev/shm: NCCL and vLLM exchange tensors through it and the 64 MiB container default breaks both. Without a
+    # size limit of its own, what it holds counts against the pod's memory limit, which grows with its GPUs.
     kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
     # The downloads (a base model from s3:// or the registry, hub models) on a volume of their own rather than the
     # container's writable layer; it lives as long as the pod.
