@@ -18,11 +18,14 @@ from caopd.rollout.transformers_engine import TransformersEngine
 from caopd.tasks.base import Example
 from caopd.training.objectives import (
     DistillationObjective,
+    PromptGroup,
     RLCRObjective,
     StepContext,
     TrainItem,
     VerifiedRollouts,
+    micro_batches,
     objective_for,
+    split_group,
 )
 from caopd.training.rlcr import group_advantages, rlcr_reward
 from caopd.training.teachers import Teacher
@@ -90,7 +93,8 @@ def test_the_step_loss_and_its_gradients_do_not_depend_on_the_micro_batches(tiny
     tokenizer = tiny_model.tokenizer
     prompts = [("12+3=", "15"), ("7*8=", "56"), ("40+2=", "42")]
     results = []
-    for micro in (100, 4):  # the three groups of four in one micro-batch, then one per micro-batch
+    # the three groups of four in one micro-batch, one per micro-batch, then each group split into 3 + 1 completions
+    for micro in (100, 4, 3):
         cfg = TrainConfig(**overrides, micro_batch_size=micro)
         objective, student = objective_for(cfg), copy.deepcopy(tiny_model.model).eval()
         context = _context(tiny_model, student)
@@ -99,12 +103,13 @@ def test_the_step_loss_and_its_gradients_do_not_depend_on_the_micro_batches(tiny
                   for (p, a), i in zip(prompts, ids)]
         losses = objective.loss_and_backward(groups, context)
         results.append((losses, [p.grad.clone() for p in student.parameters()]))
-    (whole, grads_whole), (split, grads_split) = results
-    assert set(whole) == set(split) and whole["trained_tokens"] == split["trained_tokens"] > 0
-    for key in whole:
-        assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7)
-    for a, b in zip(grads_whole, grads_split):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    (whole, grads_whole), *others = results
+    for split, grads_split in others:
+        assert set(whole) == set(split) and whole["trained_tokens"] == split["trained_tokens"] > 0
+        for key in whole:
+            assert split[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7)
+        for a, b in zip(grads_whole, grads_split):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     if overrides.get("variant") == "decoupled":
         assert whole["confidence_ce"] > 0
 
@@ -124,3 +129,18 @@ def test_opd_and_rlcr_train_on_sampled_sequences_with_exactly_one_eos(tiny_model
         group = objective_for(TrainConfig(method=method)).group(rollouts, _context(tiny_model))
         for ids, c in zip(group.completion_ids, completions):
             assert ids.count(tok.eos_token_id) == c.finished and (ids[-1] == tok.eos_token_id) == c.finished
+
+
+def test_micro_batches_pack_whole_groups_and_split_a_group_larger_than_the_setting():
+    def group(name, k):
+        return PromptGroup([name], [name], [[name, i] for i in range(k)], [[False, False]] * k,
+                           [float(i) for i in range(k)], [])
+    a, b, c = group(1, 2), group(2, 2), group(3, 5)
+    # groups that fit are packed whole, as ever; the group of 5 becomes parts of 2, 2 and 1 with their advantages
+    batches = micro_batches([a, b, c], 2)
+    assert [[g.completion_ids for g in batch] for batch in batches] == [
+        [[[1, 0], [1, 1]]], [[[2, 0], [2, 1]]], [[[3, 0], [3, 1]]], [[[3, 2], [3, 3]]], [[[3, 4]]]]
+    assert [g.advantages for batch in batches[2:] for g in batch] == [[0.0, 1.0], [2.0, 3.0], [4.0]]
+    assert all(g.prompt_ids == [3] and g.teacher_prompt_ids == [3] for batch in batches[2:] for g in batch)
+    assert [len(batch) for batch in micro_batches([a, b, c], 4)] == [2, 1, 1]  # 2+2 | 4 | 1
+    assert split_group(c, 5) == [c]

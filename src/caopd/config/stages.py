@@ -24,6 +24,11 @@ from caopd.tasks import get_task
 from caopd.tasks.arithmetic import KINDS
 from caopd.tasks.datasets import DATA_ROOT_ENV, confined_path
 
+# The card the start-up fit check (``caopd plan``'s) plans against, in the GPU stages' configs.
+GPU_MEMORY_DEFAULT = 0.0
+GPU_MEMORY_HELP = ("memory of one GPU in GiB, which the start-up check (caopd plan's) plans the stage against; 0 = "
+                   "the GPU this process runs on (no check on a machine without one)")
+
 # Artifact files, one name each.
 SUMMARY = "summary.json"  # every stage's summary
 TRAIN, EVAL, OOD = "train.jsonl", "eval.jsonl", "ood.jsonl"
@@ -146,6 +151,7 @@ class RolloutConfig(BaseModel):
                                      description="rollout sampling (n is set from k)")
     engine: EngineName = Field("auto", description="auto: vLLM on a GPU when installed, else transformers")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="the vLLM engine's sizing (when vLLM samples)")
+    gpu_memory_gib: float = Field(GPU_MEMORY_DEFAULT, ge=0.0, description=GPU_MEMORY_HELP)
     shard_index: int = Field(0, ge=0, description="this shard's index (prompts are split into contiguous shards)")
     num_shards: int = Field(1, ge=1, description="number of shards")
 
@@ -196,6 +202,10 @@ class TrainStageConfig(BaseModel):
         "gathered whole only to sample), for models whose training state does not fit one GPU")
     launch: LaunchConfig = Field(default_factory=LaunchConfig, description="where training runs: this process "
                                  "(torchrun around it for several GPUs), or a TrainJob / PyTorchJob on several nodes")
+    collective_timeout_minutes: float = Field(
+        30.0, gt=0.0, le=1440.0, description="how long a collective (NCCL or gloo) waits for every process before "
+        "the run fails: covers the longest a process can be alone, e.g. gathering the final model on rank 0")
+    gpu_memory_gib: float = Field(GPU_MEMORY_DEFAULT, ge=0.0, description=GPU_MEMORY_HELP)
 
 
 

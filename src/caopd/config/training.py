@@ -9,7 +9,39 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from caopd.config.sampling import SamplingConfig, check_draws
-from caopd.method.types import TEACHERLESS_METHODS, Divergence, TeacherKind, TeacherMode, TrainMethod, Variant
+from caopd.method.types import (
+    TEACHERLESS_METHODS,
+    Divergence,
+    Finetune,
+    Precision,
+    TeacherKind,
+    TeacherMode,
+    TrainMethod,
+    Variant,
+)
+
+# Every linear layer of a decoder block (attention and MLP), as PEFT spells "all of them" for any architecture.
+ALL_LINEAR = "all-linear"
+
+
+class LoRAConfig(BaseModel):
+    """The student's low-rank adapters (``finetune='lora'``), as PEFT's ``LoraConfig`` takes them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, ge=1, le=1024, description="adapter rank")
+    alpha: float = Field(32.0, gt=0.0, description="adapter scaling numerator: the update is (alpha / r)·B·A")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapters' input (0 keeps on-policy "
+                           "scoring deterministic)")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        ALL_LINEAR, description="the linear layers that get adapters: 'all-linear' (every linear layer of the "
+        "decoder blocks, PEFT's spelling; the LM head is left out) or module names such as [q_proj, v_proj]")
+
+    @model_validator(mode="after")
+    def _some_modules(self) -> LoRAConfig:
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            raise ValueError("lora.target_modules is empty: name the linear layers to adapt, or 'all-linear'")
+        return self
 
 
 class TrainConfig(BaseModel):
@@ -67,7 +99,21 @@ class TrainConfig(BaseModel):
         None, ge=1, description="student prompts longer than this keep their last max_prompt_tokens tokens (left "
         "truncation, official recipe: 1024); the teacher's prompt loses the same tokens and keeps its whole "
         "privileged context; cut prompts are counted in the train log and summary. None = never cut")
-    micro_batch_size: int = Field(64, ge=1, description="sequences per forward/backward (bounds memory)")
+    micro_batch_size: int = Field(64, ge=1, description="completions per forward/backward, which bounds the "
+                                  "activations' memory: whole prompt groups are packed up to it, and a prompt whose "
+                                  "K completions exceed it is split (its prompt recomputed for each part)")
+    precision: Precision = Field(
+        "fp32", description="fp32: weights, compute and optimizer state in float32; bf16: the student computes in "
+        "bfloat16 over float32 master weights, gradient reductions and AdamW state (FSDP2's MixedPrecisionPolicy "
+        "under FSDP, autocast otherwise), and the teacher's frozen weights (and the vLLM copy) are bfloat16")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in the backward instead of keeping them: "
+        "a step's activations shrink to one layer's plus each layer's input, for ~1/3 more compute")
+    finetune: Finetune = Field(
+        "full", description="full: every weight trains; lora: PEFT LoRA adapters on a frozen base (in bf16 with "
+        "precision=bf16), the frozen teacher is the base with the adapters off (no second copy), an EMA teacher "
+        "averages the adapters, and the trained model is saved merged")
+    lora: LoRAConfig = Field(default_factory=LoRAConfig, description="the adapters (finetune='lora')")
     sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(n=8, max_new_tokens=24),
                                      description="rollout sampling during training (n is set from k)")
     seed: int = Field(0, description="data order, sampling and initialisation seed")
@@ -90,6 +136,8 @@ class TrainConfig(BaseModel):
             raise ValueError(f"method={self.method!r} has no teacher and no divergence: leave teacher, variant and "
                              "top_k at their defaults")
         check_draws(self.sampling.temperature, self.k, "train.sampling.temperature (with train.k rollouts per prompt)")
+        if self.lora != LoRAConfig() and self.finetune != "lora":
+            raise ValueError("lora settings are only used with finetune='lora'")
         if self.variant == "decoupled" and self.method != "caopd":
             raise ValueError("variant='decoupled' trains towards the replaced confidence: it needs method='caopd'")
         # The length and warm-up are each given one way: a changed default beside its replacement is a contradiction.

@@ -23,6 +23,10 @@ TrainMethod = Literal["opd", "caopd", "rlcr"]
 TEACHERLESS_METHODS: frozenset[str] = frozenset({"rlcr"})
 Variant = Literal["faithful", "decoupled"]
 Sharding = Literal["replicate", "fsdp"]
+# How the student trains: every weight, or low-rank adapters on a frozen base (PEFT LoRA).
+Finetune = Literal["full", "lora"]
+# The student's compute precision: float32 throughout, or bfloat16 compute over float32 master weights.
+Precision = Literal["fp32", "bf16"]
 
 # The chat template's thinking switch (Qwen3's ``enable_thinking``): the template's default, on or off.
 Thinking = Literal["template", "on", "off"]

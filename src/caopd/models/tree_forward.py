@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from caopd.models.attention import PLAIN_ATTENTION_MODELS, grouped_attention
 from caopd.models.compat import activation_checkpointing
+from caopd.models.lora import is_adapted
 
 # Rotary variants whose frequencies are fixed at load time (dynamic ones change with the sequence length).
 STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
@@ -24,8 +25,8 @@ STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
 
 def supports(model: Any) -> bool:
     """Whether ``forward_with_bias`` computes exactly this model's forward, as it stands now (device, mode,
-    sharding): other architectures, GPUs, sharded (FSDP) parameters and activation checkpointing keep
-    transformers' forward."""
+    sharding): other architectures, GPUs, sharded (FSDP) parameters, adapters (LoRA) and activation checkpointing
+    keep transformers' forward."""
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in PLAIN_ATTENTION_MODELS:
         return False
@@ -35,6 +36,8 @@ def supports(model: Any) -> bool:
     if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
         return False  # Mistral-style windows: keys beyond the window would be attended here
     if getattr(config, "pretraining_tp", 1) != 1 or activation_checkpointing(model):
+        return False
+    if is_adapted(model):  # LoRA layers add to the weights this forward reads directly
         return False
     if model.training and getattr(config, "attention_dropout", 0.0):
         return False

@@ -165,19 +165,20 @@ class VLLMEngine(RolloutEngine):
     # --- the interface -------------------------------------------------------------------------------
     def sync_weights(self, model: Any) -> None:
         """Load the student's current weights into the engine, one tensor at a time (whole ones under FSDP: every
-        process takes part in gathering each), and drop the prefix cache computed with the old ones. Asleep, the
-        weights wake first, after torch's cached blocks (the backward's activations) are handed back."""
+        process takes part in gathering each; with LoRA, each adapted weight merged with its adapter), and drop the
+        prefix cache computed with the old ones. Asleep, the weights wake first, after torch's cached blocks (the
+        backward's activations) are handed back."""
         import torch
 
-        from caopd.models.distributed import full_tensor
+        from caopd.models.lora import streamed_weights
 
         llm = self._live()
         if "weights" in self.asleep:
             torch.cuda.empty_cache()
             self._wake("weights")
         runner = llm.llm_engine.model_executor.driver_worker.model_runner.model
-        for name, param in model.named_parameters():
-            runner.load_weights([(name, full_tensor(param.detach()))])
+        for name, tensor in streamed_weights(model):  # LoRA: each adapted weight merged with its adapter
+            runner.load_weights([(name, tensor)])
         llm.reset_prefix_cache()
 
     def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig,

@@ -15,8 +15,11 @@ from caopd.config.engines import RunLengths
 from caopd.config.stages import CURVES, MODEL_DIR, SUMMARY, TRAIN_LOG, TrainStageConfig
 from caopd.errors import CaopdInputError
 from caopd.io import atomic_dir, file_digest, read_jsonl, write_json, write_jsonl
+from caopd.models import lora
+from caopd.models.compat import enable_activation_checkpointing
 from caopd.models.distributed import init_world, shard_model
 from caopd.models.loading import METADATA_FILE, hf_progress_bars, load_model
+from caopd.models.precision import compute_dtype
 from caopd.rollout import make_training_engine
 from caopd.tasks import get_task
 from caopd.tasks.base import Example
@@ -73,10 +76,15 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
     task = get_task(cfg.task, **cfg.prompt.task_options())
     items = items_from_records(cfg.records)
     torch.manual_seed(cfg.train.seed)
-    loaded = load_model(cfg.model, progress=progress)
+    precision, lora_base = cfg.train.precision, cfg.train.finetune == "lora"
+    # A LoRA base never trains: it is stored in the compute dtype; a fully trained student keeps float32 masters.
+    loaded = load_model(cfg.model, progress=progress, dtype=compute_dtype(precision) if lora_base else torch.float32)
+    adapters = lora.add_adapters(loaded.model, cfg.train.lora) if lora_base else None
+    if cfg.train.activation_checkpointing:
+        enable_activation_checkpointing(loaded.model)
     separate = None
     if cfg.train.teacher == "separate":
-        other = load_model(cfg.train.teacher_model, progress=progress)
+        other = load_model(cfg.train.teacher_model, progress=progress, dtype=compute_dtype(precision))
         check_same_tokenizer(loaded.tokenizer, other.tokenizer, cfg.train.teacher_model)
         separate = other.model
     # A method without a teacher (RLCR): the "student" kind aliases the student, so no copy is made and nothing extra
@@ -87,7 +95,8 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
         from caopd.training.teacher_server import TeacherServer
 
         server = TeacherServer(cfg.train.teacher_server, cfg.train.top_k)
-    teacher = Teacher(kind, loaded.model, cfg.train.ema_rate, separate, server)
+    teacher = Teacher(kind, loaded.model, cfg.train.ema_rate, separate, server, adapters=adapters,
+                      frozen_dtype=compute_dtype(precision))
     if world.fsdp:
         for model in {id(m): m for m in (loaded.model, teacher.model) if m is not None}.values():
             shard_model(model)
@@ -114,12 +123,16 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
     if not world.is_main:
         return {"stage": "opd-training", "rank": world.rank, "steps": len(log), "final": log[-1] if log else {}}
     loaded.model.eval()
+    if adapters is not None:  # the registered model is the merged one: what evaluation, vLLM and serving load
+        weights = lora.merge_state_dict(weights if weights is not None else loaded.model.state_dict(),
+                                        lora.lora_scaling(cfg.train.lora))
     with hf_progress_bars(False), atomic_dir(out / MODEL_DIR) as tmp:
         loaded.model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         loaded.tokenizer.save_pretrained(tmp)
         (Path(tmp) / METADATA_FILE).write_text(json.dumps(
             {"template": loaded.template, "base_model": cfg.model, "method": cfg.train.method,
-             "train": cfg.train.model_dump()}, indent=2) + "\n")
+             "finetune": cfg.train.finetune, "precision": precision, "train": cfg.train.model_dump()},
+            indent=2) + "\n")
     write_jsonl(out / TRAIN_LOG, log)
     from caopd.evaluation.plots import plot_training_curves
 

@@ -145,11 +145,26 @@ def completion_tokens(tokenizer: Any, text: str, sampled_ids: list[int] | None) 
     return enc["input_ids"] + [eos], mask + [True]
 
 
+def split_group(group: PromptGroup, max_sequences: int) -> list[PromptGroup]:
+    """A prompt group as parts of at most ``max_sequences`` completions each, in order (the group itself when it
+    fits); each part keeps the prompts, so each computes them once for its own completions."""
+    n = len(group.completion_ids)
+    if n <= max_sequences:
+        return [group]
+    def part(values: list, start: int) -> list:
+        return values[start: start + max_sequences]
+    return [PromptGroup(group.prompt_ids, group.teacher_prompt_ids, part(group.completion_ids, start),
+                        part(group.confidence_masks, start), part(group.advantages, start),
+                        part(group.rewards, start)) for start in range(0, n, max_sequences)]
+
+
 def micro_batches(groups: Sequence[PromptGroup], max_sequences: int) -> list[list[PromptGroup]]:
-    """Whole prompt groups per micro-batch, up to ``max_sequences`` completions (at least one group)."""
+    """Micro-batches of at most ``max_sequences`` completions: whole prompt groups packed in order, and a group with
+    more completions than that split into parts (``split_group``), so a step's memory is bounded by the setting
+    whatever K is. Every process of a step gets the same number of micro-batches (equal shares of equal groups)."""
     batches: list[list[PromptGroup]] = []
     size = 0
-    for group in groups:
+    for group in (part for whole in groups for part in split_group(whole, max_sequences)):
         if batches and size + len(group.completion_ids) <= max_sequences:
             batches[-1].append(group)
             size += len(group.completion_ids)
@@ -217,7 +232,7 @@ class Objective(ABC):
     @abstractmethod
     def loss_and_backward(self, groups: list[PromptGroup], context: StepContext) -> dict[str, float]:
         """The step's loss over ``groups`` (this process's share; normalised as ``cfg.loss_normalization`` says,
-        over the whole step across processes), backpropagated in micro-batches of whole prompt groups to bound
+        over the whole step across processes), backpropagated in micro-batches (``micro_batches``) to bound
         memory; what to log of it (``loss`` and ``trained_tokens`` at least), summed across processes."""
 
     def sums(self, groups: list[PromptGroup]) -> dict[str, float]:
@@ -282,9 +297,9 @@ class DistillationObjective(Objective):
                 div = sparse_token_divergence(s_logits, index.to(device), t_logprobs.to(device), cfg.divergence,
                                               cfg.beta)
             else:
-                with torch.no_grad():
-                    t_logits = completion_logits(teacher.model, [g.teacher_prompt_ids for g in part],
-                                                 completions, pad, world.fsdp)
+                with torch.no_grad(), teacher.scoring() as scorer:
+                    t_logits = completion_logits(scorer, [g.teacher_prompt_ids for g in part], completions, pad,
+                                                 world.fsdp)
                 div = token_divergence(s_logits, t_logits, cfg.divergence, cfg.beta, cfg.top_k)
             if cfg.variant == "decoupled":
                 div_part = (div * (weight * ~conf)).sum()
