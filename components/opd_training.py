@@ -17,6 +17,7 @@ def training_arms(train_baseline: bool) -> list[str]:
 def opd_training(records: Input[Dataset], preset: str, task: str, base_model: str, method: str, teacher_context: str,
                  divergence: str, beta: float, top_k: int, variant: str, teacher: str, teacher_model: str,
                  ema_rate: float, p_source: str, steps: int, prompts_per_step: int, k: int, lr: float,
+                 precision: str, finetune: str, activation_checkpointing: bool,
                  train_temperature: float, train_top_p: float, train_max_new_tokens: int, seed: int,
                  train_options: dict, train_launch: dict, train_sharding: str, train_engine: str, thinking: str,
                  ask_confidence: bool, confidence_instruction: str, workspace_pvc: str, mlflow_settings: dict,

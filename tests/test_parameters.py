@@ -49,7 +49,7 @@ def root_parameters(tmp_path_factory):
 
 
 def test_every_pipeline_parameter_has_its_description_in_the_compiled_spec(root_parameters):
-    assert len(root_parameters) == len(PARAMETERS) == 56
+    assert len(root_parameters) == len(PARAMETERS) == 59
     for name, spec in root_parameters.items():
         assert spec.get("description", "").strip(), f"{name} has no description in the compiled spec"
         assert spec["description"] == BY_NAME[name].description, name

@@ -175,6 +175,11 @@ PARAMETERS: tuple[Parameter, ...] = (
     Parameter("steps", ("TrainConfig.steps",), run="train.steps"),
     Parameter("prompts_per_step", ("TrainConfig.prompts_per_step",), run="train.prompts_per_step"),
     Parameter("lr", ("TrainConfig.lr",), run="train.lr"),
+    Parameter("precision", ("TrainConfig.precision",), run="train.precision"),
+    Parameter("finetune", ("TrainConfig.finetune",), run="train.finetune",
+              note='the adapters\' settings through train_options, e.g. {"lora": {"r": 32}}'),
+    Parameter("activation_checkpointing", ("TrainConfig.activation_checkpointing",),
+              run="train.activation_checkpointing"),
     *_decoding("train", "TrainConfig", "train.sampling", "of the on-policy training samples"),
     Parameter("train_options", run=lambda run: train_options(run.train),
               help='any other TrainConfig field by name, e.g. {"warmup_steps": 20, "micro_batch_size": 32, '
@@ -291,8 +296,10 @@ def train_options(train: TrainConfig) -> dict[str, Any]:
     """The TrainConfig fields that no parameter of their own carries and that differ from their defaults: the
     pipeline's ``train_options``."""
     skip, defaults = fed_fields(TrainConfig) | _arm_fields(TrainConfig), TrainConfig()
-    return {name: getattr(train, name) for name in TrainConfig.model_fields
-            if name not in skip and getattr(train, name) != getattr(defaults, name)}
+    options = {name: getattr(train, name) for name in TrainConfig.model_fields
+               if name not in skip and getattr(train, name) != getattr(defaults, name)}
+    # nested settings (lora) as plain values: a pipeline argument is JSON
+    return {name: value.model_dump() if isinstance(value, BaseModel) else value for name, value in options.items()}
 
 
 def arm_train_config(method: str, values: Mapping[str, Any]) -> TrainConfig:

@@ -48,6 +48,7 @@ def _paper(task: str, eval_max_new_tokens: int) -> tuple[dict[str, Any], dict[st
         "k": 8, "rollout_temperature": 1.0, "rollout_top_p": 1.0, "rollout_max_new_tokens": 1024,
         "teacher_context": "demo", "divergence": "forward_kl", "top_k": 0, "variant": "faithful",
         "teacher": "ema", "ema_rate": 0.01, "p_source": "online", "prompts_per_step": 4, "lr": 2e-5,
+        "precision": "bf16",
         "train_temperature": 1.0, "train_top_p": 1.0, "train_max_new_tokens": 1024,
         "eval_temperature": 0.0, "eval_top_p": 1.0, "eval_max_new_tokens": eval_max_new_tokens,
     }
@@ -68,6 +69,7 @@ def _paper(task: str, eval_max_new_tokens: int) -> tuple[dict[str, Any], dict[st
         "p_source": "the paper: P re-estimated from each step's own K rollouts",
         "prompts_per_step": f"{_OFFICIAL}: 32 completions (4 prompts × 8) per optimizer step",
         "lr": f"{_OFFICIAL}: 2e-5 (the README: 1e-5 or 2e-5)",
+        "precision": f"{_OFFICIAL}: bf16",
         "train_temperature": f"{_OFFICIAL}: on-policy samples at temperature 1.0",
         "train_top_p": f"{_OFFICIAL}: top-p 1.0",
         "train_max_new_tokens": f"{_OFFICIAL}: max completion length 1024",
