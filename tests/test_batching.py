@@ -105,12 +105,19 @@ def test_one_token_completions_need_only_the_prefill(tiny_model):
     torch.testing.assert_close(logits[1], alone, atol=1e-5, rtol=1e-5)
 
 
-def test_micro_batches_hold_whole_prompt_groups():
+def test_micro_batches_hold_whole_prompt_groups_and_split_only_those_over_the_limit():
     groups = [PromptGroup([1], [1], [[2]] * size, [[False]] * size) for size in (4, 4, 4, 8, 2)]
     batches = micro_batches(groups, max_sequences=8)
     assert [[len(g.completion_ids) for g in batch] for batch in batches] == [[4, 4], [4], [8], [2]]
-    # a group larger than the limit still goes whole, alone
-    assert [[len(g.completion_ids) for g in b] for b in micro_batches(groups[3:4], 3)] == [[8]]
+    # a group larger than the limit goes in parts, in order, each with the prompts; its last part packs with the next
+    big = PromptGroup([1, 2], [3], [[10 + i] for i in range(8)], [[i % 2 == 0] for i in range(8)])
+    small = PromptGroup([4], [5], [[30]], [[True]])
+    batches = micro_batches([big, small], max_sequences=3)
+    assert [[len(g.completion_ids) for g in b] for b in batches] == [[3], [3], [2, 1]]
+    parts = [g for b in batches for g in b][:3]
+    assert [ids for g in parts for ids in g.completion_ids] == big.completion_ids
+    assert [mask for g in parts for mask in g.confidence_masks] == big.confidence_masks
+    assert all(g.prompt_ids == [1, 2] and g.teacher_prompt_ids == [3] for g in parts)
 
 
 def test_lockstep_scoring_runs_two_forwards_even_for_one_token_completions_and_changes_nothing(tiny_model):

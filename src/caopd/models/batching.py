@@ -6,6 +6,10 @@ its share of the FLOPs, and autograd flows through the shared computation, so th
 as with the prompt repeated. The K samples of a short answer also largely coincide after the prompt (the same
 answer, the same Confidence line): scoring packs each group's prompt and the tree of its distinct prefixes into
 one sequence under tree attention, so each distinct prefix is computed once too.
+
+Under activation checkpointing the backward replays each decoder layer, cache update included; the per-row path's
+caches (``PrefillCache``, ``PromptCache``) make that update idempotent, so the replay computes what the first run
+did and the prompt stays computed once (``compat.enable_activation_checkpointing``).
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from caopd.models import tree_forward
-from caopd.models.compat import cache_kwargs, output_cache
+from caopd.models.compat import activation_checkpointing, cache_kwargs, full_attention_cache
 
 # The longest prompt + prefix tree scored as one segment: its attention scores and bias grow with the square of its
 # length, so longer ones take the per-row path whatever they share.
@@ -57,13 +63,77 @@ def right_padded(rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: in
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
 
-def prefill(model: Any, prompt_ids: Sequence[Sequence[int]], pad_id: int,
+class StoreOnceLayer(DynamicLayer):
+    """A prompt's keys and values, stored by the first update only. A later update — the backward replaying the
+    layer under activation checkpointing — returns what the first returned (the update of an empty layer: the same
+    ops, so the replay's saved tensors are the first run's bit for bit) and stores nothing, so the completion rows
+    keep reading the states the forward computed."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            return super().update(key_states, value_states, *args, **kwargs)
+        return DynamicLayer().update(key_states, value_states, *args, **kwargs)
+
+
+class PrefillCache(DynamicCache):
+    """The prompts' forward cache: a ``StoreOnceLayer`` for each of the model's layers, which must all be plain
+    full-attention layers (``compat.full_attention_cache``)."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config=config)
+        if any(type(layer) is not DynamicLayer for layer in self.layers):  # as compat.full_attention_cache
+            raise ValueError(f"{type(config).__name__}: a prefill cache holds full-attention layers only")
+        self.layers = [StoreOnceLayer() for _ in self.layers]
+
+
+class PromptViewLayer(DynamicLayer):
+    """Read-only: the prompts' keys and values, row ``rows[r]`` before completion row ``r``'s own. An update returns
+    them concatenated along the sequence axis, as ``DynamicLayer`` does after ``batch_select_indices(rows)``, and
+    stores nothing, so a replay reads the same prompts; the length stays the prompts', from which the model builds
+    the attention mask. The rows are selected inside the update, so the cache holds each prompt once: under
+    activation checkpointing a layer's replay selects them again rather than the backward keeping K copies."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values, self.rows = keys, values, rows
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.cat([self.keys[self.rows, ...], key_states], dim=-2),
+                torch.cat([self.values[self.rows, ...], value_states], dim=-2))
+
+
+class PromptCache(DynamicCache):
+    """The completion forward's cache: row ``r`` reads prompt ``rows[r]``'s keys and values from a filled
+    ``PrefillCache`` (autograd reaches the prompts' forward through them)."""
+
+    def __init__(self, prefilled: PrefillCache, rows: torch.Tensor) -> None:
+        super().__init__()
+        self.layer_class_to_replicate = None  # every layer is given: none is added on the fly
+        self.layers = [PromptViewLayer(layer.keys, layer.values, rows) for layer in prefilled.layers]
+
+
+def prefill(model: Any, prompt_ids: Sequence[Sequence[int]], pad_id: int, cache: Any = None,
             ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One forward over the left-padded prompts: (KV cache, last-position logits, mask, next position per row)."""
+    """One forward over the left-padded prompts: (KV cache, last-position logits, mask, next position per row).
+
+    ``cache``: the cache to fill (default: a ``DynamicCache`` for the model's layers, as the model itself would
+    make). It is handed to the model and returned as such: a model that checkpoints its layers in training runs with
+    ``use_cache=False`` and returns no cache, but its layers still fill the one they are given."""
     device = next(model.parameters()).device
     input_ids, mask, positions = left_padded(prompt_ids, pad_id, device)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    return output_cache(out), out.logits[:, -1], mask, positions[:, -1:] + 1
+    cache = DynamicCache(config=model.config) if cache is None else cache
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **cache_kwargs(cache),
+                use_cache=_use_cache(model))
+    return cache, out.logits[:, -1], mask, positions[:, -1:] + 1
+
+
+def _use_cache(model: Any) -> bool:
+    """``use_cache`` for a forward handed a cache: the layers fill the cache they are given either way, and under
+    activation checkpointing True only makes transformers warn that it turns caching off (it keeps ours)."""
+    return not activation_checkpointing(model)
 
 
 def completion_logits(model: Any, prompt_ids: Sequence[Sequence[int]],
@@ -81,7 +151,11 @@ def completion_logits(model: Any, prompt_ids: Sequence[Sequence[int]],
         trees = [prefix_tree(group) for group in completions]
         if tree_pays(prompt_ids, completions, trees, model.config.hidden_size):
             return tree_completion_logits(model, prompt_ids, completions, trees, pad_id)
-    cache, first, mask, next_pos = prefill(model, prompt_ids, pad_id)
+    # Idempotent caches where the model's are plain full attention (bit for bit the same logits as DynamicCache's);
+    # other layer kinds keep DynamicCache, which checkpointing refuses (compat.enable_activation_checkpointing).
+    shareable = full_attention_cache(model.config)
+    cache, first, mask, next_pos = prefill(model, prompt_ids, pad_id,
+                                           cache=PrefillCache(model.config) if shareable else None)
     device = first.device
     sizes = torch.tensor([len(group) for group in completions], device=device)
     group_of_row = torch.repeat_interleave(torch.arange(len(completions), device=device), sizes)
@@ -94,7 +168,11 @@ def completion_logits(model: Any, prompt_ids: Sequence[Sequence[int]],
             idle = model(input_ids=torch.full((1, 1), pad_id, device=device), use_cache=False).logits
             return first[lengths > 0] + 0.0 * idle.sum()  # in the graph, so its backward runs everywhere too
         return first[lengths > 0]
-    cache.batch_select_indices(group_of_row)  # each completion row reads its prompt's cached keys and values
+    # each completion row reads its prompt's cached keys and values
+    if shareable:
+        cache = PromptCache(cache, group_of_row)
+    else:
+        cache.batch_select_indices(group_of_row)
     inputs = torch.full((len(flat), width), pad_id, dtype=torch.long)
     for row, ids in enumerate(flat):  # a completion's last token predicts nothing that is trained
         if len(ids) > 1:  # (an empty completion has no tokens to predict at all)
@@ -102,7 +180,8 @@ def completion_logits(model: Any, prompt_ids: Sequence[Sequence[int]],
     columns = torch.arange(width, device=device)
     inputs_mask = (columns[None, :] < (lengths[:, None] - 1)).long()
     logits = model(input_ids=inputs.to(device), attention_mask=torch.cat([mask[group_of_row], inputs_mask], dim=1),
-                   position_ids=next_pos[group_of_row] + columns[None, :], **cache_kwargs(cache), use_cache=True).logits
+                   position_ids=next_pos[group_of_row] + columns[None, :], **cache_kwargs(cache),
+                   use_cache=_use_cache(model)).logits
     every = torch.cat([first[:, None], logits], dim=1)  # [rows, width + 1, vocab]: position j predicts token j
     predicts = torch.arange(width + 1, device=device)[None, :] < lengths[:, None]
     return every[predicts]

@@ -35,8 +35,10 @@ def supports(model: Any) -> bool:
         return False
     if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
         return False  # Mistral-style windows: keys beyond the window would be attended here
-    if getattr(config, "pretraining_tp", 1) != 1 or activation_checkpointing(model):
+    if getattr(config, "pretraining_tp", 1) != 1:
         return False
+    if activation_checkpointing(model) and model.training and torch.is_grad_enabled():
+        return False  # this forward keeps every activation; scoring without gradients recomputes nothing anyway
     if is_adapted(model):  # LoRA layers add to the weights this forward reads directly
         return False
     if model.training and getattr(config, "attention_dropout", 0.0):

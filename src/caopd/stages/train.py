@@ -80,8 +80,6 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
     # A LoRA base never trains: it is stored in the compute dtype; a fully trained student keeps float32 masters.
     loaded = load_model(cfg.model, progress=progress, dtype=compute_dtype(precision) if lora_base else torch.float32)
     adapters = lora.add_adapters(loaded.model, cfg.train.lora) if lora_base else None
-    if cfg.train.activation_checkpointing:
-        enable_activation_checkpointing(loaded.model)
     separate = None
     if cfg.train.teacher == "separate":
         other = load_model(cfg.train.teacher_model, progress=progress, dtype=compute_dtype(precision))
@@ -97,6 +95,8 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
         server = TeacherServer(cfg.train.teacher_server, cfg.train.top_k)
     teacher = Teacher(kind, loaded.model, cfg.train.ema_rate, separate, server, adapters=adapters,
                       frozen_dtype=compute_dtype(precision))
+    if cfg.train.activation_checkpointing:  # the student's backward only: a teacher's copy is made without it
+        enable_activation_checkpointing(loaded.model)
     if world.fsdp:
         for model in {id(m): m for m in (loaded.model, teacher.model) if m is not None}.values():
             shard_model(model)
