@@ -7,6 +7,7 @@ from pydantic import ValidationError
 from caopd.config.sampling import SamplingConfig
 from caopd.config.stages import TrainStageConfig
 from caopd.config.training import TrainConfig
+from caopd.errors import CaopdInputError
 from caopd.io import read_jsonl
 from caopd.models.loading import load_model
 from caopd.models.tiny import build_tokenizer
@@ -107,3 +108,16 @@ def test_each_process_samples_its_own_noise_and_rank_0_keeps_the_one_process_see
     # no process's seed is another's at another step of a long run
     assert not {step_sampling(cfg, s, 1).seed for s in range(10_000)} & {step_sampling(cfg, s, 0).seed
                                                                          for s in range(10_000)}
+
+
+def test_a_run_that_cannot_fit_its_gpu_fails_before_any_weights_load(tmp_path, records, monkeypatch):
+    import caopd.stages.train as stage
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights loaded before the fit check")
+
+    monkeypatch.setattr(stage, "load_model", no_loading)
+    cfg = TrainStageConfig(records=records, train=TrainConfig(**SMALL), gpu_memory_gib=0.001)  # a 1 MiB card
+    with pytest.raises(CaopdInputError, match="opd-training needs .* GiB per GPU .* it fits with|gpu_memory_gib"):
+        run_training(cfg, tmp_path / "t", progress=False)
+    assert not (tmp_path / "t" / "model").exists()

@@ -10,7 +10,9 @@ from transformers import (
     Qwen3Config,
 )
 
+from caopd.config.training import LoRAConfig
 from caopd.models.compat import enable_activation_checkpointing
+from caopd.models.lora import add_adapters
 from caopd.models.tree_forward import forward_with_bias, supports, visibility_bias
 
 SMALL = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -65,11 +67,13 @@ def test_a_token_sees_only_what_the_bias_lets_it_see():
     torch.testing.assert_close(ours[0, 2], branch[0, 1], atol=1e-5, rtol=1e-5)
 
 
-def test_other_architectures_and_checkpointing_keep_transformers_forward():
+def test_other_architectures_and_adapters_keep_transformers_forward():
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=40))
     assert not supports(gpt2)
     model = small_model(Qwen3Config, head_dim=8)
     enable_activation_checkpointing(model)
-    assert not supports(model)
+    assert supports(model)  # the CPU's tree path keeps its activations whatever the switch says
+    add_adapters(model, LoRAConfig(r=2))
+    assert not supports(model)  # LoRA layers add to the weights the tree forward reads
     windowed = small_model(Qwen2Config, use_sliding_window=True, sliding_window=4)
     assert not supports(windowed)

@@ -174,6 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("file", help="the released file (ToolAlpaca: a JSON list of API records)")
     cv.add_argument("--out", required=True, help="the rows to write (.jsonl)")
     cv.set_defaults(func=commands.cmd_convert)
+    pl = sub.add_parser("plan", help="per-stage, per-GPU memory of a run; refuses one that cannot fit",
+                        description="Print each GPU stage's memory per GPU (weights, gradients, optimizer, teacher, "
+                        "activations, logits, KV cache, vLLM share) from the model's config.json and the settings, "
+                        "and exit 2 with one line naming the setting to change when a stage cannot fit the card "
+                        "(docs/memory.md). Settings not given take the preset's values, else the defaults.",
+                        epilog="examples:\n  caopd plan --model Qwen/Qwen3-8B --gpus 1 --gpu-memory-gib 80 "
+                        "--precision bf16 --finetune lora\n  caopd plan --model Qwen/Qwen3-32B --gpus 8 "
+                        "--gpu-memory-gib 141 --preset paper-tooluse --sharding fsdp",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_plan_options(pl)
+    pl.set_defaults(func=commands.cmd_plan)
     m = sub.add_parser("metrics", help="calibration metrics of a predictions JSONL file",
                        description="Print accuracy, ECE, Brier, AUROC, SPR, mean confidence, overconfidence gap "
                        "and missing rate of FILE, one JSON object.",
@@ -201,6 +212,34 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--out", required=True, help="folder for routing.json, routing.md and routing.png")
     ro.set_defaults(func=commands.cmd_route)
     return parser
+
+
+def add_plan_options(p: argparse.ArgumentParser) -> None:
+    """``caopd plan``'s flags; a setting left out takes the preset's value, else the stage configs' default."""
+    from caopd.config.presets import PRESETS
+
+    p.add_argument("--model", required=True, help="a Qwen3 hub id whose config ships with caopd (Qwen/Qwen3-0.6B "
+                   "… Qwen/Qwen3-32B), a local model folder, 'tiny', 'standin', or another hub id (its config.json "
+                   "is downloaded)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs training runs on (default 1)")
+    p.add_argument("--gpu-memory-gib", type=float, required=True, help="memory of one GPU in GiB (80 for an "
+                   "A100/H100 80 GB, 141 for an H200)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a paper recipe's settings as the defaults")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="training precision")
+    p.add_argument("--finetune", choices=["full", "lora"], help="full fine-tune or LoRA adapters")
+    p.add_argument("--sharding", choices=["replicate", "fsdp"], help="several GPUs: replicate or FSDP")
+    p.add_argument("--engine", choices=["vllm", "transformers"], default="vllm", help="the sampling engine of "
+                   "every stage (default vllm, what a GPU runs; colocated beside the trainer)")
+    p.add_argument("--k", type=int, help="samples per prompt (rollout estimation and training)")
+    p.add_argument("--prompts-per-step", type=int, help="training prompts per optimizer step")
+    p.add_argument("--micro-batch-size", type=int, help="completions per forward/backward")
+    p.add_argument("--max-prompt-tokens", type=int, help="the longest prompt in tokens (default: the preset's "
+                   "max_prompt_tokens, else 1024)")
+    p.add_argument("--max-new-tokens", type=int, help="completion tokens of rollouts and training samples")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each decoder layer's activations in the backward (training's default: on)")
+    p.add_argument("--lora-r", type=int, help="LoRA rank (with --finetune lora)")
+    p.add_argument("--teacher", choices=["frozen", "student", "ema", "separate", "server"], help="the teacher kind")
 
 
 def _one_line(err: ValidationError) -> str:

@@ -283,3 +283,41 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"report: {Path(args.out) / 'report.md'} ({summary['seconds']:.0f} s)")
     return 0
 
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    from caopd.config.engines import GIB
+    from caopd.config.memory import plan_rows, plan_run, resolve_model_config
+    from caopd.models.packaged import PACKAGED_MODELS
+
+    if args.gpus < 1 or args.gpu_memory_gib <= 0:
+        raise CaopdInputError("give at least one GPU and its memory in GiB", field="--gpus/--gpu-memory-gib")
+    config, parameters, source = resolve_model_config(args.model, PACKAGED_MODELS)
+    settings = {key: getattr(args, key) for key in ("preset", "precision", "finetune", "sharding", "engine", "k",
+                                                    "prompts_per_step", "micro_batch_size", "max_prompt_tokens",
+                                                    "max_new_tokens", "activation_checkpointing", "lora_r",
+                                                    "teacher")}
+    gpu_bytes = int(args.gpu_memory_gib * GIB)
+    run = plan_run(config, parameters, args.gpus, gpu_bytes, settings, source)
+    header, rows = plan_rows(run, gpu_bytes)
+    plan = run.train
+    table = Table(title=f"{args.model}: GiB per GPU on {args.gpus} × {args.gpu_memory_gib:g} GiB ({plan.sharding}, "
+                  f"{plan.precision}, {plan.finetune}, micro-batch {plan.micro_batch_size}, activation "
+                  f"checkpointing {'on' if plan.activation_checkpointing else 'off'}, {plan.max_prompt_tokens} + "
+                  f"{plan.max_new_tokens} tokens)", box=box.SIMPLE_HEAD)
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    print(f"model config: {source}")
+    for stage in run.stages:
+        if stage.detail:
+            print(f"{stage.stage}: {stage.detail}")
+    if run.refusal:
+        raise CaopdInputError(run.refusal)
+    return 0

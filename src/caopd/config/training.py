@@ -107,8 +107,10 @@ class TrainConfig(BaseModel):
         "bfloat16 over float32 master weights, gradient reductions and AdamW state (FSDP2's MixedPrecisionPolicy "
         "under FSDP, autocast otherwise), and the teacher's frozen weights (and the vLLM copy) are bfloat16")
     activation_checkpointing: bool = Field(
-        False, description="recompute each decoder layer's activations in the backward instead of keeping them: "
-        "a step's activations shrink to one layer's plus each layer's input, for ~1/3 more compute")
+        True, description="recompute each decoder layer's activations in the backward instead of keeping them: "
+        "a micro-batch's activations shrink to one layer's plus each layer's input, for ~1/3 more compute, with "
+        "the same numbers (TRL's trainers default to it too); a model whose attention it does not cover "
+        "(sliding-window, chunked) trains without it, as the log says; false = keep every activation")
     finetune: Finetune = Field(
         "full", description="full: every weight trains; lora: PEFT LoRA adapters on a frozen base (in bf16 with "
         "precision=bf16), the frozen teacher is the base with the adapters off (no second copy), an EMA teacher "

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from caopd.models.attention import PLAIN_ATTENTION_MODELS, grouped_attention
-from caopd.models.compat import activation_checkpointing
 from caopd.models.lora import is_adapted
 
 # Rotary variants whose frequencies are fixed at load time (dynamic ones change with the sequence length).
@@ -25,8 +24,9 @@ STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
 
 def supports(model: Any) -> bool:
     """Whether ``forward_with_bias`` computes exactly this model's forward, as it stands now (device, mode,
-    sharding): other architectures, GPUs, sharded (FSDP) parameters, adapters (LoRA) and activation checkpointing
-    keep transformers' forward."""
+    sharding): other architectures, GPUs, sharded (FSDP) parameters and adapters (LoRA) keep transformers' forward.
+    The tree path itself keeps its activations under activation checkpointing: it runs on the CPU only, where it
+    scores a small model's coinciding completion prefixes once (memory is the GPU's concern)."""
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in PLAIN_ATTENTION_MODELS:
         return False
@@ -37,8 +37,6 @@ def supports(model: Any) -> bool:
         return False  # Mistral-style windows: keys beyond the window would be attended here
     if getattr(config, "pretraining_tp", 1) != 1:
         return False
-    if activation_checkpointing(model) and model.training and torch.is_grad_enabled():
-        return False  # this forward keeps every activation; scoring without gradients recomputes nothing anyway
     if is_adapted(model):  # LoRA layers add to the weights this forward reads directly
         return False
     if model.training and getattr(config, "attention_dropout", 0.0):

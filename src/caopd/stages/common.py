@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from caopd.config.engines import GIB
 from caopd.errors import CaopdInputError
 from caopd.method.protocol import parse_confidence
 from caopd.method.templates import render_prompt
@@ -77,3 +78,15 @@ def fit_to_context(examples: Sequence[Example], tokenizer: Any, max_length: int,
         raise CaopdInputError(f"no prompt fits the model's context of {max_length} tokens with room for "
                               f"{max_new_tokens} new tokens", file=source, field="prompt")
     return kept, [e.id for e in skipped]
+
+
+def gpu_memory_bytes(gib: float) -> int | None:
+    """The card a stage's start-up fit check (``caopd plan``'s) plans against: ``gib`` when given, else this
+    process's GPU's total, else None (no GPU: nothing to check)."""
+    if gib:
+        return int(gib * GIB)
+    import torch
+
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[1])  # (free, total) of this process's device
+    return None

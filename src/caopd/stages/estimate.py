@@ -8,14 +8,21 @@ from pathlib import Path
 from typing import Any
 
 from caopd.config.engines import RunLengths
+from caopd.config.memory import check_rollout_fits
 from caopd.config.stages import ESTIMATES, ROLLOUT_ESTIMATION, ROLLOUTS, SUMMARY, RolloutConfig
 from caopd.errors import CaopdInputError
 from caopd.evaluation.metrics import calibration_metrics
 from caopd.io import file_digest, read_json, read_jsonl, write_json, write_jsonl
 from caopd.method.templates import render_prompt
-from caopd.models.loading import config_context_length, encode_text, load_model, load_tokenizer_and_config
+from caopd.models.loading import (
+    config_context_length,
+    encode_text,
+    load_model,
+    load_tokenizer_and_config,
+    safetensors_parameters,
+)
 from caopd.rollout import make_engine, wants_vllm
-from caopd.stages.common import context_length, fit_to_context, score_completions
+from caopd.stages.common import fit_to_context, gpu_memory_bytes, score_completions
 from caopd.stages.sources import Found, dataset_path, model_path
 from caopd.tasks import get_task
 from caopd.tasks.datasets import load_examples
@@ -44,14 +51,19 @@ def run_rollout_estimation(cfg: RolloutConfig, out_dir: str | Path, progress: bo
     examples = shard(load_examples(data, task), cfg.shard_index, cfg.num_shards)
     source = model_path(cfg.model, "model", found)
     vllm = wants_vllm(cfg.engine)
-    loaded = load_tokenizer_and_config(source) if vllm else load_model(source, progress=progress)
+    # The tokenizer and config first: the prompts are measured and the fit checked before any weights load.
+    tokenized = load_tokenizer_and_config(source)
     sampling = cfg.sampling.model_copy(update={"n": cfg.k})
-    context = config_context_length(loaded.config) if vllm else context_length(loaded.model)
-    kept, skipped = fit_to_context(examples, loaded.tokenizer, context, sampling.max_new_tokens, source=data,
-                                   thinking=cfg.prompt.thinking)
-    prompts = [render_prompt(loaded.tokenizer, e.prompt, cfg.prompt.thinking) for e in kept]
-    run = RunLengths(max(len(encode_text(loaded.tokenizer, p)) for p in prompts), sampling.max_new_tokens,
-                     len(prompts) * cfg.k) if vllm else None
+    kept, skipped = fit_to_context(examples, tokenized.tokenizer, config_context_length(tokenized.config),
+                                   sampling.max_new_tokens, source=data, thinking=cfg.prompt.thinking)
+    prompts = [render_prompt(tokenized.tokenizer, e.prompt, cfg.prompt.thinking) for e in kept]
+    longest = max(len(encode_text(tokenized.tokenizer, p)) for p in prompts)
+    gpu_bytes = gpu_memory_bytes(cfg.gpu_memory_gib)
+    if gpu_bytes:  # the plan's check (caopd plan), in seconds rather than after an out-of-memory error
+        check_rollout_fits(cfg, tokenized.config.to_dict(), gpu_bytes, len(prompts), longest, vllm,
+                           safetensors_parameters(tokenized.path))
+    loaded = tokenized if vllm else load_model(source, progress=progress)
+    run = RunLengths(longest, sampling.max_new_tokens, len(prompts) * cfg.k) if vllm else None
     engine = make_engine(loaded, cfg.engine, cfg.vllm, run)
     try:
         outputs = engine.generate(prompts, sampling, progress)

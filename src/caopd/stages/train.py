@@ -12,15 +12,25 @@ from typing import Any
 import torch
 
 from caopd.config.engines import RunLengths
+from caopd.config.memory import check_training_fits
 from caopd.config.stages import CURVES, MODEL_DIR, SUMMARY, TRAIN_LOG, TrainStageConfig
 from caopd.errors import CaopdInputError
 from caopd.io import atomic_dir, file_digest, read_jsonl, write_json, write_jsonl
+from caopd.method.templates import render_prompt
 from caopd.models import lora
 from caopd.models.compat import enable_activation_checkpointing
 from caopd.models.distributed import init_world, shard_model
-from caopd.models.loading import METADATA_FILE, hf_progress_bars, load_model
+from caopd.models.loading import (
+    METADATA_FILE,
+    encode_text,
+    hf_progress_bars,
+    load_model,
+    load_tokenizer_and_config,
+    safetensors_parameters,
+)
 from caopd.models.precision import compute_dtype
 from caopd.rollout import make_training_engine
+from caopd.stages.common import gpu_memory_bytes
 from caopd.tasks import get_task
 from caopd.tasks.base import Example
 from caopd.training.checkpoints import full_weights
@@ -69,12 +79,38 @@ def training_lengths(cfg: TrainStageConfig, trainer: Trainer, world_size: int) -
     return RunLengths(longest, cfg.train.sampling.max_new_tokens, share * cfg.train.k)
 
 
+def check_fits(cfg: TrainStageConfig, items: list[TrainItem], gpus: int) -> None:
+    """``caopd plan``'s check of this run on this process's GPU (or ``gpu_memory_gib``), before any weights load:
+    a configuration that cannot fit fails in seconds, naming what to change. Nothing to check without a GPU."""
+    gpu_bytes = gpu_memory_bytes(cfg.gpu_memory_gib)
+    if not gpu_bytes:
+        return
+    tokenized = load_tokenizer_and_config(cfg.model)
+    tokenizer, thinking = tokenized.tokenizer, cfg.prompt.thinking
+    longest = max(len(encode_text(tokenizer, render_prompt(tokenizer, it.example.prompt, thinking))) for it in items)
+    check_training_fits(cfg, tokenized.config.to_dict(), gpus, gpu_bytes,
+                        min(longest, cfg.train.max_prompt_tokens or longest), safetensors_parameters(tokenized.path))
+
+
+def checkpoint_layers(model: torch.nn.Module, say: bool) -> bool:
+    """Activation checkpointing on the student's decoder layers (its backward only: a teacher's copy is made
+    before); a model whose attention the prompt caches do not cover trains without it, as the log says."""
+    try:
+        enable_activation_checkpointing(model)
+    except CaopdInputError as err:
+        if say:
+            print(f"note: training without activation checkpointing: {err}", file=sys.stderr)
+        return False
+    return True
+
+
 def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Train, then write the model, log, curves and summary. Under torchrun every process trains on its share of
     each step and rank 0 alone writes (checkpoints included); the other ranks return a short summary."""
     world = init_world(cfg.sharding)
     task = get_task(cfg.task, **cfg.prompt.task_options())
     items = items_from_records(cfg.records)
+    check_fits(cfg, items, world.size)
     torch.manual_seed(cfg.train.seed)
     precision, lora_base = cfg.train.precision, cfg.train.finetune == "lora"
     # A LoRA base never trains: it is stored in the compute dtype; a fully trained student keeps float32 masters.
@@ -95,8 +131,7 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
         server = TeacherServer(cfg.train.teacher_server, cfg.train.top_k)
     teacher = Teacher(kind, loaded.model, cfg.train.ema_rate, separate, server, adapters=adapters,
                       frozen_dtype=compute_dtype(precision))
-    if cfg.train.activation_checkpointing:  # the student's backward only: a teacher's copy is made without it
-        enable_activation_checkpointing(loaded.model)
+    checkpointing = cfg.train.activation_checkpointing and checkpoint_layers(loaded.model, world.is_main)
     if world.fsdp:
         for model in {id(m): m for m in (loaded.model, teacher.model) if m is not None}.values():
             shard_model(model)
@@ -140,6 +175,7 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
     # total_steps: the run's length as resolved (steps, or epochs over the prompts); prompt_truncation: how many
     # distinct training prompts max_prompt_tokens cuts, and the longest prompt
     summary = {"stage": "opd-training", "config": cfg.model_dump(), "steps": len(log),
+               "activation_checkpointing": checkpointing,
                "confidence_instruction": task.confidence_instruction_text,
                "total_steps": trainer.n_steps, "prompt_truncation": truncation,
                "seconds": round(time.perf_counter() - start, 1), "final": log[-1] if log else {},
