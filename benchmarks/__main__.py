@@ -18,21 +18,26 @@ from importlib.metadata import version
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("results")
-CASES = ("rollout", "training", "scoring", "metrics", "run")
+CASES = ("rollout", "training", "scoring", "metrics", "run", "memory")
 QUICK = {"rollout": {"n_prompts": 4, "k": 2, "max_new_tokens": 8, "repeats": 2},
          "training": {"n_prompts": 2, "k": 2, "max_new_tokens": 8, "repeats": 2},
          "scoring": {"shapes": [[3, 6, 2, 2], [3, 6, 4, 1]], "groups": 2, "repeats": 1},
          "metrics": {"n": 10_000, "repeats": 2},
          "run": {"args": ["--n-train", "8", "--n-eval", "8", "--k", "2", "--train.steps", "1",
-                          "--train.prompts-per-step", "2"]}}
+                          "--train.prompts-per-step", "2"]},
+         "memory": {"prompts_per_step": 2, "k": 4, "max_new_tokens": 8, "steps": 1,
+                    "shapes": [{"model": "tiny", "micro_batch_size": 4}, {"model": "tiny", "micro_batch_size": 2}]}}
 
 
-def run_case(name: str, kwargs: dict) -> dict:
-    """One case in a fresh interpreter, so its peak memory and warm-up are its own."""
-    code = (f"import json, sys; from benchmarks.cases import {name}_case as case; "
+def run_case(name: str, kwargs: dict, env: dict[str, str] | None = None) -> dict:
+    """One case (``cases.NAME_case``, or ``cases.NAME``) in a fresh interpreter, so its peak memory and warm-up are
+    its own; ``env``: variables to set for it."""
+    code = ("import json, sys; from benchmarks import cases; "
+            f"case = getattr(cases, {name + '_case'!r}, None) or getattr(cases, {name!r}); "
             "json.dump(case(**json.loads(sys.argv[1])), sys.stdout)")
     done = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], check=True, capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TQDM_DISABLE": "1"})
+                          text=True, cwd=Path(__file__).resolve().parents[1],
+                          env={**os.environ, "TQDM_DISABLE": "1", **(env or {})})
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -126,6 +131,11 @@ def summarize(raw: dict) -> dict:
         m = raw["metrics"]
         out["metrics"] = {"seconds_1m": statistics.median(m["seconds"]) * 1_000_000 / m["n"],
                           "seconds": spread(m["seconds"]), "n": m["n"]}
+    if "memory" in raw:
+        out["memory"] = [{key: shape[key] for key in ("model", "micro_batch_size", "k", "measured_bytes",
+                                                      "estimated_bytes")}
+                         | {"estimate_vs_measured": shape["estimated_bytes"] / shape["measured_bytes"]}
+                         for shape in raw["memory"]["shapes"]]
     if "run" in raw:
         out["run"] = {"seconds": statistics.median(raw["run"]["seconds"]),
                       "peak_rss_largest_task": raw["run"]["peak_rss_largest_task"], "args": raw["run"]["args"]}
@@ -180,6 +190,11 @@ def markdown(result: dict) -> str:
                      "(`scoring`)", f"{best:.2f}–{worst:.2f}×", "1×", ""])
     if "metrics" in result:
         rows.append(["metrics over 1 M predictions (s)", f"{result['metrics']['seconds_1m']:.3f}", "", ""])
+    for shape in result.get("memory", []):
+        rows.append([f"training step peak memory (MiB), {shape['model']}, K = {shape['k']}, micro-batch "
+                     f"{shape['micro_batch_size']}", f"{shape['measured_bytes'] / 2**20:.0f}",
+                     f"{shape['estimated_bytes'] / 2**20:.0f} (`caopd plan`'s estimate)",
+                     f"{shape['estimate_vs_measured']:.2f}×"])
     if "run" in result:
         rows.append(["`caopd run` (s)", f"{result['run']['seconds']:.0f}", "", ""])
     return markdown_table(["case", "ours", "baseline", "ratio"], rows)

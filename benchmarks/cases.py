@@ -286,3 +286,76 @@ def run_case(args: tuple[str, ...] = ()) -> dict[str, Any]:
     # ru_maxrss of children: the largest single task process (KiB on Linux).
     return {"seconds": [seconds], "peak_rss_largest_task": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
             * 1024, "args": list(args)}
+
+
+# --- 6. memory: a training step's peak against the planner's estimate, by micro-batch size ------------------------
+# glibc keeps freed blocks of a size it has freed before in its heap (its mmap threshold rises to them), so a
+# process's RSS would stay at its high-water mark of garbage; a fixed threshold returns every large block to the
+# system on free, and RSS follows the memory in use. run_case sets it for this case's processes.
+MEMORY_CASE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def training_step_memory(model: str = "tiny", micro_batch_size: int = 8, prompts_per_step: int = 16, k: int = 8,
+                         max_new_tokens: int = 24, steps: int = 2) -> dict[str, Any]:
+    """Peak RSS of ``steps`` training steps as stages/train.py builds them (a ``Trainer`` with a frozen teacher and
+    ``make_training_engine``'s transformers engine; sampling included) above the RSS before the model loads, beside
+    ``caopd.config.memory.training_memory`` at the steps' own longest prompt and completion (the planner's
+    ``max_prompt_tokens`` and ``max_new_tokens``), with the CPU's eager attention and no CUDA overhead.
+
+    The scoring forward takes the per-row path a GPU takes (``tree_forward`` runs on CPU parameters only; the
+    prefix-tree packing would make memory a function of how much the samples coincide)."""
+    import transformers.models.qwen3.modeling_qwen3  # noqa: F401  (imported before the baseline is read)
+
+    from benchmarks.memory import rss_bytes
+    from caopd.config.memory import PlanModel, TrainPlan, training_memory
+    from caopd.config.sampling import SamplingConfig
+    from caopd.config.training import TrainConfig
+    from caopd.models import batching
+    from caopd.models.loading import load_model
+    from caopd.rollout import make_training_engine
+    from caopd.tasks import get_task
+    from caopd.tasks.arithmetic import generate_rows
+    from caopd.training.objectives import TrainItem
+    from caopd.training.teachers import Teacher
+    from caopd.training.trainer import Trainer
+
+    batching.TREE_COST_MARGIN = 0.0  # the per-row path, as on a GPU
+    task = get_task("arithmetic")
+    items = [TrainItem(task.example_from_row(row, i), 0.5, None)
+             for i, row in enumerate(generate_rows(prompts_per_step * steps, 0))]
+    cfg = TrainConfig(method="caopd", steps=steps, prompts_per_step=prompts_per_step, k=k, warmup_steps=0,
+                      micro_batch_size=micro_batch_size, sampling=SamplingConfig(max_new_tokens=max_new_tokens))
+    scored: list[Any] = []
+    before = rss_bytes()
+    with PeakRss() as memory, tempfile.TemporaryDirectory() as out:
+        loaded = load_model(model)
+        teacher = Teacher("frozen", loaded.model, cfg.ema_rate, None)
+        trainer = Trainer(cfg, loaded.model, loaded.tokenizer, loaded.template, task, items, None, teacher, Path(out),
+                          progress=False)
+        trainer.engine = make_training_engine(loaded, "transformers")
+        loss_and_backward = trainer.loss_and_backward
+        trainer.loss_and_backward = lambda groups: (scored.extend(groups), loss_and_backward(groups))[1]
+        for step in range(steps):
+            trainer.train_step(step)
+    prompt = max(len(group.prompt_ids) for group in scored)
+    completion = max(len(ids) for group in scored for ids in group.completion_ids)
+    parameters = sum(p.numel() for p in loaded.model.parameters())
+    plan = TrainPlan(k=k, prompts_per_step=prompts_per_step, micro_batch_size=micro_batch_size,
+                     max_prompt_tokens=prompt, max_new_tokens=completion, attention="eager", overhead_bytes=0)
+    estimate = training_memory(PlanModel.from_config(loaded.model.config.to_dict(), parameters), plan)
+    return {"model": model, "micro_batch_size": micro_batch_size, "k": k, "prompts_per_step": prompts_per_step,
+            "measured_bytes": memory.peak - before, "estimated_bytes": estimate.total,
+            "estimated_parts": estimate.parts, "longest_prompt": prompt, "longest_completion": completion}
+
+
+MEMORY_SHAPES = ({"model": "tiny", "micro_batch_size": 8}, {"model": "tiny", "micro_batch_size": 4},
+                 {"model": "tiny", "micro_batch_size": 2})
+
+
+def memory_case(shapes: tuple[dict[str, Any], ...] = MEMORY_SHAPES, **common: Any) -> dict[str, Any]:
+    """``training_step_memory`` for each shape, each in a process of its own (peak RSS is the process's): K = 8
+    completions per prompt split into micro-batches of 8, 4, 2 — the step's memory bounded by the setting."""
+    from benchmarks.__main__ import run_case
+
+    return {"shapes": [run_case("training_step_memory", {**common, **shape}, env=MEMORY_CASE_ENV)
+                       for shape in shapes]}

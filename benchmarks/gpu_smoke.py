@@ -1,6 +1,13 @@
-"""GPU check: rollout estimation with vLLM, then a few CaOPD training steps with the vLLM engine colocated beside
-the trainer (sleeping through each backward), on a ~0.5B-parameter Qwen3-architecture model built from a config (no
-hub access needed); samples/s, trained tokens/s, the GPU's peak memory in use and each engine's sizing recorded.
+"""GPU check: rollout estimation with vLLM, then CaOPD training in the modes that make real models fit, on a
+~0.5B-parameter Qwen3-architecture model built from a config (no hub access needed):
+
+* ``lora``: bf16 compute, activation checkpointing and LoRA adapters, one process, the vLLM engine colocated beside
+  the trainer (sleeping through each backward, fed merged weights after every step);
+* ``fsdp``: bf16 mixed precision (FSDP2's MixedPrecisionPolicy), activation checkpointing and full fine-tuning, under
+  torchrun as one FSDP process (the sharded path: the per-layer gathers, the sharded checkpoint, the gathered save).
+
+Each mode records trained tokens/s, the GPU's peak memory in use and its model FLOPs utilisation (MFU); the rollout
+estimation its samples/s and each engine's sizing.
 
     python -m benchmarks.gpu_smoke                 # on a GPU machine; writes benchmarks/results/gpu_smoke.json
     python -m benchmarks.gpu_smoke --install-gpu-extra   # first installs the GPU image's lock (vLLM) if there is room
@@ -13,6 +20,7 @@ so the script cannot rot where no GPU is.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -111,9 +119,42 @@ class PeakMemory:
         return None if self.peak is None else round(self.peak / 2**30, 2)
 
 
-def smoke(size: str, n_prompts: int, k: int, steps: int, prompts_per_step: int, work: Path) -> dict:
+# Dense bf16 peak of the cards MFU is reported for (FLOP/s, from the vendors' datasheets, without sparsity).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
+MODES = {
+    "lora": dict(precision="bf16", activation_checkpointing=True, finetune="lora"),
+    "fsdp": dict(precision="bf16", activation_checkpointing=True, finetune="full"),
+}
+
+
+def peak_flops(device: str) -> float | None:
+    return next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in device), None)
+
+
+def step_flops(parameters: int, trained_tokens: int, finetune: str) -> float:
+    """Model FLOPs of the trained tokens (completion tokens; the prompts' forwards are left out, so MFU is a lower
+    bound): the student's forward 2N and backward 4N per token (2N with LoRA: the frozen weights get no gradient,
+    the activations still do), and the teacher's forward 2N; activation checkpointing's recompute is not counted."""
+    per_token = (2 + (2 if finetune == "lora" else 4) + 2) * parameters
+    return float(per_token * trained_tokens)
+
+
+def _mode_result(mode: str, folder: Path, seconds: float, parameters: int, peak: PeakMemory, device: str,
+                 summary: dict) -> dict:
+    log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines() if line]
+    tokens = sum(r["trained_tokens"] for r in log)
+    flops, card = step_flops(parameters, tokens, MODES[mode]["finetune"]), peak_flops(device)
+    return {"settings": MODES[mode], "steps": len(log), "seconds": round(seconds, 2),
+            "trained_tokens_per_s": round(tokens / seconds, 1), "final_loss": log[-1]["loss"],
+            "peak_memory_gib": peak.gib(), "model_tflops_per_s": float(f"{flops / seconds / 1e12:.4g}"),
+            "mfu": None if card is None else round(flops / seconds / card, 4),
+            "engine": "vllm (colocated)" if summary.get("vllm") else "transformers"}
+
+
+def smoke(size: str, n_prompts: int, k: int, steps: int, prompts_per_step: int, work: Path, device: str,
+          modes: tuple[str, ...] = tuple(MODES)) -> dict:
     from caopd.config.sampling import SamplingConfig
-    from caopd.config.training import TrainConfig
+    from caopd.config.training import LoRAConfig, TrainConfig
     from caopd.experiments.chain import run_chain
     from caopd.io import write_jsonl
     from caopd.tasks.arithmetic import generate_rows
@@ -123,25 +164,44 @@ def smoke(size: str, n_prompts: int, k: int, steps: int, prompts_per_step: int, 
     write_jsonl(data, generate_rows(n_prompts, 0))
     # CaOPD; the rollout estimation samples as training does (K = k, 24 new tokens, seed 0)
     train = TrainConfig(steps=steps, prompts_per_step=prompts_per_step, k=k, warmup_steps=1, save_every=steps,
-                        sampling=SamplingConfig(max_new_tokens=24))
+                        sampling=SamplingConfig(max_new_tokens=24), lora=LoRAConfig(r=16), **MODES["lora"])
     # auto: with vLLM installed and a GPU the estimation runs a standalone engine (shut down when it is done) and
     # the training rollouts come from a colocated engine, asleep through each backward, synced after every step
     with PeakMemory() as peak:
         done = run_chain(str(model_dir), str(data), train, work, rollout_engine="auto", train_engine="auto")
-    rollout_s, train_s, trained = done.seconds["rollouts"], done.seconds["training"], done.training
-    log = [json.loads(line) for line in (work / "train" / "train_log.jsonl").read_text().splitlines() if line]
+    rollout_s = done.seconds["rollouts"]
+    results = {"lora": _mode_result("lora", work / "train", done.seconds["training"], parameters, peak, device,
+                                    done.training)}
+    fsdp = train.model_copy(update={**MODES["fsdp"], "lora": LoRAConfig()})
+    with PeakMemory() if "fsdp" in modes else contextlib.nullcontext() as peak:
+        if "fsdp" in modes:
+            start = time.perf_counter()
+            summary = torchrun_training(str(model_dir), done.targets, fsdp, work / "fsdp")
+            results["fsdp"] = _mode_result("fsdp", work / "fsdp", time.perf_counter() - start, parameters, peak,
+                                           device, summary)
     return {
         "size": size, "parameters": parameters,
         "rollout_engine": "vllm" if "vllm" in done.rollouts else "transformers",
-        "training_engine": "vllm (colocated)" if "vllm" in trained else "transformers",
         "rollout": {"prompts": n_prompts, "k": k, "seconds": round(rollout_s, 2),
                     "samples_per_s": round(n_prompts * k / rollout_s, 1)},
-        "training": {"steps": trained["steps"], "prompts_per_step": prompts_per_step, "seconds": round(train_s, 2),
-                     "trained_tokens_per_s": round(sum(r["trained_tokens"] for r in log) / train_s, 1),
-                     "final_loss": log[-1]["loss"]},
-        "peak_memory_gib": peak.gib(),
-        "vllm": {"rollout": done.rollouts.get("vllm"), "training": trained.get("vllm")},
+        "training": results,
+        "vllm": {"rollout": done.rollouts.get("vllm"), "training": done.training.get("vllm")},
     }
+
+
+def torchrun_training(model: str, records: str, train, out: Path) -> dict:
+    """The training stage under torchrun as one FSDP process (engine auto: a colocated vLLM on a GPU)."""
+    from caopd.config.stages import TrainStageConfig
+
+    cfg = TrainStageConfig(model=model, records=records, train=train, engine="auto", sharding="fsdp")
+    config = out.with_suffix(".json")
+    config.write_text(cfg.model_dump_json())
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m",
+                          "caopd.cli", "train", "--config", str(config), "--quiet", "--out", str(out)],
+                         capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"torchrun training failed: {run.stderr.strip()[-2000:]}")
+    return json.loads((out / "summary.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--prompts-per-step", type=int, default=16)
+    parser.add_argument("--modes", nargs="+", choices=sorted(MODES), default=sorted(MODES),
+                        help="training modes after the lora one (which the rollout chain trains): fsdp")
     parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU too (for the tiny size)")
     parser.add_argument("--install-gpu-extra", action="store_true",
                         help="pip install the GPU image's lock (vLLM, torch 2.14) first")
@@ -169,10 +231,11 @@ def main(argv: list[str] | None = None) -> int:
                                       "--installed-gpu-extra", installed])
     else:
         installed = args.installed_gpu_extra
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor()
     with tempfile.TemporaryDirectory() as work:
-        result = smoke(args.size, args.prompts, args.k, args.steps, args.prompts_per_step, Path(work))
-    result.update({"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor(),
-                   "gpu_extra": installed, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        result = smoke(args.size, args.prompts, args.k, args.steps, args.prompts_per_step, Path(work), device,
+                       tuple(args.modes))
+    result.update({"device": device, "gpu_extra": installed, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                    "versions": {name: _version(name) for name in ("torch", "transformers", "vllm", "caopd")}})
     from caopd.io import write_json
 

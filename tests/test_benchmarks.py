@@ -22,10 +22,24 @@ def test_the_in_process_cases_summarize_into_the_report_table():
     assert cases.distinct_prefix_tokens([[5, 6, 1], [5, 7, 1], [5, 6, 1]]) == 3  # [5], [5 6], [5 7]
 
 
+def test_the_memory_case_measures_a_step_per_micro_batch_with_the_planners_estimate_beside_it():
+    from benchmarks import cases
+
+    raw = {"memory": cases.memory_case(**QUICK["memory"])}
+    shapes = raw["memory"]["shapes"]
+    assert [shape["micro_batch_size"] for shape in shapes] == [4, 2]
+    assert all(shape["measured_bytes"] > 0 and shape["estimated_bytes"] > 0 for shape in shapes)
+    # a smaller micro-batch, a smaller estimate (the completions' length is the step's own, the same for both)
+    assert shapes[0]["estimated_parts"]["activations"] > shapes[1]["estimated_parts"]["activations"]
+    result = summarize(raw)
+    assert [row["micro_batch_size"] for row in result["memory"]] == [4, 2]
+    assert "training step peak memory (MiB), tiny, K = 4, micro-batch 2" in markdown(result)
+
+
 @pytest.mark.slow  # every case in a process of its own, TRL's baseline and a whole `caopd run` included
 @pytest.mark.timeout(1200)
 def test_benchmarks_run_on_a_tiny_size_and_write_the_report(tmp_path, capsys):
-    assert main(["--quick", "--cases", "rollout,training,scoring,metrics,run", "--out", str(tmp_path)]) == 0
+    assert main(["--quick", "--cases", "rollout,training,scoring,metrics,run,memory", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "latest.json").read_text())
     for key in ("rollout.speedup_vs_generate", "training.cpu_peak_fraction", "metrics.seconds_1m", "run.seconds"):
         case, metric = key.split(".")
@@ -47,8 +61,9 @@ def test_benchmarks_run_on_a_tiny_size_and_write_the_report(tmp_path, capsys):
     # the scoring case times both paths and the automatic choice; the all-alike groups go the tree path
     assert [shape["tree_chosen"] for shape in result["scoring"]] == [False, True]
     assert all(shape["tree_vs_rows"] > 0 and shape["auto_vs_rows"] > 0 for shape in result["scoring"])
+    assert [row["micro_batch_size"] for row in result["memory"]] == [4, 2]
     table = (tmp_path / "latest.md").read_text()
-    assert "rollouts (completions/s)" in table and "`caopd run`" in table
+    assert "rollouts (completions/s)" in table and "`caopd run`" in table and "caopd plan" in table
 
 
 def test_the_gpu_smoke_script_skips_without_a_gpu_and_runs_its_path_on_a_tiny_model(tmp_path, capsys):
@@ -60,9 +75,16 @@ def test_the_gpu_smoke_script_skips_without_a_gpu_and_runs_its_path_on_a_tiny_mo
     assert gpu_smoke.main(["--size", "tiny", "--allow-cpu", "--prompts", "8", "--k", "2", "--steps", "2",
                            "--prompts-per-step", "2", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["rollout"]["samples_per_s"] > 0 and result["training"]["trained_tokens_per_s"] > 0
-    assert result["training"]["steps"] == 2 and result["rollout_engine"] == "transformers"
+    assert result["rollout"]["samples_per_s"] > 0 and result["rollout_engine"] == "transformers"
+    assert set(result["training"]) == {"lora", "fsdp"}  # the second under torchrun, as one FSDP process
+    for mode in result["training"].values():
+        assert mode["steps"] == 2 and mode["trained_tokens_per_s"] > 0 and mode["model_tflops_per_s"] > 0
+        assert mode["settings"]["precision"] == "bf16" and mode["settings"]["activation_checkpointing"]
+        assert mode["mfu"] is None  # no datasheet peak for a CPU
     assert result["parameters"] > 0 and result["versions"]["torch"]
+    # 8N FLOPs per trained token for a full fine-tune (student 2N + 4N, teacher 2N), 6N with LoRA
+    assert gpu_smoke.step_flops(10, 3, "full") == 240 and gpu_smoke.step_flops(10, 3, "lora") == 180
+    assert gpu_smoke.peak_flops("NVIDIA H200") == 989e12
 
 
 def test_the_gpu_smoke_script_runs_its_vllm_path_on_a_fake_gpu(tmp_path, monkeypatch):
@@ -77,14 +99,15 @@ def test_the_gpu_smoke_script_runs_its_vllm_path_on_a_fake_gpu(tmp_path, monkeyp
     try:
         out = tmp_path / "smoke.json"
         assert gpu_smoke.main(["--size", "tiny", "--prompts", "4", "--k", "2", "--steps", "1",
-                               "--prompts-per-step", "2", "--out", str(out)]) == 0
+                               "--prompts-per-step", "2", "--modes", "lora", "--out", str(out)]) == 0
     finally:
         uninstall()
     result = json.loads(out.read_text())
-    assert (result["rollout_engine"], result["training_engine"]) == ("vllm", "vllm (colocated)")
-    assert result["rollout"]["samples_per_s"] > 0 and result["training"]["trained_tokens_per_s"] > 0
+    lora = result["training"]["lora"]
+    assert (result["rollout_engine"], lora["engine"]) == ("vllm", "vllm (colocated)")
+    assert result["rollout"]["samples_per_s"] > 0 and lora["trained_tokens_per_s"] > 0
     assert result["vllm"]["rollout"]["max_num_seqs"] == 4 * 2 and result["vllm"]["training"]["max_num_seqs"] == 2 * 2
     # the standalone engine took 0.9 of the card; the colocated one only what it needs
-    assert result["peak_memory_gib"] >= 0.9 * 24 and result["vllm"]["training"]["gpu_memory_utilization"] < 0.1
+    assert lora["peak_memory_gib"] >= 0.9 * 24 and result["vllm"]["training"]["gpu_memory_utilization"] < 0.1
     assert [what for what, *_ in gpu.events if what in ("start", "shutdown")] == ["start", "shutdown"] * 2
     assert result["device"] == "fake GPU" and gpu.engine_bytes == 0
