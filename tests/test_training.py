@@ -42,8 +42,13 @@ def test_few_step_training_saves_a_checkpoint_that_loads_and_generates(tmp_path,
     assert latest_checkpoint(tmp_path / "t").name == "step-0000003"
 
 
-def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, records):
-    cfg = TrainConfig(**{**SMALL, "teacher": "ema"})
+@pytest.mark.parametrize("mode", [
+    {"activation_checkpointing": False},
+    {"precision": "bf16"},  # and activation checkpointing, the default
+    {"precision": "bf16", "finetune": "lora"},  # the EMA teacher then averages the adapters
+], ids=["fp32", "bf16", "bf16-lora"])
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, records, mode):
+    cfg = TrainConfig(**{**SMALL, "teacher": "ema", **mode})
     run_training(TrainStageConfig(records=records, train=cfg), tmp_path / "straight", progress=False)
     # interrupted after step 2: train 2 steps, then ask for 3 in the same folder
     run_training(TrainStageConfig(records=records, train=cfg.model_copy(update={"steps": 2})), tmp_path / "resumed",

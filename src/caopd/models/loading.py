@@ -9,10 +9,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from safetensors.torch import load_file
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.utils import logging as hf_logging
 
 from caopd.errors import CaopdInputError
@@ -20,8 +28,12 @@ from caopd.models.attention import use_cpu_attention
 from caopd.models.packaged import PACKAGED_MODELS
 
 METADATA_FILE = "caopd.json"  # written beside checkpoints this project makes (template, provenance)
+SAFETENSORS_INDEX = "model.safetensors.index.json"  # a checkpoint saved in shards: which file holds which tensor
 # Running the Python a checkpoint ships is the user's explicit choice, for checkpoints they trust.
 TRUST_REMOTE_CODE_ENV = "CAOPD_TRUST_REMOTE_CODE"
+# Where load_model puts the weights: on the device (ready to run), on the CPU (rank 0 under FSDP, to be sharded), or
+# nowhere (the meta device: the other processes under FSDP, to be filled from rank 0).
+WeightPlacement = Literal["device", "cpu", "meta"]
 
 
 def remote_code_allowed() -> bool:
@@ -69,7 +81,7 @@ def looks_like_local_path(name: str) -> bool:
 def check_checkpoint_folder(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise CaopdInputError("checkpoint folder has no config.json", file=str(path), field="config.json")
-    if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").is_file():
+    if not any(path.glob("*.safetensors")) and not (path / SAFETENSORS_INDEX).is_file():
         raise CaopdInputError("checkpoint folder has no .safetensors weights (pickle weights are not loaded)",
                               file=str(path), field="model.safetensors")
 
@@ -131,22 +143,89 @@ def to_device(model: PreTrainedModel, device: str) -> PreTrainedModel:
 
 
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | None = None,
-               trust_remote_code: bool | None = None, progress: bool = False) -> LoadedModel:
+               trust_remote_code: bool | None = None, progress: bool = False,
+               weights: WeightPlacement = "device") -> LoadedModel:
     """Load a model and its tokenizer with safetensors weights only and remote code off unless the user opts in
     (``trust_remote_code=True``, or $CAOPD_TRUST_REMOTE_CODE=1 when left at None).
 
     ``progress`` shows transformers' weight-loading bar (worth it for multi-GB hub models, noise otherwise).
+    ``weights``: where the weights go — "device": onto ``device``, ready to run; "cpu": read into the CPU's memory
+    for FSDP to shard onto ``device`` (rank 0 under FSDP); "meta": not read at all, the model built from its config
+    on the meta device for FSDP to shard and fill from rank 0 (the other processes: no process but rank 0 holds a
+    whole copy). ``device`` is where the model runs in every case (its attention kernel is chosen for it).
     """
     if trust_remote_code is None:
         trust_remote_code = remote_code_allowed()
     path = checked_model_path(name_or_path)
+    device = device or default_device()
     with _loading_errors(path), hf_progress_bars(progress):
         tokenizer = _tokenizer(path, trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
-    to_device(model, device or default_device()).eval()
-    use_cpu_attention(model)  # a no-op on GPUs
+        if weights == "meta":
+            model = meta_model(path, dtype, trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                         trust_remote_code=trust_remote_code)
+    if weights == "device":
+        to_device(model, device)
+    model.eval()
+    if torch.device(device).type == "cpu":
+        use_cpu_attention(model)  # a no-op on GPUs and on the meta device (FSDP's materialisation does it there)
     return LoadedModel(model, tokenizer, model_template(path), source=name_or_path)
+
+
+def meta_model(path: str, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
+    """The checkpoint's architecture on the meta device, from its config alone (no weight file opened), with the
+    generation config ``from_pretrained`` would read (its stop tokens decide where sampling ends)."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # none in the checkpoint: from_pretrained also keeps the one derived from the config
+        pass
+    return model
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder: the shards its index names (``save_pretrained`` splits a large
+    model into ``model-0000i-of-0000n.safetensors``; a consolidated copy beside them is not read twice), else its
+    ``model.safetensors``."""
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as err:
+            raise CaopdInputError(f"unreadable safetensors index ({err})", file=str(index),
+                                  field="weight_map") from None
+        return [folder / name for name in names]
+    return [folder / "model.safetensors"]
+
+
+def load_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Copy a checkpoint folder's safetensors weights into ``model`` (one shard file at a time), by state-dict name.
+    A tied weight (embeddings and head) is stored once, under either of its names; any other tensor missing or
+    left over is an error naming the folder."""
+    expected = model.state_dict()
+    seen: set[str] = set()
+    for file in safetensors_files(folder):
+        if not file.is_file():
+            raise CaopdInputError("weight file missing", file=str(file), field=file.name)
+        shard = load_file(str(file))
+        unexpected = sorted(set(shard) - set(expected))
+        if unexpected:
+            raise CaopdInputError(f"tensors the model does not have: {', '.join(unexpected[:3])}", file=str(file),
+                                  field=unexpected[0])
+        for name, tensor in shard.items():
+            if tensor.shape != expected[name].shape:
+                raise CaopdInputError(f"shape {list(tensor.shape)} where the model has {list(expected[name].shape)} "
+                                      "(another architecture's checkpoint?)", file=str(file), field=name)
+        model.load_state_dict(shard, strict=False)
+        seen.update(shard)
+    stored = {expected[name].data_ptr() for name in seen}
+    missing = sorted(name for name, tensor in expected.items() if name not in seen and tensor.data_ptr() not in stored)
+    if missing:
+        raise CaopdInputError(f"{len(missing)} of the model's tensors are not in the checkpoint, e.g. {missing[0]}",
+                              file=str(folder), field=missing[0])
 
 
 def load_tokenizer_and_config(name_or_path: str, *, trust_remote_code: bool | None = None) -> LoadedTokenizer:
@@ -172,7 +251,7 @@ def safetensors_parameters(path: str) -> int | None:
     None for a hub id or a folder without safetensors files. A sharded checkpoint counts the files its index names
     (some folders also hold a consolidated copy of the same weights)."""
     folder = Path(path)
-    index = folder / "model.safetensors.index.json"
+    index = folder / SAFETENSORS_INDEX
     if index.is_file():
         files = [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     else:

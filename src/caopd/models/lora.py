@@ -44,7 +44,8 @@ def add_ema_adapter(peft_model: Any) -> None:
     peft_model.add_adapter(EMA_ADAPTER, peft_model.peft_config[STUDENT_ADAPTER])
     with torch.no_grad():
         for student, ema in adapter_pairs(peft_model.get_base_model()):
-            ema.copy_(student)
+            if not student.is_meta:  # a meta-built model (FSDP, rank > 0) gets rank 0's values when sharded
+                ema.copy_(student)
             ema.requires_grad_(False)
 
 

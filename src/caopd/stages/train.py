@@ -19,7 +19,7 @@ from caopd.io import atomic_dir, file_digest, read_jsonl, write_json, write_json
 from caopd.method.templates import render_prompt
 from caopd.models import lora
 from caopd.models.compat import enable_activation_checkpointing
-from caopd.models.distributed import init_world, shard_model
+from caopd.models.distributed import init_world, shard_models
 from caopd.models.loading import (
     METADATA_FILE,
     encode_text,
@@ -106,19 +106,25 @@ def checkpoint_layers(model: torch.nn.Module, say: bool) -> bool:
 
 def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Train, then write the model, log, curves and summary. Under torchrun every process trains on its share of
-    each step and rank 0 alone writes (checkpoints included); the other ranks return a short summary."""
-    world = init_world(cfg.sharding)
+    each step and writes its part of each checkpoint (its shards under FSDP); rank 0 alone writes the model, log
+    and summary, and the other ranks return a short summary."""
+    world = init_world(cfg.sharding, cfg.collective_timeout_minutes)
     task = get_task(cfg.task, **cfg.prompt.task_options())
     items = items_from_records(cfg.records)
     check_fits(cfg, items, world.size)
     torch.manual_seed(cfg.train.seed)
     precision, lora_base = cfg.train.precision, cfg.train.finetune == "lora"
     # A LoRA base never trains: it is stored in the compute dtype; a fully trained student keeps float32 masters.
-    loaded = load_model(cfg.model, progress=progress, dtype=compute_dtype(precision) if lora_base else torch.float32)
+    # Under FSDP rank 0 alone reads the weights (into the CPU's memory); the other processes build the model on the
+    # meta device, and shard_models fills their shards from rank 0's: no process but rank 0 holds a whole copy.
+    placement = ("cpu" if world.is_main else "meta") if world.fsdp else "device"
+    loaded = load_model(cfg.model, progress=progress, dtype=compute_dtype(precision) if lora_base else torch.float32,
+                        weights=placement)
     adapters = lora.add_adapters(loaded.model, cfg.train.lora) if lora_base else None
     separate = None
     if cfg.train.teacher == "separate":
-        other = load_model(cfg.train.teacher_model, progress=progress, dtype=compute_dtype(precision))
+        other = load_model(cfg.train.teacher_model, progress=progress, dtype=compute_dtype(precision),
+                           weights=placement)
         check_same_tokenizer(loaded.tokenizer, other.tokenizer, cfg.train.teacher_model)
         separate = other.model
     # A method without a teacher (RLCR): the "student" kind aliases the student, so no copy is made and nothing extra
@@ -132,9 +138,8 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
     teacher = Teacher(kind, loaded.model, cfg.train.ema_rate, separate, server, adapters=adapters,
                       frozen_dtype=compute_dtype(precision))
     checkpointing = cfg.train.activation_checkpointing and checkpoint_layers(loaded.model, world.is_main)
-    if world.fsdp:
-        for model in {id(m): m for m in (loaded.model, teacher.model) if m is not None}.values():
-            shard_model(model)
+    if world.fsdp:  # fp32: no cast at all; bf16: bf16 all-gathers and compute over fp32 shards, fp32 reductions
+        shard_models([loaded.model, teacher.model], None if precision == "fp32" else compute_dtype(precision))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # The engine is made once the trainer has encoded (and cut) the prompts: a vLLM engine is sized for them.

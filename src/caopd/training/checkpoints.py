@@ -1,9 +1,19 @@
 """Training checkpoints: written atomically, resumed from the newest complete one.
 
-A checkpoint folder holds the student (safetensors), the teacher when it changes (EMA), the optimizer
-state and the torch RNG state (tensors only, loaded with ``weights_only=True``), and the step and training log
-(the data order, sampling seeds and learning rate are functions of the step). It appears under
-its final name only once every file is written, so a crash mid-save leaves the previous one intact.
+A checkpoint folder holds the student, the teacher when it changes (EMA), the optimizer state, each process's RNG
+state (``rng-<rank>.pt``; tensors only, loaded with ``weights_only=True``), and the step and training log in
+``state.json`` (the data order, sampling seeds and learning rate are functions of the step). Two layouts:
+
+- replicated training (one process, or every process holding the whole model): an HF folder rank 0 writes — the
+  student by ``save_pretrained`` (in shards with an index when it is large), ``teacher.safetensors`` and
+  ``optimizer.pt``;
+- sharded training (FSDP): a ``torch.distributed.checkpoint`` folder every process writes its own shards into (the
+  student, the AdamW state and an EMA teacher; nothing gathered anywhere) and reads back, resharded when the number
+  of processes changed.
+
+Every process writes into one temporary folder; once all are done, rank 0 writes ``state.json`` last and renames the
+folder to its final name, so a crash mid-save leaves the previous checkpoint the newest complete one. Under torchrun
+the folder must be one every process sees (the multi-node jobs mount one shared volume).
 """
 
 from __future__ import annotations
@@ -11,20 +21,21 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
 from caopd.errors import CaopdInputError
-from caopd.models.loading import hf_progress_bars
+from caopd.models.distributed import World
+from caopd.models.loading import hf_progress_bars, load_weights
 from caopd.training.teachers import Teacher
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
+STATE_FILE = "state.json"  # written last: its presence marks a complete checkpoint
 
 
 def checkpoint_root(out_dir: Path) -> Path:
@@ -35,16 +46,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     root = checkpoint_root(out_dir)
     if not root.is_dir():
         return None
-    done = [p for p in root.iterdir() if CHECKPOINT_RE.match(p.name) and (p / "state.json").is_file()]
+    done = [p for p in root.iterdir() if CHECKPOINT_RE.match(p.name) and (p / STATE_FILE).is_file()]
     return max(done, key=lambda p: p.name) if done else None
-
-
-@dataclass
-class FullStates:
-    """Whole state dicts of sharded (FSDP) training, gathered on every process, complete on rank 0."""
-    student: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    teacher: dict[str, torch.Tensor] | None
 
 
 def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -63,74 +66,156 @@ def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor for name, tensor in weights.items() if name not in aliases}
 
 
-def full_states(student: torch.nn.Module, optimizer: torch.optim.Optimizer, teacher: Teacher) -> FullStates:
-    """Collective, like ``full_weights``; the optimizer state is keyed by parameter name, not position."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_optimizer_state_dict,
-    )
+def _own_teacher(teacher: Teacher, student: torch.nn.Module) -> torch.nn.Module | None:
+    """The teacher's weights that a checkpoint must keep beside the student's: an EMA teacher's own model. (A LoRA
+    EMA teacher is an adapter inside the student's modules, saved with them.)"""
+    if teacher.kind == "ema" and teacher.model is not None and teacher.model is not student:
+        return teacher.model
+    return None
 
-    whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return FullStates(full_weights(student), get_optimizer_state_dict(student, optimizer, options=whole),
-                      full_weights(teacher.model) if teacher.kind == "ema" else None)
+
+# --- sharded (FSDP): torch.distributed.checkpoint, each process its own shards ----------------------------------
+
+def sharded_state(student: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  teacher: Teacher) -> dict[str, Any]:
+    """The state a sharded checkpoint holds, as this process's shards (DTensors): what DCP writes, and the
+    template it reads into. The optimizer state is keyed by parameter name (DCP reshards it by name)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state: dict[str, Any] = {"student": get_model_state_dict(student),
+                             "optimizer": get_optimizer_state_dict(student, optimizer)}
+    own = _own_teacher(teacher, student)
+    if own is not None:
+        state["teacher"] = get_model_state_dict(own)
+    return state
+
+
+def _save_shards(folder: Path, student: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 teacher: Teacher) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    # Collective: the write plans meet on rank 0 (names and shapes only), each process writes its own file.
+    dcp.save(sharded_state(student, optimizer, teacher), storage_writer=dcp.FileSystemWriter(folder))
+
+
+def _load_shards(folder: Path, student: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 teacher: Teacher) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = sharded_state(student, optimizer, teacher)  # initialises the optimizer's state (a step at lr 0)
+    dcp.load(state, storage_reader=dcp.FileSystemReader(folder))
+    set_model_state_dict(student, state["student"])
+    set_optimizer_state_dict(student, optimizer, state["optimizer"])
+    own = _own_teacher(teacher, student)
+    if own is not None:
+        set_model_state_dict(own, state["teacher"])
+
+
+def read_sharded_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded checkpoint, whole, in this one process (no process group): for inspection and
+    tests. Keys are DCP's flattened names, e.g. ``student.model.norm.weight``, ``teacher.lm_head.weight``,
+    ``optimizer.state.model.norm.weight.exp_avg``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(path)
+    metadata = reader.read_metadata()
+    tensors = {name: torch.empty(meta.size, dtype=meta.properties.dtype)
+               for name, meta in metadata.state_dict_metadata.items() if isinstance(meta, TensorStorageMetadata)}
+    with warnings.catch_warnings():  # DCP warns that it reads in one process, which is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(tensors, storage_reader=reader, no_dist=True)
+    return tensors
+
+
+# --- both layouts ------------------------------------------------------------------------------------------------
+
+def _rng_file(folder: Path, rank: int) -> Path:
+    return folder / f"rng-{rank}.pt"
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_initialized():  # a process that has used its GPU (sampling there draws from its generator)
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rng(folder: Path, rank: int) -> None:
+    """This process's RNG as it was saved; a process the saving run did not have keeps its own (a run resumed on
+    more processes), and a checkpoint older than per-process files has rank 0's as ``rng.pt``."""
+    file = _rng_file(folder, rank)
+    if not file.is_file() and rank == 0:
+        file = folder / "rng.pt"
+    if not file.is_file():
+        return
+    state = torch.load(file, weights_only=True)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_checkpoint(out_dir: Path, step: int, student: torch.nn.Module, tokenizer: Any,
                     optimizer: torch.optim.Optimizer, teacher: Teacher, log: list[dict], keep: int,
-                    states: FullStates | None = None) -> Path:
-    """``states``: the gathered state dicts of sharded training (the modules then hold only this process's
-    shard); without them the modules' own weights and the optimizer's state are written."""
+                    world: World | None = None) -> Path:
+    """Write the checkpoint after ``step`` and keep the newest ``keep``; return its folder. Every process calls it
+    (collective under torchrun): under FSDP each writes its shards, replicated rank 0 writes the HF folder; each
+    writes its RNG state."""
+    world = world or World()
     root = checkpoint_root(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".step-{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    with hf_progress_bars(False):  # a per-checkpoint bar would break the training bar's line
-        student.save_pretrained(tmp, safe_serialization=True, state_dict=states.student if states else None)
-        tokenizer.save_pretrained(tmp)
-    if teacher.kind == "ema" and states:
-        save_file(states.teacher, str(tmp / "teacher.safetensors"))
-    elif teacher.kind == "ema":
-        save_safetensors_model(teacher.model, str(tmp / "teacher.safetensors"))
-    torch.save(states.optimizer if states else optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-    sharding = "fsdp" if states else "replicate"  # the optimizer state's layout differs
-    (tmp / "state.json").write_text(json.dumps({"step": step, "log": log, "sharding": sharding}))  # last: complete
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(p for p in root.iterdir() if CHECKPOINT_RE.match(p.name))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if world.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a save that crashed half-way
+        tmp.mkdir()
+    world.barrier()  # the empty folder exists before anyone writes into it
+    if world.fsdp:
+        _save_shards(tmp, student, optimizer, teacher)
+    elif world.is_main:
+        with hf_progress_bars(False):  # a per-checkpoint bar would break the training bar's line
+            student.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        own = _own_teacher(teacher, student)
+        if own is not None:
+            save_safetensors_model(own, str(tmp / "teacher.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(_rng_state(), _rng_file(tmp, world.rank))
+    world.barrier()  # every process's files are written
+    if world.is_main:
+        # The optimizer state's layout differs between the two: a checkpoint resumes with the sharding it was made by.
+        sharding = "fsdp" if world.fsdp else "replicate"
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "log": log, "sharding": sharding,
+                                                  "processes": world.size}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in sorted(p for p in root.iterdir() if CHECKPOINT_RE.match(p.name))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def load_checkpoint(path: Path, student: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    teacher: Teacher, fsdp: bool = False) -> tuple[int, list[dict]]:
-    """Restore weights, optimizer and teacher in place; return the step reached and the log so far. Under FSDP
-    every process reads the whole checkpoint and keeps its shard."""
-    state = json.loads((path / "state.json").read_text())
+                    teacher: Teacher, world: World | None = None) -> tuple[int, list[dict]]:
+    """Restore weights, optimizer, teacher and this process's RNG in place; return the step reached and the log so
+    far. Every process calls it (collective under FSDP: each reads its own shards, resharded by DCP when the
+    checkpoint was written by another number of processes)."""
+    world = world or World()
+    state = json.loads((path / STATE_FILE).read_text())
     written = state.get("sharding", "replicate")
-    if written != ("fsdp" if fsdp else "replicate"):
+    if written != ("fsdp" if world.fsdp else "replicate"):
         raise CaopdInputError(f"written by a run with sharding={written!r}; resume it with the same sharding",
                               file=str(path), field="sharding")
-    optimizer_state = torch.load(path / "optimizer.pt", weights_only=True)
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        whole = StateDictOptions(full_state_dict=True, strict=False)  # tied weights are stored once
-        set_model_state_dict(student, load_file(str(path / "model.safetensors")), options=whole)
-        if teacher.kind == "ema":
-            set_model_state_dict(teacher.model, load_file(str(path / "teacher.safetensors")), options=whole)
-        set_optimizer_state_dict(student, optimizer, optimizer_state, options=whole)
+    if world.fsdp:
+        if not (path / ".metadata").is_file():  # DCP's index of the shards
+            raise CaopdInputError("a sharded checkpoint in the gathered layout of an earlier version, which this "
+                                  "version does not read; start the run afresh", file=str(path), field=".metadata")
+        _load_shards(path, student, optimizer, teacher)
     else:
-        load_safetensors_model(student, str(path / "model.safetensors"), strict=False)
-        if teacher.kind == "ema":
-            load_safetensors_model(teacher.model, str(path / "teacher.safetensors"), strict=False)
-        optimizer.load_state_dict(optimizer_state)
-    if (path / "rng.pt").is_file():  # older checkpoints have none
-        torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
+        load_weights(student, path)
+        own = _own_teacher(teacher, student)
+        if own is not None:
+            load_safetensors_model(own, str(path / "teacher.safetensors"), strict=False)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    _restore_rng(path, world.rank)
     return int(state["step"]), list(state["log"])

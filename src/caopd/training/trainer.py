@@ -220,7 +220,6 @@ class Trainer:
     def run(self) -> list[dict[str, Any]]:
         from caopd.training.checkpoints import (
             checkpoint_root,
-            full_states,
             latest_checkpoint,
             load_checkpoint,
             save_checkpoint,
@@ -230,7 +229,7 @@ class Trainer:
         start_step = 0
         ckpt = latest_checkpoint(self.out_dir)
         if ckpt is not None:
-            start_step, self.log = load_checkpoint(ckpt, self.student, self.optimizer, self.teacher, self.world.fsdp)
+            start_step, self.log = load_checkpoint(ckpt, self.student, self.optimizer, self.teacher, self.world)
             self.engine.sync_weights(self.student)
         t0, seqs = time.perf_counter(), 0
         bar = tqdm(range(start_step, n_steps), initial=start_step, total=n_steps,
@@ -249,11 +248,9 @@ class Trainer:
                 stop = self.world.sum([float(preempted.is_set())])[0] > 0
                 path = checkpoint_root(self.out_dir)
                 if (step + 1) % self.cfg.save_every == 0 or step + 1 == n_steps or stop:
-                    # Sharded weights are gathered by every process; one writes them.
-                    states = full_states(self.student, self.optimizer, self.teacher) if self.world.fsdp else None
-                    if self.world.is_main:
-                        path = save_checkpoint(self.out_dir, step + 1, self.student, self.tokenizer, self.optimizer,
-                                               self.teacher, self.log, self.cfg.keep_checkpoints, states)
+                    # Every process writes its part (its shards under FSDP, its RNG state); rank 0 completes it.
+                    path = save_checkpoint(self.out_dir, step + 1, self.student, self.tokenizer, self.optimizer,
+                                           self.teacher, self.log, self.cfg.keep_checkpoints, self.world)
                     if stop:
                         self.world.barrier()  # nobody exits (and gets the others killed) before the save is done
                 if stop and step + 1 < n_steps:
