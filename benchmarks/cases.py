@@ -296,7 +296,8 @@ MEMORY_CASE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def training_step_memory(model: str = "tiny", micro_batch_size: int = 8, prompts_per_step: int = 16, k: int = 8,
-                         max_new_tokens: int = 24, steps: int = 2) -> dict[str, Any]:
+                         max_new_tokens: int = 24, steps: int = 2, precision: str = "fp32", finetune: str = "full",
+                         activation_checkpointing: bool = False) -> dict[str, Any]:
     """Peak RSS of ``steps`` training steps as stages/train.py builds them (a ``Trainer`` with a frozen teacher and
     ``make_training_engine``'s transformers engine; sampling included) above the RSS before the model loads, beside
     ``caopd.config.memory.training_memory`` at the steps' own longest prompt and completion (the planner's
@@ -311,7 +312,10 @@ def training_step_memory(model: str = "tiny", micro_batch_size: int = 8, prompts
     from caopd.config.sampling import SamplingConfig
     from caopd.config.training import TrainConfig
     from caopd.models import batching
+    from caopd.models.compat import enable_activation_checkpointing
     from caopd.models.loading import load_model
+    from caopd.models.lora import add_adapters
+    from caopd.models.precision import compute_dtype
     from caopd.rollout import make_training_engine
     from caopd.tasks import get_task
     from caopd.tasks.arithmetic import generate_rows
@@ -324,12 +328,18 @@ def training_step_memory(model: str = "tiny", micro_batch_size: int = 8, prompts
     items = [TrainItem(task.example_from_row(row, i), 0.5, None)
              for i, row in enumerate(generate_rows(prompts_per_step * steps, 0))]
     cfg = TrainConfig(method="caopd", steps=steps, prompts_per_step=prompts_per_step, k=k, warmup_steps=0,
-                      micro_batch_size=micro_batch_size, sampling=SamplingConfig(max_new_tokens=max_new_tokens))
+                      micro_batch_size=micro_batch_size, sampling=SamplingConfig(max_new_tokens=max_new_tokens),
+                      precision=precision, finetune=finetune, activation_checkpointing=activation_checkpointing)
     scored: list[Any] = []
     before = rss_bytes()
     with PeakRss() as memory, tempfile.TemporaryDirectory() as out:
-        loaded = load_model(model)
-        teacher = Teacher("frozen", loaded.model, cfg.ema_rate, None)
+        # as stages/train.py builds the student and its teacher
+        loaded = load_model(model, dtype=compute_dtype(precision) if finetune == "lora" else torch.float32)
+        adapters = add_adapters(loaded.model, cfg.lora) if finetune == "lora" else None
+        teacher = Teacher("frozen", loaded.model, cfg.ema_rate, None, adapters=adapters,
+                          frozen_dtype=compute_dtype(precision))
+        if activation_checkpointing:
+            enable_activation_checkpointing(loaded.model)
         trainer = Trainer(cfg, loaded.model, loaded.tokenizer, loaded.template, task, items, None, teacher, Path(out),
                           progress=False)
         trainer.engine = make_training_engine(loaded, "transformers")
@@ -341,9 +351,12 @@ def training_step_memory(model: str = "tiny", micro_batch_size: int = 8, prompts
     completion = max(len(ids) for group in scored for ids in group.completion_ids)
     parameters = sum(p.numel() for p in loaded.model.parameters())
     plan = TrainPlan(k=k, prompts_per_step=prompts_per_step, micro_batch_size=micro_batch_size,
-                     max_prompt_tokens=prompt, max_new_tokens=completion, attention="eager", overhead_bytes=0)
+                     max_prompt_tokens=prompt, max_new_tokens=completion, attention="eager", overhead_bytes=0,
+                     precision=precision, finetune=finetune, lora_r=cfg.lora.r,
+                     activation_checkpointing=activation_checkpointing)
     estimate = training_memory(PlanModel.from_config(loaded.model.config.to_dict(), parameters), plan)
     return {"model": model, "micro_batch_size": micro_batch_size, "k": k, "prompts_per_step": prompts_per_step,
+            "precision": precision, "finetune": finetune, "activation_checkpointing": activation_checkpointing,
             "measured_bytes": memory.peak - before, "estimated_bytes": estimate.total,
             "estimated_parts": estimate.parts, "longest_prompt": prompt, "longest_completion": completion}
 

@@ -2,7 +2,8 @@
 
 Pure functions of a validated :class:`LaunchConfig`: the launcher (``caopd.launch.launcher``) only sends them.
 Every node mounts the same shared workspace (a ReadWriteMany PVC): the training step stages the records and the
-config there, the job's rank 0 writes checkpoints and the model there, and a pod restarted after preemption
+config there, every process writes its part of each checkpoint there (its shards under FSDP) and rank 0 the model,
+and a pod restarted after preemption
 resumes from the newest complete checkpoint it finds there.
 """
 
