@@ -148,7 +148,8 @@ def _mode_result(mode: str, folder: Path, seconds: float, parameters: int, peak:
             "trained_tokens_per_s": round(tokens / seconds, 1), "final_loss": log[-1]["loss"],
             "peak_memory_gib": peak.gib(), "model_tflops_per_s": float(f"{flops / seconds / 1e12:.4g}"),
             "mfu": None if card is None else round(flops / seconds / card, 4),
-            "engine": "vllm (colocated)" if summary.get("vllm") else "transformers"}
+            "engine": "vllm (colocated)" if summary.get("vllm") else "transformers",
+            "sharded": summary.get("sharded", False), "activation_checkpointing": summary["activation_checkpointing"]}
 
 
 def smoke(size: str, n_prompts: int, k: int, steps: int, prompts_per_step: int, work: Path, device: str,

@@ -81,6 +81,8 @@ def test_the_gpu_smoke_script_skips_without_a_gpu_and_runs_its_path_on_a_tiny_mo
         assert mode["steps"] == 2 and mode["trained_tokens_per_s"] > 0 and mode["model_tflops_per_s"] > 0
         assert mode["settings"]["precision"] == "bf16" and mode["settings"]["activation_checkpointing"]
         assert mode["mfu"] is None  # no datasheet peak for a CPU
+        assert mode["activation_checkpointing"]
+    assert result["training"]["fsdp"]["sharded"] and not result["training"]["lora"]["sharded"]
     assert result["parameters"] > 0 and result["versions"]["torch"]
     # 8N FLOPs per trained token for a full fine-tune (student 2N + 4N, teacher 2N), 6N with LoRA
     assert gpu_smoke.step_flops(10, 3, "full") == 240 and gpu_smoke.step_flops(10, 3, "lora") == 180

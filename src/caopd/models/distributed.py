@@ -77,10 +77,13 @@ class World:
 
 def init_world(sharding: str = "replicate", timeout_minutes: float = 30.0) -> World:
     """The process group torchrun describes in the environment (gloo on CPU, NCCL on GPUs); one process else
-    (where there is nothing to shard). ``timeout_minutes``: how long any collective waits for every process
-    (``TrainStageConfig.collective_timeout_minutes``) before the run fails."""
+    (where there is nothing to shard). One process that torchrun started with ``sharding='fsdp'`` joins a group of
+    one and runs the sharded path as asked (what a single-GPU check of that path needs). ``timeout_minutes``: how
+    long any collective waits for every process (``TrainStageConfig.collective_timeout_minutes``) before the run
+    fails."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ  # set by torchrun alone (not by vLLM's launcher variables)
+    if size <= 1 and not (under_torchrun and sharding == "fsdp"):
         return World()
     import torch.distributed as dist
 

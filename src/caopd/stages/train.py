@@ -180,7 +180,7 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
     # total_steps: the run's length as resolved (steps, or epochs over the prompts); prompt_truncation: how many
     # distinct training prompts max_prompt_tokens cuts, and the longest prompt
     summary = {"stage": "opd-training", "config": cfg.model_dump(), "steps": len(log),
-               "activation_checkpointing": checkpointing,
+               "activation_checkpointing": checkpointing, "processes": world.size, "sharded": world.fsdp,
                "confidence_instruction": task.confidence_instruction_text,
                "total_steps": trainer.n_steps, "prompt_truncation": truncation,
                "seconds": round(time.perf_counter() - start, 1), "final": log[-1] if log else {},
