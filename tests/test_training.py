@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from pydantic import ValidationError
 
 from caopd.config.sampling import SamplingConfig
@@ -59,6 +60,12 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path, recor
     assert all(torch.equal(a[k], b[k]) for k in a)
     log = read_jsonl(tmp_path / "resumed" / "train_log.jsonl")
     assert [r["step"] for r in log] == [1, 2, 3]
+    written = {f.name for f in latest_checkpoint(tmp_path / "resumed").iterdir()}
+    if mode.get("finetune") == "lora":  # the adapters alone (the student's and the EMA's): the base never changes
+        assert "adapters.safetensors" in written and "model.safetensors" not in written
+        adapters = load_file(latest_checkpoint(tmp_path / "resumed") / "adapters.safetensors")
+        assert adapters and all("lora_" in name for name in adapters)
+        assert any(".ema." in name for name in adapters)
 
 
 @pytest.mark.parametrize("overrides", [

@@ -6,9 +6,10 @@ state (``rng-<rank>.pt``; tensors only, loaded with ``weights_only=True``), and 
 
 - replicated training (one process, or every process holding the whole model): an HF folder rank 0 writes — the
   student by ``save_pretrained`` (in shards with an index when it is large), ``teacher.safetensors`` and
-  ``optimizer.pt``;
+  ``optimizer.pt``; with LoRA, ``adapters.safetensors`` instead of the model (the student's adapters and an EMA
+  teacher's: the frozen base never changes and is read from the model again on resume);
 - sharded training (FSDP): a ``torch.distributed.checkpoint`` folder every process writes its own shards into (the
-  student, the AdamW state and an EMA teacher; nothing gathered anywhere) and reads back, resharded when the number
+  student (with LoRA, its adapters), the AdamW state and an EMA teacher; nothing gathered anywhere) and reads back, resharded when the number
   of processes changed.
 
 Every process writes into one temporary folder; once all are done, rank 0 writes ``state.json`` last and renames the
@@ -26,16 +27,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
 from caopd.errors import CaopdInputError
 from caopd.models.distributed import World
 from caopd.models.loading import hf_progress_bars, load_weights
+from caopd.models.lora import is_adapted
 from caopd.training.teachers import Teacher
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{7})$")
 STATE_FILE = "state.json"  # written last: its presence marks a complete checkpoint
+ADAPTERS_FILE = "adapters.safetensors"  # a LoRA run's checkpoint: its adapters, the base being the model's own
+ADAPTER_MARK = "lora_"  # in the name of every LoRA adapter tensor PEFT injects
 
 
 def checkpoint_root(out_dir: Path) -> Path:
@@ -76,13 +81,20 @@ def _own_teacher(teacher: Teacher, student: torch.nn.Module) -> torch.nn.Module 
 
 # --- sharded (FSDP): torch.distributed.checkpoint, each process its own shards ----------------------------------
 
+def changing_weights(state: dict[str, Any]) -> dict[str, Any]:
+    """What of a student's state dict a checkpoint must hold: everything, or with LoRA only the adapters (the
+    student's and an EMA teacher's; the frozen base is read from the model again on resume, as at the start)."""
+    adapters = {name: tensor for name, tensor in state.items() if ADAPTER_MARK in name}
+    return adapters or state
+
+
 def sharded_state(student: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   teacher: Teacher) -> dict[str, Any]:
     """The state a sharded checkpoint holds, as this process's shards (DTensors): what DCP writes, and the
     template it reads into. The optimizer state is keyed by parameter name (DCP reshards it by name)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    state: dict[str, Any] = {"student": get_model_state_dict(student),
+    state: dict[str, Any] = {"student": changing_weights(get_model_state_dict(student)),
                              "optimizer": get_optimizer_state_dict(student, optimizer)}
     own = _own_teacher(teacher, student)
     if own is not None:
@@ -101,11 +113,15 @@ def _save_shards(folder: Path, student: torch.nn.Module, optimizer: torch.optim.
 def _load_shards(folder: Path, student: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  teacher: Teacher) -> None:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     state = sharded_state(student, optimizer, teacher)  # initialises the optimizer's state (a step at lr 0)
     dcp.load(state, storage_reader=dcp.FileSystemReader(folder))
-    set_model_state_dict(student, state["student"])
+    set_model_state_dict(student, state["student"], options=StateDictOptions(strict=not is_adapted(student)))
     set_optimizer_state_dict(student, optimizer, state["optimizer"])
     own = _own_teacher(teacher, student)
     if own is not None:
@@ -173,6 +189,11 @@ def save_checkpoint(out_dir: Path, step: int, student: torch.nn.Module, tokenize
     world.barrier()  # the empty folder exists before anyone writes into it
     if world.fsdp:
         _save_shards(tmp, student, optimizer, teacher)
+    elif world.is_main and is_adapted(student):  # the adapters alone: the frozen base never changes
+        save_file(changing_weights(student.state_dict()), str(tmp / ADAPTERS_FILE))
+        with hf_progress_bars(False):
+            tokenizer.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     elif world.is_main:
         with hf_progress_bars(False):  # a per-checkpoint bar would break the training bar's line
             student.save_pretrained(tmp, safe_serialization=True)
@@ -211,6 +232,9 @@ def load_checkpoint(path: Path, student: torch.nn.Module, optimizer: torch.optim
             raise CaopdInputError("a sharded checkpoint in the gathered layout of an earlier version, which this "
                                   "version does not read; start the run afresh", file=str(path), field=".metadata")
         _load_shards(path, student, optimizer, teacher)
+    elif (path / ADAPTERS_FILE).is_file():
+        _load_adapters(student, path / ADAPTERS_FILE)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     else:
         load_weights(student, path)
         own = _own_teacher(teacher, student)
@@ -219,3 +243,15 @@ def load_checkpoint(path: Path, student: torch.nn.Module, optimizer: torch.optim
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     _restore_rng(path, world.rank)
     return int(state["step"]), list(state["log"])
+
+
+def _load_adapters(student: torch.nn.Module, file: Path) -> None:
+    """A LoRA checkpoint's adapters into the student, every one by name (the base is the model's own)."""
+    adapters = load_file(str(file))
+    expected = changing_weights(student.state_dict())
+    if adapters.keys() != expected.keys():
+        missing, unknown = sorted(expected.keys() - adapters.keys()), sorted(adapters.keys() - expected.keys())
+        raise CaopdInputError(f"the adapters do not match this run's (missing {missing[:3]}, unknown {unknown[:3]}); "
+                              "resume with the LoRA settings the checkpoint was written with", file=str(file),
+                              field="lora")
+    student.load_state_dict(adapters, strict=False)
