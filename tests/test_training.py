@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from pydantic import ValidationError
+from safetensors.torch import load_file
 
 from caopd.config.sampling import SamplingConfig
 from caopd.config.stages import TrainStageConfig

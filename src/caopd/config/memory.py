@@ -10,9 +10,9 @@ head_dim, ``i`` intermediate size, ``V`` vocabulary, ``c`` the compute dtype's b
   loads them (fp32) + the KV cache of one batch of prompts × K samples of prompt + max_new_tokens tokens + the
   prefill's logits (every prompt position × V, which the engine's prefill computes) + the CUDA context.
 * **training** — always resident: the student's weights (fp32 masters; a LoRA base in bf16 under bf16), the
-  gradients and AdamW's two fp32 moments of what trains, the teacher (frozen / EMA: a copy, bf16 under bf16; under
-  LoRA the frozen teacher is the base with the adapters off, no copy, and an EMA teacher a second set of adapters;
-  the live student and a server teacher: nothing; a separate teacher: its weights, counted as the student's size);
+  gradients and AdamW's two fp32 moments of what trains, the teacher (frozen: a copy, bf16 under bf16; EMA: a float32
+  copy; under LoRA the frozen teacher is the base with the adapters off, no copy, and an EMA teacher a second set of
+  adapters; the live student and a server teacher: nothing; a separate teacher: its own weights, from its config);
   under bf16 without FSDP, autocast's bf16 cast of the trained weights (its cache lives through the forward); the
   CUDA context. Then the larger of two phases: **sampling** (a colocated vLLM awake: its share; transformers: its
   KV cache and prefill logits, and under FSDP the whole student gathered) and **the loss** (one micro-batch's
@@ -133,6 +133,7 @@ class TrainPlan:
     lora_r: int = 16
     lora_targets: str | list[str] = "all-linear"
     teacher: str = "frozen"
+    teacher_parameters: int = 0  # a separate teacher's parameter count (0: the student's)
     sharding: str = "replicate"
     engine: str = "transformers"  # vllm: colocated beside the trainer
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
@@ -213,7 +214,10 @@ def activation_bytes(model: PlanModel, plan: TrainPlan) -> int:
         scores = model.heads * (rows * completion * (prompt + completion) + groups * prompt * prompt) * 4 // c
     one_layer = tokens * per_token + kv_rows + scores
     if plan.activation_checkpointing:  # each layer's input kept, one layer recomputed at a time
-        return int((s.layers * tokens * s.hidden_size + one_layer) * c)
+        # autocast over float32 weights keeps the residual stream (each layer's input) in float32; FSDP's bf16
+        # parameters and a bf16 LoRA base make it bf16
+        residual = 4 if plan.precision == "bf16" and not plan.fsdp and plan.finetune != "lora" else c
+        return int(s.layers * tokens * s.hidden_size * residual + one_layer * c)
     return int(s.layers * one_layer * c)
 
 
@@ -232,8 +236,9 @@ def training_memory(model: PlanModel, plan: TrainPlan, gpu_bytes: int | None = N
     trainable = adapters if lora else s.parameters
     base_bytes = 2 if (lora and plan.precision == "bf16") else 4
     weights = s.parameters * base_bytes + adapters * 4
-    teacher = {"frozen": 0 if lora else s.parameters * c, "ema": adapters * 4 if lora else s.parameters * c,
-               "separate": s.parameters * c}.get(plan.teacher, 0)
+    # a frozen copy in the compute dtype; an EMA copy stays float32 (a 0.01 step is below bf16's resolution)
+    teacher = {"frozen": 0 if lora else s.parameters * c, "ema": adapters * 4 if lora else s.parameters * 4,
+               "separate": (plan.teacher_parameters or s.parameters) * c}.get(plan.teacher, 0)
     share = plan.gpus if plan.fsdp else 1
     parts = {"weights": weights // share, "gradients": trainable * 4 // share, "optimizer": trainable * 8 // share,
              "teacher": teacher // share}
@@ -386,14 +391,20 @@ def training_refusal(model: PlanModel, plan: TrainPlan, gpu_bytes: int, spelling
 
 
 def check_training_fits(cfg: Any, model_config: Mapping[str, Any], gpus: int, gpu_memory_bytes: int,
-                        longest_prompt: int | None = None, parameters: int | None = None) -> StageMemory:
+                        longest_prompt: int | None = None, parameters: int | None = None,
+                        teacher_config: Mapping[str, Any] | None = None,
+                        teacher_parameters: int | None = None) -> StageMemory:
     """The training stage's start-up check: raises ``CaopdInputError`` (one line: the stage, its need per GPU, the
     card and the setting to change) when ``cfg`` (a ``TrainStageConfig``) cannot fit ``gpu_memory_bytes`` per GPU
     on ``gpus`` GPUs; returns the plan otherwise. ``longest_prompt``: the longest training prompt in tokens as
     trained (None: ``max_prompt_tokens``, else 1024); ``parameters``: the exact count (safetensors headers) when
-    known. The engine ``auto`` is planned as vLLM (what a GPU with vLLM runs)."""
+    known. ``teacher_config``/``teacher_parameters``: a separate teacher's (planned at its own size). The engine
+    ``auto`` is planned as vLLM (what a GPU with vLLM runs)."""
     model = PlanModel.from_config(model_config, parameters)
     plan = TrainPlan.from_stage(cfg, gpus, longest_prompt)
+    if teacher_config is not None:
+        plan = replace(plan, teacher_parameters=PlanModel.from_config(teacher_config,
+                                                                      teacher_parameters).shape.parameters)
     refusal = training_refusal(model, plan, gpu_memory_bytes, spelling="stage")
     if refusal:
         raise CaopdInputError(refusal, field="gpu_memory_gib")

@@ -195,6 +195,30 @@ def shard_models(models: Iterable[torch.nn.Module | None], param_dtype: torch.dt
             use_cpu_attention(model)
 
 
+def replicate_models(models: Iterable[torch.nn.Module | None]) -> None:
+    """Replicated training under torchrun: give every process rank 0's weights, whole, on its own device. Rank 0
+    read them (``load_model(weights="cpu")``), the other processes built the architecture on the meta device, so no
+    process but rank 0 ever holds a copy in the CPU's memory; each tensor is broadcast from rank 0's device copy into
+    the others'. Collective: every process calls it with its models in the same order."""
+    import torch.distributed as dist
+
+    from caopd.models.attention import use_cpu_attention
+
+    device = mesh_device()
+    for model in {id(m): m for m in models if m is not None}.values():
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+            model.to_empty(device=device)  # allocated, uninitialised: filled just below
+            if hasattr(model, "tie_weights"):  # to_empty gives the tied head a tensor of its own: one again
+                model.tie_weights()
+        else:
+            model.to(device)
+        with torch.no_grad():
+            for tensor in (*model.parameters(), *model.buffers()):  # a tied weight once: one Parameter
+                dist.broadcast(tensor.data, src=0)
+        if torch.device(device).type == "cpu":
+            use_cpu_attention(model)
+
+
 def _fsdp_units(models: Iterable[torch.nn.Module]) -> list[Any]:
     from torch.distributed.fsdp import FSDPModule
 

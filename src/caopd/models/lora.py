@@ -70,10 +70,18 @@ def adapters_off(peft_model: Any) -> Iterator[None]:
 def ema_adapter_on(peft_model: Any) -> Iterator[None]:
     """The EMA adapter active instead of the student's for the block (scoring only: inside, the student's adapter is
     not trainable); the student's is active and trainable again afterwards, before any backward replays a layer."""
+    # the teacher scores deterministically: its adapter's dropout off (the student trains in training mode)
+    dropouts = [module.lora_dropout[EMA_ADAPTER] for module in peft_model.get_base_model().modules()
+                if hasattr(module, "lora_dropout") and EMA_ADAPTER in module.lora_dropout]
+    modes = [dropout.training for dropout in dropouts]
     peft_model.base_model.set_adapter(EMA_ADAPTER, inference_mode=True)
+    for dropout in dropouts:
+        dropout.eval()
     try:
         yield
     finally:
+        for dropout, mode in zip(dropouts, modes):
+            dropout.train(mode)
         peft_model.base_model.set_adapter(STUDENT_ADAPTER)
         for _, ema in adapter_pairs(peft_model.get_base_model()):
             ema.requires_grad_(False)
@@ -92,9 +100,11 @@ def is_adapted(model: torch.nn.Module) -> bool:
 def merge_state_dict(state: Mapping[str, torch.Tensor], scaling: float,
                      adapter: str = STUDENT_ADAPTER) -> dict[str, torch.Tensor]:
     """A plain model's state dict from an adapted one's (the base model's names, as ``model.state_dict()`` of the
-    PEFT-injected model gives them): each adapted ``….base_layer.weight`` becomes ``….weight`` + scaling·B·A (in
-    float32, then in the base weight's dtype), other adapters' tensors are dropped, everything else kept."""
+    PEFT-injected model gives them), in float32: each adapted ``….base_layer.weight`` becomes ``….weight`` +
+    scaling·B·A, other adapters' tensors are dropped, everything else kept. float32 because a bf16 base plus an update
+    smaller than bf16's resolution for its weight (lr 2e-5 makes many) would round back to the base."""
     merged: dict[str, torch.Tensor] = {}
+    as_float: dict[tuple, torch.Tensor] = {}  # one float32 copy per storage: tied weights stay one tensor
     for name, tensor in state.items():
         if "lora_" in name:
             continue
@@ -103,9 +113,9 @@ def merge_state_dict(state: Mapping[str, torch.Tensor], scaling: float,
             if leaf == "weight" and f"{prefix}.lora_A.{adapter}.weight" in state:
                 down = state[f"{prefix}.lora_A.{adapter}.weight"].float()
                 up = state[f"{prefix}.lora_B.{adapter}.weight"].float()
-                tensor = (tensor.float() + scaling * (up @ down)).to(tensor.dtype)
+                tensor = tensor.float() + scaling * (up @ down)
             name = f"{prefix}.{leaf}"
-        merged[name] = tensor
+        merged[name] = as_float.setdefault((tensor.data_ptr(), tuple(tensor.shape)), tensor.float())
     return merged
 
 

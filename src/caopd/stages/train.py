@@ -19,7 +19,7 @@ from caopd.io import atomic_dir, file_digest, read_jsonl, write_json, write_json
 from caopd.method.templates import render_prompt
 from caopd.models import lora
 from caopd.models.compat import enable_activation_checkpointing
-from caopd.models.distributed import init_world, shard_models
+from caopd.models.distributed import init_world, replicate_models, shard_models
 from caopd.models.loading import (
     METADATA_FILE,
     encode_text,
@@ -88,8 +88,11 @@ def check_fits(cfg: TrainStageConfig, items: list[TrainItem], gpus: int) -> None
     tokenized = load_tokenizer_and_config(cfg.model)
     tokenizer, thinking = tokenized.tokenizer, cfg.prompt.thinking
     longest = max(len(encode_text(tokenizer, render_prompt(tokenizer, it.example.prompt, thinking))) for it in items)
+    teacher = load_tokenizer_and_config(cfg.train.teacher_model) if cfg.train.teacher == "separate" else None
     check_training_fits(cfg, tokenized.config.to_dict(), gpus, gpu_bytes,
-                        min(longest, cfg.train.max_prompt_tokens or longest), safetensors_parameters(tokenized.path))
+                        min(longest, cfg.train.max_prompt_tokens or longest), safetensors_parameters(tokenized.path),
+                        teacher.config.to_dict() if teacher else None,
+                        safetensors_parameters(teacher.path) if teacher else None)
 
 
 def checkpoint_layers(model: torch.nn.Module, say: bool) -> bool:
@@ -115,9 +118,10 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
     torch.manual_seed(cfg.train.seed)
     precision, lora_base = cfg.train.precision, cfg.train.finetune == "lora"
     # A LoRA base never trains: it is stored in the compute dtype; a fully trained student keeps float32 masters.
-    # Under FSDP rank 0 alone reads the weights (into the CPU's memory); the other processes build the model on the
-    # meta device, and shard_models fills their shards from rank 0's: no process but rank 0 holds a whole copy.
-    placement = ("cpu" if world.is_main else "meta") if world.fsdp else "device"
+    # Under torchrun rank 0 alone reads the weights (into the CPU's memory); the other processes build the model on
+    # the meta device, and shard_models (FSDP) or replicate_models fills theirs from rank 0's: no process but rank 0
+    # holds a copy in the CPU's memory (eight processes each reading an 8B model would need 8 × its size there).
+    placement = ("cpu" if world.is_main else "meta") if world.size > 1 or world.fsdp else "device"
     loaded = load_model(cfg.model, progress=progress, dtype=compute_dtype(precision) if lora_base else torch.float32,
                         weights=placement)
     adapters = lora.add_adapters(loaded.model, cfg.train.lora) if lora_base else None
@@ -140,6 +144,8 @@ def run_training(cfg: TrainStageConfig, out_dir: str | Path, progress: bool = Tr
     checkpointing = cfg.train.activation_checkpointing and checkpoint_layers(loaded.model, world.is_main)
     if world.fsdp:  # fp32: no cast at all; bf16: bf16 all-gathers and compute over fp32 shards, fp32 reductions
         shard_models([loaded.model, teacher.model], None if precision == "fp32" else compute_dtype(precision))
+    elif placement != "device":
+        replicate_models([loaded.model, teacher.model])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # The engine is made once the trainer has encoded (and cut) the prompts: a vLLM engine is sized for them.

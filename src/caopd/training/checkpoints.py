@@ -9,8 +9,8 @@ state (``rng-<rank>.pt``; tensors only, loaded with ``weights_only=True``), and 
   ``optimizer.pt``; with LoRA, ``adapters.safetensors`` instead of the model (the student's adapters and an EMA
   teacher's: the frozen base never changes and is read from the model again on resume);
 - sharded training (FSDP): a ``torch.distributed.checkpoint`` folder every process writes its own shards into (the
-  student (with LoRA, its adapters), the AdamW state and an EMA teacher; nothing gathered anywhere) and reads back, resharded when the number
-  of processes changed.
+  student or, with LoRA, its adapters; the AdamW state; an EMA teacher; nothing gathered anywhere) and reads back,
+  resharded when the number of processes changed.
 
 Every process writes into one temporary folder; once all are done, rank 0 writes ``state.json`` last and renames the
 folder to its final name, so a crash mid-save leaves the previous checkpoint the newest complete one. Under torchrun

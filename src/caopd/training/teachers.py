@@ -52,7 +52,8 @@ class Teacher:
         else:  # frozen and ema start as a copy of the base student
             self.model = copy.deepcopy(student)
             if kind == "frozen" and frozen_dtype is not None:
-                self.model.to(frozen_dtype)
+                for param in self.model.parameters():  # not the buffers: rotary frequencies stay float32
+                    param.data = param.data.to(frozen_dtype)
         if self.model is not student:
             self.model.eval().requires_grad_(False)
 

@@ -189,7 +189,9 @@ class Trainer:
         # lengths, so no forward there may wait on the others); the loss's forwards and backwards gather one layer at
         # a time. An engine with weights of its own (colocated vLLM) needs no gather.
         gather = self.world.fsdp and not self.engine.holds_own_weights
-        with gathered(self.student) if gather else contextlib.nullcontext(), self.compute_precision():
+        # the live student samples in the run's precision; an engine with weights of its own has its dtype
+        precision = contextlib.nullcontext() if self.engine.holds_own_weights else self.compute_precision()
+        with gathered(self.student) if gather else contextlib.nullcontext(), precision:
             self.student.eval()
             # the very ids the loss sees: a truncated prompt is sampled from as truncated
             rollouts = self.engine.generate([self.prompt_ids[it.example.id] for it in batch], sampling)
