@@ -162,3 +162,30 @@ def test_lora_bf16_training_saves_the_merged_model_with_its_lineage(tmp_path, re
     assert torch.equal(trained["model.norm.weight"], as_trained("model.norm.weight"))
     moved = [n for n in base if n.endswith("q_proj.weight") and not torch.equal(trained[n], as_trained(n))]
     assert moved
+
+
+def test_a_frozen_bf16_teacher_copy_keeps_its_rotary_frequencies_in_float32():
+    student = load_model("standin").model
+    teacher = Teacher("frozen", student, frozen_dtype=torch.bfloat16)
+    assert {p.dtype for p in teacher.model.parameters()} == {torch.bfloat16}
+    # as a bf16 load keeps them: rounding them to bf16 would shift the rotary angles of late positions by radians
+    assert {b.dtype for b in teacher.model.buffers()} == {torch.float32}
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+
+
+def test_the_ema_teacher_scores_deterministically_whatever_the_adapters_dropout():
+    loaded = load_model("tiny")
+    adapters = lora.add_adapters(loaded.model, LoRAConfig(r=4, dropout=0.5))
+    teacher = Teacher("ema", loaded.model, adapters=adapters)
+    with torch.no_grad():
+        for name, param in loaded.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    loaded.model.train()  # as the trainer leaves it while the loss runs
+    with torch.no_grad():
+        with teacher.scoring() as scorer:
+            first = scorer(input_ids=IDS).logits
+        with teacher.scoring() as scorer:
+            second = scorer(input_ids=IDS).logits
+    assert torch.equal(first, second)
+    assert all(m.training for m in loaded.model.modules() if type(m).__name__ == "Dropout")  # restored

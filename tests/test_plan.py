@@ -84,6 +84,14 @@ def test_training_memory_of_a_small_model_by_hand():
     assert fsdp.parts["gathered layers"] == 2 * model.layer_parameters() * 4 * 2  # 2 layers, student and teacher
     checkpointed = training_memory(model, TrainPlan(**{**plan.__dict__, "activation_checkpointing": True}))
     assert checkpointed.parts["activations"] == round((2 * 20 * 64 + 20 * 1545.6 + 2 * 15 * 64) * 4)
+    # bf16 full fine-tune: a frozen copy in bf16, an EMA copy in float32; autocast keeps the residual stream float32
+    bf16 = {**plan.__dict__, "precision": "bf16", "activation_checkpointing": True}
+    assert training_memory(model, TrainPlan(**bf16)).parts["teacher"] == 2 * p
+    assert training_memory(model, TrainPlan(**{**bf16, "teacher": "ema"})).parts["teacher"] == 4 * p
+    assert training_memory(model, TrainPlan(**bf16)).parts["activations"] == round(
+        2 * 20 * 64 * 4 + (20 * 1545.6 + 2 * 15 * 64) * 2)
+    separate = training_memory(model, TrainPlan(**{**plan.__dict__, "teacher": "separate", "teacher_parameters": 10}))
+    assert separate.parts["teacher"] == 10 * 4  # at its own size
 
 
 def _stage(**train) -> TrainStageConfig:
