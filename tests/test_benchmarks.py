@@ -22,6 +22,7 @@ def test_the_in_process_cases_summarize_into_the_report_table():
     assert cases.distinct_prefix_tokens([[5, 6, 1], [5, 7, 1], [5, 6, 1]]) == 3  # [5], [5 6], [5 7]
 
 
+@pytest.mark.slow  # a training process per micro-batch size
 def test_the_memory_case_measures_a_step_per_micro_batch_with_the_planners_estimate_beside_it():
     from benchmarks import cases
 
@@ -66,6 +67,7 @@ def test_benchmarks_run_on_a_tiny_size_and_write_the_report(tmp_path, capsys):
     assert "rollouts (completions/s)" in table and "`caopd run`" in table and "caopd plan" in table
 
 
+@pytest.mark.slow  # the FSDP mode runs torchrun
 def test_the_gpu_smoke_script_skips_without_a_gpu_and_runs_its_path_on_a_tiny_model(tmp_path, capsys):
     from benchmarks import gpu_smoke
 

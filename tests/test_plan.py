@@ -127,7 +127,9 @@ def test_model_configs_resolve_from_a_folder_the_package_or_fail_in_one_line(mon
     # the safetensors headers' exact count: the formula's, plus Qwen3's per-head q/k norms (2 × head_dim per layer)
     assert parameters == PlanModel.from_config(config).shape.parameters + 4 * 2 * 32
     assert resolve_model_config("Qwen/Qwen3-0.6B")[0]["num_hidden_layers"] == 28
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read once at import: the variable alone comes too late
     with pytest.raises(CaopdInputError, match="cannot read config.json of 'someone/unknown-model'.*local model folder"):
         resolve_model_config("someone/unknown-model")
 
