@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from caopd.config.memory import safetensors_header_parameters
 from caopd.errors import CaopdInputError
 from caopd.models.attention import use_cpu_attention
 from caopd.models.packaged import PACKAGED_MODELS
@@ -251,21 +251,7 @@ def safetensors_parameters(path: str) -> int | None:
     None for a hub id or a folder without safetensors files. A sharded checkpoint counts the files its index names
     (some folders also hold a consolidated copy of the same weights)."""
     folder = Path(path)
-    index = folder / SAFETENSORS_INDEX
-    if index.is_file():
-        files = [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    else:
-        files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    if not files:
-        return None
-    total = 0
-    for file in files:
-        with file.open("rb") as handle:
-            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-        for name, tensor in header.items():
-            if name != "__metadata__":
-                total += math.prod(tensor["shape"])
-    return total
+    return safetensors_header_parameters(folder) if folder.is_dir() else None
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
