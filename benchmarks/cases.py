@@ -361,13 +361,15 @@ def training_step_memory(model: str = "tiny", micro_batch_size: int = 8, prompts
             "estimated_parts": estimate.parts, "longest_prompt": prompt, "longest_completion": completion}
 
 
-MEMORY_SHAPES = ({"model": "tiny", "micro_batch_size": 8}, {"model": "tiny", "micro_batch_size": 4},
-                 {"model": "tiny", "micro_batch_size": 2})
+# The stand-in (Qwen3's layout; its vocabulary makes the loss's logits count), 8 prompts × K = 8 completions of up to
+# 48 tokens a step: micro-batches of 64 (the whole step), 16 (two groups), 4 (each group split in two).
+MEMORY_SHAPES = tuple({"model": "standin", "prompts_per_step": 8, "max_new_tokens": 48, "micro_batch_size": size}
+                      for size in (64, 16, 4))
 
 
 def memory_case(shapes: tuple[dict[str, Any], ...] = MEMORY_SHAPES, **common: Any) -> dict[str, Any]:
     """``training_step_memory`` for each shape, each in a process of its own (peak RSS is the process's): K = 8
-    completions per prompt split into micro-batches of 8, 4, 2 — the step's memory bounded by the setting."""
+    completions per prompt in micro-batches of 64, 16 and 4 — the step's memory bounded by the setting."""
     from benchmarks.__main__ import run_case
 
     return {"shapes": [run_case("training_step_memory", {**common, **shape}, env=MEMORY_CASE_ENV)
