@@ -44,7 +44,8 @@ TOLERANCES = {"fp32": {"loss": 1e-4, "grad_norm": 1e-3, "weights": 1e-5},
 
 
 @pytest.mark.slow  # torchrun with two processes
-@pytest.mark.parametrize("sharding, precision", [("replicate", "fp32"), ("fsdp", "fp32"), ("fsdp", "bf16")])
+# FSDP in fp32 is the resume test's (below); here FSDP runs bf16 mixed precision, the mode real models train in
+@pytest.mark.parametrize("sharding, precision", [("replicate", "fp32"), ("fsdp", "bf16")])
 def test_torchrun_on_two_processes_follows_the_single_process_run(tmp_path, records, sharding, precision):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     train = ["-m", "caopd.cli", "train", "--records", records, *FLAGS, "--train.precision", precision]

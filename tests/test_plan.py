@@ -182,12 +182,11 @@ def test_the_docs_table_is_the_planners():
 
 @pytest.mark.slow  # training processes of 2 steps each (~20 s each on 2 cores)
 @pytest.mark.timeout(600)
+# (the stand-in in fp32 with a full fine-tune: 0.89, docs/memory.md; the benchmarks' memory case measures it too)
 @pytest.mark.parametrize("shape", [{"model": "tiny", "micro_batch_size": 128},
                                    {"model": "standin", "micro_batch_size": 64, "prompts_per_step": 8,
-                                    "max_new_tokens": 48},
-                                   {"model": "standin", "micro_batch_size": 64, "prompts_per_step": 8,
                                     "max_new_tokens": 48, "finetune": "lora", "activation_checkpointing": True}],
-                         ids=["tiny", "standin", "standin-lora-checkpointing"])
+                         ids=["tiny", "standin-lora-checkpointing"])
 def test_the_estimate_is_within_25_percent_of_a_cpu_training_steps_peak(shape):
     from benchmarks.__main__ import run_case
     from benchmarks.cases import MEMORY_CASE_ENV
