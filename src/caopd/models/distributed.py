@@ -6,11 +6,14 @@ the summed gradient is the single-process one; only the order of float sums diff
 ``WORLD_SIZE``) everything here is a no-op and training runs in one process as before.
 
 With ``sharding='fsdp'`` (FSDP2) each process keeps only its shard of the weights, the gradients and the optimizer
-state. Sampling gathers the student whole once per step (it needs every layer at every token); the loss's
-forwards and backwards gather one layer at a time, in lock step across the processes (equal shares of the step,
-the same number of forwards per micro-batch), and reduce-scatter the gradients. Only rank 0 reads the weights from
-disk; the others build the model on the meta device and get their shards from rank 0 (``shard_models``). Under
-bf16 the shards stay float32 and are all-gathered in bfloat16 (``mixed_precision``).
+state. Sampling from the live student gathers it whole once per step (it needs every layer at every token; a
+colocated vLLM engine instead gets the weights one tensor at a time); the loss's forwards and backwards gather one
+layer at a time, in lock step across the processes (equal shares of the step, the same number of forwards per
+micro-batch), and reduce-scatter the gradients. Under bf16 the shards stay float32 and are all-gathered in bfloat16
+(``mixed_precision``).
+
+Under torchrun only rank 0 reads the weights from disk; the others build the model on the meta device and get
+theirs from rank 0: their shards (``shard_models``), or replicated their whole copy (``replicate_models``).
 """
 
 from __future__ import annotations
