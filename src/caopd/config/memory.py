@@ -462,14 +462,28 @@ def _size_key(name: str) -> float:
     return float(name.rsplit("-", 1)[-1].rstrip("B"))
 
 
-def safetensors_header_parameters(folder: Path) -> int | None:
-    """The exact parameter count of a local checkpoint from its safetensors headers (read, not loaded); a sharded
-    checkpoint counts the files its index names. None without safetensors files."""
-    index = folder / "model.safetensors.index.json"
+SAFETENSORS_INDEX = "model.safetensors.index.json"  # a checkpoint saved in shards: which file holds which tensor
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a checkpoint folder: the shards its index names (``save_pretrained`` splits a large
+    model into ``model-0000i-of-0000n.safetensors``; a consolidated copy beside them is not read twice), else its
+    ``model.safetensors``."""
+    index = folder / SAFETENSORS_INDEX
     if index.is_file():
-        files = [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    else:
-        files = sorted(folder.glob("*.safetensors"))
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as err:
+            raise CaopdInputError(f"unreadable safetensors index ({err})", file=str(index),
+                                  field="weight_map") from None
+        return [folder / name for name in names]
+    return [folder / "model.safetensors"]
+
+
+def safetensors_header_parameters(folder: Path) -> int | None:
+    """The exact parameter count of a local checkpoint from its safetensors headers (read, not loaded): the files
+    ``safetensors_files`` names. None without them."""
+    files = [file for file in safetensors_files(folder) if file.is_file()]
     if not files:
         return None
     total = 0

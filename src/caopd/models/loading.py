@@ -22,13 +22,12 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from caopd.config.memory import safetensors_header_parameters
+from caopd.config.memory import SAFETENSORS_INDEX, safetensors_files, safetensors_header_parameters
 from caopd.errors import CaopdInputError
 from caopd.models.attention import use_cpu_attention
 from caopd.models.packaged import PACKAGED_MODELS
 
 METADATA_FILE = "caopd.json"  # written beside checkpoints this project makes (template, provenance)
-SAFETENSORS_INDEX = "model.safetensors.index.json"  # a checkpoint saved in shards: which file holds which tensor
 # Running the Python a checkpoint ships is the user's explicit choice, for checkpoints they trust.
 TRUST_REMOTE_CODE_ENV = "CAOPD_TRUST_REMOTE_CODE"
 # Where load_model puts the weights: on the device (ready to run), on the CPU (rank 0 under FSDP, to be sharded), or
@@ -184,21 +183,6 @@ def meta_model(path: str, dtype: torch.dtype, trust_remote_code: bool) -> PreTra
     except OSError:  # none in the checkpoint: from_pretrained also keeps the one derived from the config
         pass
     return model
-
-
-def safetensors_files(folder: Path) -> list[Path]:
-    """The weight files of a checkpoint folder: the shards its index names (``save_pretrained`` splits a large
-    model into ``model-0000i-of-0000n.safetensors``; a consolidated copy beside them is not read twice), else its
-    ``model.safetensors``."""
-    index = folder / SAFETENSORS_INDEX
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as err:
-            raise CaopdInputError(f"unreadable safetensors index ({err})", file=str(index),
-                                  field="weight_map") from None
-        return [folder / name for name in names]
-    return [folder / "model.safetensors"]
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:

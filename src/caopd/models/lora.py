@@ -119,12 +119,6 @@ def merge_state_dict(state: Mapping[str, torch.Tensor], scaling: float,
     return merged
 
 
-def strip_peft_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A ``PeftModel``'s state-dict names as its base model's (``base_model.model.`` dropped)."""
-    prefix = "base_model.model."
-    return {name[len(prefix):] if name.startswith(prefix) else name: t for name, t in state.items()}
-
-
 def streamed_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's weights as a plain model names them, one tensor at a time (whole under FSDP: every process takes
     part in gathering each, in the same order): an adapted layer's weight merged with the student's adapter, the
