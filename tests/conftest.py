@@ -90,6 +90,17 @@ def mlflow_url(s3, tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def mlflow_auth(s3, tmp_path_factory):
+    """caopd's authenticated MLflow server (the chart's), artifacts on the S3 server: (its URL, its access log)."""
+    from servers import start_mlflow
+
+    workdir = tmp_path_factory.mktemp("mlflow-auth")
+    server, url = start_mlflow(workdir, s3, auth=True)
+    yield url, workdir / "server.log"
+    server.stop()
+
+
 @pytest.fixture
 def s3_client_env(s3, monkeypatch):
     """A boto3 client on the S3 server, with the same variables set for the code under test."""

@@ -19,6 +19,17 @@ from pathlib import Path
 BUCKET = "caopd"
 # Distinctive values, so a test can grep for them anywhere they must not appear.
 S3_KEY_ID, S3_SECRET = "AKIACAOPDTESTKEY0001", "caopd-test-secret-5f1e0c2a9b7d"
+ADMIN_USER, ADMIN_PASSWORD = "caopd-admin", "admin-pw-3c9e71d05a8b"
+FLASK_SECRET_KEY = "flask-key-0d4b2f6e9a1c"
+# The auth app's config as the chart writes it: nobody holds anything without a grant, and a password is checked
+# once a minute per user rather than hashed on every request.
+AUTH_INI = """[mlflow]
+default_permission = NO_PERMISSIONS
+database_uri = sqlite:///unused.db
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+grant_default_workspace_access = false
+auth_cache_ttl_seconds = 60
+"""
 
 
 def free_port() -> int:
@@ -77,15 +88,33 @@ def start_s3(workdir: Path) -> tuple[Server, str]:
     return server, endpoint
 
 
-def start_mlflow(workdir: Path, s3_endpoint: str, port: int | None = None) -> tuple[Server, str]:
+def start_mlflow(workdir: Path, s3_endpoint: str, port: int | None = None, auth: bool = False
+                 ) -> tuple[Server, str]:
+    """An MLflow server on SQLite with its artifacts on the S3 server; with ``auth``, caopd's authenticated app
+    (MLflow's basic-auth plus the protected alias), its users and permissions in the same database, the admin
+    ADMIN_USER. The server's access log (``server.log``) has a line per request."""
+    from caopd.config.tracking import AUTH_APP_NAME, CREDENTIALS_DIR_ENV, PASSWORD_ENV, TOKEN_ENV, USERNAME_ENV
+    from caopd.tracking.server_app import AUTH_DATABASE_ENV
+
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     workdir.mkdir(parents=True, exist_ok=True)
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
-    argv = [mlflow, "server", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-            "--default-artifact-root", f"s3://{BUCKET}/mlflow", "--no-serve-artifacts",
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    server = Server(argv, f"{url}/health", {**os.environ, **s3_env(s3_endpoint)}, workdir / "mlflow.log").start()
+    database = f"sqlite:///{workdir / 'mlflow.db'}"
+    argv = [mlflow, "server", "--backend-store-uri", database, "--default-artifact-root", f"s3://{BUCKET}/mlflow",
+            "--no-serve-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = {k: v for k, v in os.environ.items() if k not in (USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV, CREDENTIALS_DIR_ENV)}
+    env.update(s3_env(s3_endpoint))
+    if auth:
+        (workdir / "auth.ini").write_text(AUTH_INI)
+        argv += ["--app-name", AUTH_APP_NAME]
+        env.update({"MLFLOW_AUTH_CONFIG_PATH": str(workdir / "auth.ini"), "MLFLOW_AUTH_ADMIN_USERNAME": ADMIN_USER,
+                    "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD, "MLFLOW_FLASK_SERVER_SECRET_KEY": FLASK_SECRET_KEY,
+                    AUTH_DATABASE_ENV: database})
+        # As the chart's init container does: the auth database and its admin, before the server starts.
+        subprocess.run([sys.executable, "-m", "caopd.tracking.server_app"], env=env, check=True, timeout=120,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = Server(argv, f"{url}/health", env, workdir / "server.log").start()
     return server, url
 
 

@@ -203,11 +203,15 @@ def test_gates_decide_the_challenger_and_promotion(mlflow_url, tmp_path):
     assert not refused["moved"] and client.get_model_version_by_alias(name, CHAMPION).version == "5"
 
 
-def test_a_tracking_server_that_is_down_fails_fast_and_clearly(tmp_path):
+def test_a_tracking_server_that_is_down_fails_fast_and_clearly(tmp_path, monkeypatch):
     url = f"http://user:hunter2@127.0.0.1:{free_port()}"
+    with pytest.raises(ValueError, match="must not carry credentials") as refused:  # a parameter: refused
+        TrackingConfig(tracking_uri=url)
+    assert "hunter2" not in str(refused.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)  # the environment's: used, and redacted in messages
     start = time.monotonic()
     with pytest.raises(CaopdServiceError) as info:
-        _tracker(url, tmp_path, "down", "x", connect_timeout_s=3)
+        _tracker("", tmp_path, "down", "x", connect_timeout_s=3)
     assert time.monotonic() - start < 10
     message = str(info.value)
     assert "not reachable" in message and "attempts" in message and "hunter2" not in message

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from caopd.cli import commands
-from caopd.cli.options import add_config_options, add_kfp_options, add_tracking_options
+from caopd.cli.options import add_config_options, add_kfp_options, add_registry_options, add_tracking_options
 from caopd.config.stages import (
     CALIBRATION_EVALUATION,
     DATA_PREPARATION,
@@ -23,7 +23,9 @@ from caopd.config.stages import (
     OPD_TRAINING,
     ROLLOUT_ESTIMATION,
     TARGET_REPLACEMENT,
+    RegisterConfig,
 )
+from caopd.config.tracking import PIPELINE_CREDENTIALS_SECRET, TrackingConfig
 from caopd.errors import CaopdInputError, CaopdServiceError, TrainingJobFailed, TrainingStopped
 
 EXIT_BAD_INPUT, EXIT_SERVICE = 2, 1
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("name", help="registered model name")
     pr.add_argument("--to", default="champion", help="the alias to move (default: champion)")
     pr.add_argument("--version", type=int, help="the version to promote (default: the challenger)")
-    add_tracking_options(pr)
+    add_registry_options(pr)
     add_config_options(pr, GateConfig, prefix="")
     pr.set_defaults(func=commands.cmd_promote)
     li = sub.add_parser("lineage", help="datasets -> rollout -> training -> evaluation -> model version",
@@ -135,8 +137,29 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     li.add_argument("reference", help="NAME@ALIAS or NAME/VERSION")
     li.add_argument("--json", action="store_true", help="print the chain as JSON")
-    add_tracking_options(li)
+    add_registry_options(li)
     li.set_defaults(func=commands.cmd_lineage)
+    ba = sub.add_parser("bootstrap-auth", help="create the pipeline, promoter and reader users of an authenticated "
+                        "MLflow and their permissions (idempotent)",
+                        description="As the server's admin ($MLFLOW_TRACKING_USERNAME / $MLFLOW_TRACKING_PASSWORD, "
+                        "or $CAOPD_MLFLOW_CREDENTIALS), make sure the experiment and the registered model exist and "
+                        "that each role's user exists with its Secret's password and exactly its permissions: "
+                        "pipeline EDIT on both, promoter MANAGE on the model (moves champion), reader READ. Running "
+                        "it again changes nothing. Each --*-credentials folder holds the files 'username' and "
+                        "'password' (a mounted kubernetes.io/basic-auth Secret).",
+                        epilog="example:\n  caopd bootstrap-auth --tracking-uri http://mlflow:5000 --experiment caopd "
+                        "--model caopd-tiny \\\n      --pipeline-credentials /secrets/pipeline --promoter-credentials "
+                        "/secrets/promoter",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ba.add_argument("--tracking-uri", help="the MLflow server (default: $MLFLOW_TRACKING_URI)")
+    ba.add_argument("--experiment", default=TrackingConfig().experiment, help="the experiment the pipeline logs to")
+    ba.add_argument("--model", default=RegisterConfig.model_fields["name"].default,
+                    help="the registered model the pipeline registers into")
+    for role in ("pipeline", "promoter", "reader"):
+        ba.add_argument(f"--{role}-credentials", metavar="DIR", required=role == "pipeline",
+                        help=f"the {role} identity's Secret folder (files username, password)")
+    ba.add_argument("--connect-timeout-s", type=float, default=30.0, help="wait this long for the server")
+    ba.set_defaults(func=commands.cmd_bootstrap_auth)
     c = sub.add_parser("compile", help="write the compiled KFP pipeline spec (YAML)",
                        description="Compile the pipeline to the YAML a KFP server or the Kubeflow UI uploads.",
                        epilog="examples:\n  caopd compile --out caopd_pipeline.yaml\n"
@@ -145,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="the YAML file to write")
     c.add_argument("--workspace-pvc", help="a ReadWriteMany PVC mounted on the training step: checkpoints outlive "
                    "the pod, and train_launch may start TrainJobs / PyTorchJobs (the chart's workspace creates one)")
+    c.add_argument("--mlflow-secret", default=PIPELINE_CREDENTIALS_SECRET, metavar="SECRET",
+                   help="the Secret (keys username, password) whose MLflow identity every tracked task uses, as "
+                   "$MLFLOW_TRACKING_USERNAME / $MLFLOW_TRACKING_PASSWORD (default: %(default)s, the chart's; "
+                   "'' = none)")
+    c.add_argument("--secret-env", action="append", metavar="NAME=SECRET/KEY",
+                   help="another variable from a Secret on every tracked task (repeatable), e.g. "
+                   "AWS_SECRET_ACCESS_KEY=caopd-s3/AWS_SECRET_ACCESS_KEY")
     c.set_defaults(func=commands.cmd_compile)
     s_ = sub.add_parser("submit", help="upload the pipeline (new version if changed) and start a run on KFP",
                         description="Upload the compiled pipeline to a KFP server (a new version when the spec "

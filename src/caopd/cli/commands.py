@@ -160,21 +160,30 @@ def cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry(args: argparse.Namespace) -> tuple[str, Any]:
+    """(URI, client) of the registry the flags or the environment name, else the local store: promotion and
+    lineage log no run, so they need no experiment of their own (a reader may hold none to write to)."""
+    from caopd.config.tracking import TrackingConfig
+    from caopd.tracking.tracker import connect
+
+    return connect(TrackingConfig(tracking_uri=args.tracking_uri or ""), args.mlflow_dir)
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     from caopd.config.gates import GateConfig
     from caopd.tracking.registry import promote
 
-    tracker = _tracker(args, required=True)
+    uri, client = _registry(args)
     gates = config_from_args(GateConfig, args)
-    _print_json(promote(tracker.client, args.name, args.to, gates, args.version, tracker.uri))
+    _print_json(promote(client, args.name, args.to, gates, args.version, uri))
     return 0
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
     from caopd.tracking.registry import lineage
 
-    tracker = _tracker(args, required=True)
-    chain = lineage(tracker.client, args.reference, tracker.uri)
+    uri, client = _registry(args)
+    chain = lineage(client, args.reference, uri)
     if args.json:
         _print_json(chain)
         return 0
@@ -192,6 +201,22 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bootstrap_auth(args: argparse.Namespace) -> int:
+    import os
+
+    from caopd.tracking.bootstrap import ROLES, bootstrap
+    from caopd.tracking.identity import load_credentials, read_credentials_dir
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http://", "https://")):
+        raise CaopdInputError("needs the MLflow server's http(s) URL (or $MLFLOW_TRACKING_URI)", field="--tracking-uri")
+    load_credentials()
+    identities = {role: read_credentials_dir(folder) for role in ROLES
+                  if (folder := getattr(args, f"{role}_credentials"))}
+    _print_json(bootstrap(uri, args.experiment, args.model, identities, args.connect_timeout_s))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from caopd.config.run import RunConfig
     from caopd.kfp.local import run_main_job
@@ -202,9 +227,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    from caopd.config.launch import check_secret_env
+    from caopd.config.tracking import PASSWORD_ENV, USERNAME_ENV
     from caopd.pipelines import compile_pipeline
 
-    print(compile_pipeline(args.out, workspace_pvc=args.workspace_pvc or ""))
+    secret_env = {USERNAME_ENV: f"{args.mlflow_secret}/username", PASSWORD_ENV: f"{args.mlflow_secret}/password"} \
+        if args.mlflow_secret else {}
+    for pair in args.secret_env or []:
+        name, sep, ref = pair.partition("=")
+        if not sep:
+            raise CaopdInputError(f"{pair!r}: write it as NAME=SECRET/KEY", field="--secret-env")
+        secret_env[name] = ref
+    try:
+        check_secret_env(secret_env)
+    except ValueError as err:
+        raise CaopdInputError(str(err), field="--secret-env") from None
+    print(compile_pipeline(args.out, workspace_pvc=args.workspace_pvc or "", secret_env=secret_env))
     return 0
 
 

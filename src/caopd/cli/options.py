@@ -91,6 +91,13 @@ def add_tracking_options(p: argparse.ArgumentParser) -> None:
                    "registry commands use it (default: ./mlflow)")
 
 
+def add_registry_options(p: argparse.ArgumentParser) -> None:
+    """The registry commands' options: which registry; they log no run, so no experiment or pipeline run."""
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local store)")
+    p.add_argument("--mlflow-dir", default="mlflow", help="local MLflow store (SQLite) when no tracking URI is set "
+                   "(default: ./mlflow)")
+
+
 def add_kfp_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", required=True, help="the KFP API endpoint, e.g. https://kubeflow.example.com/pipeline")
     p.add_argument("--param", action="append", metavar="NAME=VALUE",

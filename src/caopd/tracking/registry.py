@@ -3,7 +3,10 @@
 A version's tags carry what it came from (``caopd.run.<stage>`` run ids, ``caopd.data.<name>`` digests,
 ``caopd.source.<role>`` sources with their digests, ``caopd.base_model``, ``caopd.pipeline_run_id``), how it
 scored (``caopd.metric.<key>``) and every gate decision made about it (``caopd.gate`` at registration,
-``caopd.promotion.<alias>`` at promotion), so the registry alone answers "why is this model the champion".
+``caopd.promotion.<alias>`` at promotion), each naming the identity that made it (``decided_by``), so the registry
+alone answers "why is this model the champion, and who said so". On an authenticated server moving a protected alias
+(``champion``) needs MANAGE on the registered model: ``promote`` checks that before it writes anything, and the
+``caopd-auth`` server app enforces it (caopd.tracking.server_app).
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ from typing import Any
 
 from caopd.config.gates import GateConfig
 from caopd.config.stages import CALIBRATION_EVALUATION, OPD_TRAINING, ROLLOUT_ESTIMATION
+from caopd.config.tracking import CHALLENGER, CHAMPION, PROTECTED_ALIASES
 from caopd.errors import CaopdInputError
 from caopd.evaluation.metrics import METRIC_KEYS
 from caopd.tracking.gates import GateDecision, evaluate_gates
+from caopd.tracking.identity import acting_identity, require_permission
 from caopd.tracking.sources import sources_from_tags
 from caopd.tracking.tracker import TAG_PIPELINE_RUN, service_errors
 
-CHAMPION, CHALLENGER = "champion", "challenger"
+MODEL_DESCRIPTION = "Calibration-aware OPD models (caopd)"
 METRIC_TAG, RUN_TAG, DATA_TAG = "caopd.metric.", "caopd.run.", "caopd.data."
 LINEAGE_STAGES = (ROLLOUT_ESTIMATION.id, OPD_TRAINING.id, CALIBRATION_EVALUATION.id)
 
@@ -36,16 +41,19 @@ def _alias_version(client: Any, name: str, alias: str) -> Any | None:
 
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # no such alias (or model)
+            return None
+        raise  # a refusal or an outage is not "no version"
 
 
 def version_metrics(version: Any) -> dict[str, float]:
     return {k[len(METRIC_TAG):]: float(v) for k, v in version.tags.items() if k.startswith(METRIC_TAG)}
 
 
-def _record(client: Any, name: str, version: str, key: str, decision: GateDecision) -> None:
-    client.set_model_version_tag(name, version, key, json.dumps(decision.as_dict(), sort_keys=True))
+def _record(client: Any, name: str, version: str, key: str, decision: GateDecision, decided_by: str) -> None:
+    client.set_model_version_tag(name, version, key,
+                                 json.dumps({**decision.as_dict(), "decided_by": decided_by}, sort_keys=True))
 
 
 def register_version(client: Any, name: str, source: str, run_id: str | None, metrics: Mapping[str, float],
@@ -55,14 +63,14 @@ def register_version(client: Any, name: str, source: str, run_id: str | None, me
     registered — then decide the gates against the current champion and set ``challenger`` if they pass."""
     from mlflow.exceptions import MlflowException
 
-    with service_errors(tracking_uri):
+    with service_errors(tracking_uri, f"EDIT on registered model '{name}'"):
         existing = _version_for_pipeline_run(client, name, pipeline_run_id)
         if existing is not None:
             decision = json.loads(existing.tags.get("caopd.gate", "null") or "null")
             return {"name": name, "version": int(existing.version), "created": False, "decision": decision,
                     "source": existing.source}
         try:
-            client.create_registered_model(name, description="Calibration-aware OPD models (caopd)")
+            client.create_registered_model(name, description=MODEL_DESCRIPTION)
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
@@ -73,18 +81,24 @@ def register_version(client: Any, name: str, source: str, run_id: str | None, me
         champion = _alias_version(client, name, CHAMPION)
         decision = evaluate_gates(metrics, version_metrics(champion) if champion else None, gates,
                                   champion.version if champion else None)
-        _record(client, name, version.version, "caopd.gate", decision)
+        decided_by = acting_identity(tracking_uri)
+        _record(client, name, version.version, "caopd.gate", decision, decided_by)
         if decision.passed and decision.mode == "enabled":
             client.set_registered_model_alias(name, CHALLENGER, version.version)
-    return {"name": name, "version": int(version.version), "created": True, "decision": decision.as_dict(),
-            "source": source}
+    return {"name": name, "version": int(version.version), "created": True,
+            "decision": {**decision.as_dict(), "decided_by": decided_by}, "source": source}
 
 
 def promote(client: Any, name: str, to: str, gates: GateConfig, version: int | None = None,
             tracking_uri: str = "") -> dict[str, Any]:
     """Move alias ``to`` (``champion``) onto ``version`` (default: the challenger) if the gates pass again
-    against the model that holds ``to`` now. The decision is tagged on the candidate either way."""
-    with service_errors(tracking_uri):
+    against the model that holds ``to`` now. The decision is tagged on the candidate either way, with who made it.
+    A protected alias needs MANAGE on the model: an identity without it is refused before anything is written."""
+    protected = to in PROTECTED_ALIASES
+    needs = f"{'MANAGE' if protected else 'EDIT'} on registered model '{name}'"
+    with service_errors(tracking_uri, needs):
+        if protected:
+            require_permission(tracking_uri, "registered_model", name, "MANAGE", f"moving '{to}'")
         candidate = client.get_model_version(name, str(version)) if version is not None \
             else _alias_version(client, name, CHALLENGER)
         if candidate is None:
@@ -96,14 +110,15 @@ def promote(client: Any, name: str, to: str, gates: GateConfig, version: int | N
                     "reason": f"already {to}"}
         decision = evaluate_gates(version_metrics(candidate), version_metrics(current) if current else None, gates,
                                   current.version if current else None)
-        _record(client, name, candidate.version, f"caopd.promotion.{to}", decision)
+        decided_by = acting_identity(tracking_uri)
+        _record(client, name, candidate.version, f"caopd.promotion.{to}", decision, decided_by)
         moved = decision.passed and decision.mode == "enabled"
         if moved:
             client.set_registered_model_alias(name, to, candidate.version)
             if to == CHAMPION and CHALLENGER in (candidate.aliases or []):
                 client.delete_registered_model_alias(name, CHALLENGER)
     return {"name": name, "version": int(candidate.version), "alias": to, "moved": moved,
-            "decision": decision.as_dict()}
+            "decision": {**decision.as_dict(), "decided_by": decided_by}}
 
 
 def lineage(client: Any, reference: str, tracking_uri: str = "") -> dict[str, Any]:
@@ -113,7 +128,7 @@ def lineage(client: Any, reference: str, tracking_uri: str = "") -> dict[str, An
         name, sep, alias = reference.partition("/")
     if not sep or not name or not alias:
         raise CaopdInputError(f"expected NAME@ALIAS or NAME/VERSION, got {reference!r}", field="reference")
-    with service_errors(tracking_uri):
+    with service_errors(tracking_uri, f"READ on registered model '{name}' and on its runs' experiment"):
         version = client.get_model_version(name, alias) if alias.isdigit() else _alias_version(client, name, alias)
         if version is None:
             raise CaopdInputError(f"model {name!r} has no version with alias {alias!r}", field="reference")

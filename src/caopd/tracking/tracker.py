@@ -19,7 +19,6 @@ import os
 import re
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 import uuid
 import warnings
@@ -30,9 +29,13 @@ from typing import Any
 from caopd.config.tracking import TrackingConfig
 from caopd.errors import CaopdServiceError
 from caopd.io import file_digest
+from caopd.tracking.identity import load_credentials, redact_uri, refusal
 
 TAG_PIPELINE_RUN, TAG_STAGE, TAG_METHOD = "caopd.pipeline_run_id", "caopd.stage", "caopd.method"
 TAG_CONFIG = "caopd.config_digest"  # a stage run's identity within its pipeline run, with its stage and tags
+# On an earlier run that a rerun replaced, where its identity may not delete runs (EDIT does not include delete):
+# the run that replaced it. Searches here skip such runs, as MLflow's skip deleted ones.
+TAG_SUPERSEDED = "caopd.superseded_by"
 PIPELINE_STAGE = "pipeline"
 # Bounded client retries: MLflow's defaults (7 retries, backoff factor 2) wait minutes on a dead server.
 _CLIENT_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -41,16 +44,6 @@ _SECRET_KEY = re.compile(r"(token|secret|password|passwd|credential|access_key|a
 
 
 # --- redaction: credentials never reach params, tags, logs or messages ---------------------------
-def redact_uri(uri: str) -> str:
-    """``scheme://user:password@host/...`` → ``scheme://***@host/...``; other strings unchanged."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
 def flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested config → ``a.b`` keys with string values; secret-looking keys are dropped, URIs redacted."""
     out: dict[str, str] = {}
@@ -103,22 +96,30 @@ def wait_for_server(uri: str, timeout_s: float) -> None:
         delay = min(delay * 2, 8.0)
 
 
+def connect(cfg: TrackingConfig, local_dir: str | Path) -> tuple[str, Any]:
+    """(the tracking URI, an MLflow client on it) with this process's credentials, once the server answers: what
+    the registry commands need, which neither read nor write an experiment of their own."""
+    from mlflow import MlflowClient
+
+    for name, value in _CLIENT_RETRY_ENV.items():
+        os.environ.setdefault(name, value)
+    load_credentials()
+    uri = resolve_tracking_uri(cfg, local_dir)
+    wait_for_server(uri, cfg.connect_timeout_s)
+    return uri, MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 class Tracker:
     """The MLflow side of one pipeline run: its parent run and the stage runs nested under it."""
 
     def __init__(self, cfg: TrackingConfig, local_dir: str | Path) -> None:
-        from mlflow import MlflowClient
-
-        for name, value in _CLIENT_RETRY_ENV.items():
-            os.environ.setdefault(name, value)
-        self.uri = resolve_tracking_uri(cfg, local_dir)
-        wait_for_server(self.uri, cfg.connect_timeout_s)
-        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+        self.uri, self.client = connect(cfg, local_dir)
+        self.needs = f"EDIT on experiment '{cfg.experiment}'"  # what logging a pipeline run takes
         self.artifact_root = cfg.artifact_root
         self.pipeline_run_id = cfg.pipeline_run_id or os.environ.get("CAOPD_PIPELINE_RUN_ID") or uuid.uuid4().hex
         local_artifacts = "" if "://" in self.uri and not self.uri.startswith("sqlite") else \
             str(Path(local_dir).resolve() / "artifacts")
-        with service_errors(self.uri):
+        with service_errors(self.uri, self.needs):
             self.experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID") or self._experiment(
                 cfg.experiment, cfg.artifact_root or local_artifacts)
             self.parent_run_id = os.environ.get("MLFLOW_RUN_ID") or self._parent_run()
@@ -145,14 +146,16 @@ class Tracker:
         """A nested run for one stage: config as params; FINISHED on success, FAILED (and re-raised) on error.
 
         Idempotent: a stage run again in the same pipeline run with the same config and tags (a KFP retry, a
-        rerun) replaces its earlier run, which is deleted (MLflow keeps it retrievable by id, out of searches)."""
+        rerun) replaces its earlier run, which is deleted (MLflow keeps it retrievable by id, out of searches) or,
+        where this identity may not delete runs, tagged ``TAG_SUPERSEDED`` (out of this module's searches)."""
         identity = {TAG_PIPELINE_RUN: self.pipeline_run_id, TAG_STAGE: name, TAG_CONFIG: config_digest(config),
                     **(tags or {})}
-        with service_errors(self.uri):
-            for earlier in self.runs_tagged(identity):
-                self.client.delete_run(earlier.info.run_id)
+        with service_errors(self.uri, self.needs):
+            earlier = self.runs_tagged(identity)
             run = self.client.create_run(self.experiment_id, run_name=name,
                                          tags={"mlflow.parentRunId": self.parent_run_id, **identity})
+            for replaced in earlier:
+                self._retire(replaced.info.run_id, run.info.run_id)
             stage_run = StageRun(self, run.info.run_id)
             stage_run.log_params(config)
         try:
@@ -161,20 +164,33 @@ class Tracker:
             with contextlib.suppress(Exception):
                 self.client.set_terminated(stage_run.run_id, "FAILED")
             raise
-        with service_errors(self.uri):
+        with service_errors(self.uri, self.needs):
             self.client.set_terminated(stage_run.run_id, "FINISHED")
 
+    def _retire(self, run_id: str, replaced_by: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.delete_run(run_id)
+        except MlflowException as err:
+            if err.error_code != "PERMISSION_DENIED":
+                raise
+            self.client.set_tag(run_id, TAG_SUPERSEDED, replaced_by)
+
     def runs_tagged(self, tags: Mapping[str, str]) -> list[Any]:
-        """This experiment's (undeleted) runs carrying every one of ``tags``."""
-        return self.client.search_runs([self.experiment_id],
+        """This experiment's runs carrying every one of ``tags``, neither deleted nor superseded."""
+        runs = self.client.search_runs([self.experiment_id],
                                        " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items()))
+        return [run for run in runs if TAG_SUPERSEDED not in run.data.tags]
 
     def stage_runs(self) -> dict[str, list[Any]]:
-        """Stage name → its runs in this pipeline run (newest first)."""
+        """Stage name → its runs in this pipeline run (newest first), neither deleted nor superseded."""
         runs = self.client.search_runs([self.experiment_id], f"tags.`{TAG_PIPELINE_RUN}` = '{self.pipeline_run_id}'",
                                        order_by=["attributes.start_time DESC"])
         out: dict[str, list[Any]] = {}
         for run in runs:
+            if TAG_SUPERSEDED in run.data.tags:
+                continue
             out.setdefault(run.data.tags.get(TAG_STAGE, ""), []).append(run)
         return out
 
@@ -187,7 +203,7 @@ class StageRun:
         from mlflow.entities import Param
 
         params = [Param(k, v) for k, v in flat_params(config).items()]
-        with service_errors(self.tracker.uri):
+        with service_errors(self.tracker.uri, self.tracker.needs):
             for i in range(0, len(params), 100):  # MLflow's batch limit
                 self.client.log_batch(self.run_id, params=params[i: i + 100])
 
@@ -197,7 +213,7 @@ class StageRun:
         now = int(time.time() * 1000)
         values = [Metric(f"{prefix}{k}", float(v), now, step or 0) for k, v in metrics.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-        with service_errors(self.tracker.uri):
+        with service_errors(self.tracker.uri, self.tracker.needs):
             for i in range(0, len(values), 1000):
                 self.client.log_batch(self.run_id, metrics=values[i: i + 1000])
 
@@ -208,12 +224,12 @@ class StageRun:
         now = int(time.time() * 1000)
         values = [Metric(k, float(v), now, int(row[step_key])) for row in rows for k, v in row.items()
                   if k != step_key and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-        with service_errors(self.tracker.uri):
+        with service_errors(self.tracker.uri, self.tracker.needs):
             for i in range(0, len(values), 1000):
                 self.client.log_batch(self.run_id, metrics=values[i: i + 1000])
 
     def log_artifacts(self, paths: list[Path], artifact_path: str | None = None) -> None:
-        with service_errors(self.tracker.uri):
+        with service_errors(self.tracker.uri, self.tracker.needs):
             for path in paths:
                 if path.is_dir():
                     self.client.log_artifacts(self.run_id, str(path), artifact_path)
@@ -232,26 +248,30 @@ class StageRun:
             warnings.simplefilter("ignore", UserWarning)
             source = resolve_dataset_source(redact_uri(source_uri) or str(Path(path).resolve()))
         dataset = MetaDataset(source, name=name, digest=digest[:36])
-        with service_errors(self.tracker.uri):
+        with service_errors(self.tracker.uri, self.tracker.needs):
             self.client.log_inputs(self.run_id, datasets=[DatasetInput(
                 dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
             self.client.set_tag(self.run_id, f"caopd.data.{name}", digest)
         return digest
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        with service_errors(self.tracker.uri):
+        with service_errors(self.tracker.uri, self.tracker.needs):
             for key, value in tags.items():
                 self.client.set_tag(self.run_id, key, redact_uri(str(value)))
 
 
 @contextlib.contextmanager
-def service_errors(uri: str) -> Iterator[None]:
-    """MLflow and network failures as one line naming the (redacted) server, without the request's details."""
+def service_errors(uri: str, needs: str = "") -> Iterator[None]:
+    """MLflow and network failures as one line naming the (redacted) server, without the request's details; a
+    refusal (401/403) names the identity and ``needs``, the permission the calls inside need."""
     from mlflow.exceptions import MlflowException
 
     try:
         yield
     except MlflowException as err:
+        refused = refusal(err, uri, needs or "a permission it lacks")
+        if refused is not None:
+            raise refused from None
         message = str(err.message if hasattr(err, "message") else err).splitlines()[0][:300]
         raise CaopdServiceError(f"MLflow at {redact_uri(uri)}: {redact_uri(message)}") from None
     except (ConnectionError, OSError) as err:
