@@ -25,16 +25,19 @@ def stable_header(spec_text: str) -> str:
     return "\n".join(lines)
 
 
-def compile_pipeline(path: str | Path = COMPILED_PIPELINE, workspace_pvc: str = "") -> Path:
+def compile_pipeline(path: str | Path = COMPILED_PIPELINE, workspace_pvc: str = "",
+                     secret_env: dict[str, str] | None = None) -> Path:
     """Write the compiled pipeline spec (the YAML a KFP server or the Kubeflow UI takes); ``workspace_pvc``
-    mounts that PVC on the training step (checkpoints that outlive the pod; multi-node jobs)."""
+    mounts that PVC on the training step (checkpoints that outlive the pod; multi-node jobs); ``secret_env``
+    (NAME → 'secret/key'; default: the pipeline identity's MLflow credentials) reaches every task that tracks."""
     from kfp import compiler
 
     from caopd.io import write_text
 
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "pipeline.yaml"
-        pipeline = build_pipeline(workspace_pvc) if workspace_pvc else caopd_pipeline
+        pipeline = build_pipeline(workspace_pvc, secret_env) if workspace_pvc or secret_env is not None \
+            else caopd_pipeline
         compiler.Compiler().compile(pipeline, package_path=str(raw))
         write_text(path, stable_header(raw.read_text(encoding="utf-8")))
     return Path(path)

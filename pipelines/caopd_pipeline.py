@@ -11,7 +11,10 @@ the parameters, ``caopd.config.parameters``, through the generated docstring's `
 (rollouts, training, evaluation) take their accelerator, node selector and tolerations from parameters, so one
 compiled spec serves every cluster; the CPU stages never request a GPU. ``build_pipeline(workspace_pvc=...)``
 mounts a shared ReadWriteMany volume on the training step: its checkpoints then outlive the pod, and
-``train_launch`` may start TrainJobs / PyTorchJobs that read and write the same volume.
+``train_launch`` may start TrainJobs / PyTorchJobs that read and write the same volume. Every task that logs to
+MLflow gets the variables of ``secret_env`` from their Secrets (by default the pipeline identity's
+``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` from the Secret the chart names), optionally: a cluster
+without that Secret runs the tasks unauthenticated.
 """
 
 # No `from __future__ import annotations`: KFP reads the real annotation objects.
@@ -36,10 +39,11 @@ from caopd.components import (
     training_arms,
 )
 from caopd.config.images import IMAGE_CACHE_DIR
-from caopd.config.launch import WORKSPACE_MOUNT
+from caopd.config.launch import WORKSPACE_MOUNT, check_secret_env
 from caopd.config.parameters import pipeline_default as _DEFAULT
 from caopd.config.parameters import pipeline_docstring
 from caopd.config.stages import DataConfig, RegisterConfig, TrainStageConfig
+from caopd.config.tracking import PIPELINE_SECRET_ENV
 from caopd.config.training import TrainConfig
 
 PIPELINE_NAME = "caopd"
@@ -75,6 +79,18 @@ def _on_cpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task.set_cpu_request(CPU_STAGE_CPU).set_memory_request(CPU_STAGE_MEMORY)
 
 
+def _with_secrets(task: dsl.PipelineTask, secret_env: dict[str, str]) -> dsl.PipelineTask:
+    """Environment variables from Secrets (NAME → 'secret/key'), one reference per Secret; optional, so that a
+    pod starts where the Secret does not exist (its variables are then unset)."""
+    by_secret: dict[str, dict[str, str]] = {}
+    for name, ref in sorted(secret_env.items()):
+        secret, key = ref.split("/", 1)
+        by_secret.setdefault(secret, {})[key] = name
+    for secret, key_to_env in by_secret.items():
+        kubernetes.use_secret_as_env(task, secret, key_to_env, optional=True)
+    return task
+
+
 def _by_name(component, parameters: dict, **given) -> dsl.PipelineTask:
     """A task of ``component``: the inputs ``given``, and every other input from the pipeline parameter of the same
     name. The stages build their configs from their inputs through the one mapping (caopd.config.parameters), so
@@ -96,9 +112,12 @@ DESCRIPTION = ("Calibration-Aware On-Policy Distillation: rollouts estimate each
                "registered.")
 
 
-def build_pipeline(workspace_pvc: str = ""):
+def build_pipeline(workspace_pvc: str = "", secret_env: dict[str, str] | None = None):
     """The pipeline; with ``workspace_pvc`` (a PVC's name: fixed at compile time, since a volume is part of the pod
-    spec, not a run parameter) the training step mounts it at WORKSPACE_MOUNT."""
+    spec, not a run parameter) the training step mounts it at WORKSPACE_MOUNT. ``secret_env`` (NAME →
+    'secret/key', default PIPELINE_SECRET_ENV) reaches every task that logs to MLflow: credentials are part of the
+    pod spec, never a run parameter."""
+    secret_env = check_secret_env(dict(PIPELINE_SECRET_ENV if secret_env is None else secret_env))
 
     def caopd_pipeline(
         preset: str = "",
@@ -187,13 +206,16 @@ def build_pipeline(workspace_pvc: str = ""):
             return _on_gpu(t, accelerator_type, accelerator_count, gpu_node_selector, gpu_tolerations, shape)
 
         tracking = dict(mlflow_settings=mlflow_settings, pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-        data = _on_cpu(_by_name(data_preparation, parameters, **tracking))
+        def tracked(t: dsl.PipelineTask) -> dsl.PipelineTask:  # a task that logs to MLflow: its credentials
+            return _with_secrets(t, secret_env)
+
+        data = tracked(_on_cpu(_by_name(data_preparation, parameters, **tracking)))
         data.set_retry(2)
 
         shards = _on_cpu(rollout_shard_indices(num_shards=rollout_shards))
         with dsl.ParallelFor(shards.output, name="rollout-shards") as shard_index:
-            shard = gpu(_by_name(rollout_estimation, parameters, data=data.outputs["data"], shard_index=shard_index,
-                                 **tracking))
+            shard = tracked(gpu(_by_name(rollout_estimation, parameters, data=data.outputs["data"],
+                                         shard_index=shard_index, **tracking)))
             shard.set_retry(2, backoff_duration="60s")
         merged = _on_cpu(merge_rollout_shards(shards=dsl.Collected(shard.outputs["rollouts"])))
         merged.set_retry(2)
@@ -202,11 +224,11 @@ def build_pipeline(workspace_pvc: str = ""):
         arms = _on_cpu(training_arms(train_baseline=train_baseline))
         continual = _on_cpu(continual_enabled(continual_kinds=continual_kinds))
         with dsl.ParallelFor(arms.output, name="arms") as method:
-            targets = _on_cpu(_by_name(target_replacement, parameters, data=data.outputs["data"],
-                                       rollouts=merged.outputs["rollouts"], method=method, **tracking))
+            targets = tracked(_on_cpu(_by_name(target_replacement, parameters, data=data.outputs["data"],
+                                               rollouts=merged.outputs["rollouts"], method=method, **tracking)))
             targets.set_retry(2)
-            trained = gpu(_by_name(opd_training, parameters, records=targets.outputs["records"], method=method,
-                                   workspace_pvc=workspace_pvc, **tracking), training_shape)
+            trained = tracked(gpu(_by_name(opd_training, parameters, records=targets.outputs["records"],
+                                           method=method, workspace_pvc=workspace_pvc, **tracking), training_shape))
             # Its own GPU count: 0 when the step only launches and watches a job on other nodes.
             trained.set_accelerator_limit(training_gpus)
             trained.register_pipeline_channels([training_gpus])
@@ -216,22 +238,22 @@ def build_pipeline(workspace_pvc: str = ""):
             trained.set_retry(1)
             # Nothing outside this branch reads its outputs: a skipped branch must leave no dangling input behind.
             with dsl.If(continual.output == True, name="continual"):  # noqa: E712 (a KFP condition, not Python's)
-                on_b = gpu(continual_distillation(data=data.outputs["data"], model=trained.outputs["model"], task=task,
-                                                  engine=engine, **tracking))
+                on_b = tracked(gpu(continual_distillation(data=data.outputs["data"], model=trained.outputs["model"],
+                                                          task=task, engine=engine, **tracking)))
                 on_b.set_retry(1)
-                forgetting = gpu(_by_name(continual_evaluation, parameters, data=data.outputs["data"],
-                                          model=trained.outputs["model"],
-                                          continual_model=on_b.outputs["continual_model"], **tracking))
+                forgetting = tracked(gpu(_by_name(continual_evaluation, parameters, data=data.outputs["data"],
+                                                  model=trained.outputs["model"],
+                                                  continual_model=on_b.outputs["continual_model"], **tracking)))
                 forgetting.set_retry(2)
 
         # Each consumer of the arms' models gets its own Collected: kfp 2.17 fails to compile a shared one.
-        evaluation = gpu(_by_name(calibration_evaluation, parameters, data=data.outputs["data"],
-                                  models=dsl.Collected(trained.outputs["model"]), **tracking))
+        evaluation = tracked(gpu(_by_name(calibration_evaluation, parameters, data=data.outputs["data"],
+                                          models=dsl.Collected(trained.outputs["model"]), **tracking)))
         evaluation.set_retry(2)
 
-        registration = _on_cpu(model_registration(models=dsl.Collected(trained.outputs["model"]),
-                                                  evaluation=evaluation.outputs["evaluation"], model_name=model_name,
-                                                  base_model=base_model, promotion_gates=promotion_gates, **tracking))
+        registration = tracked(_on_cpu(model_registration(
+            models=dsl.Collected(trained.outputs["model"]), evaluation=evaluation.outputs["evaluation"],
+            model_name=model_name, base_model=base_model, promotion_gates=promotion_gates, **tracking)))
         # A registry write is a side effect: a cached "success" would skip it without registering anything.
         registration.set_caching_options(False)
         return Outputs(evaluation=evaluation.outputs["evaluation"], registered=registration.outputs["registered"])

@@ -115,6 +115,53 @@ def test_a_workspace_pvc_compiled_in_is_mounted_on_the_training_step_alone(tmp_p
     assert training["inputs"]["parameters"]["workspace_pvc"] == {"runtimeValue": {"constant": "caopd-workspace"}}
 
 
+# The tasks that log to MLflow: each gets the pipeline identity's credentials, the others none.
+TRACKING_STAGES = {"data-preparation", "rollout-estimation", "target-replacement", "opd-training",
+                   "calibration-evaluation", "continual-distillation", "continual-evaluation", "model-registration"}
+
+
+def _secret_env(platform) -> dict[str, dict[str, str]]:
+    """executor → {variable: 'secret/key'} with each reference's optional flag checked."""
+    found = {}
+    for executor, pod in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].items():
+        for ref in pod.get("secretAsEnv", []):
+            assert ref["optional"] is True, executor  # a cluster without the Secret still starts the pods
+            for pair in ref["keyToEnv"]:
+                found.setdefault(executor, {})[pair["envVar"]] = f"{ref['secretName']}/{pair['secretKey']}"
+    return found
+
+
+def test_tasks_that_track_get_the_pipeline_identity_from_its_secret_and_no_other_task_does(spec):
+    from caopd.config.tracking import PIPELINE_SECRET_ENV
+
+    pipeline = spec["pipeline"]
+    executors = {_executor(pipeline, t): t["componentRef"]["name"].removeprefix("comp-") for _, _, t in
+                 _tasks(pipeline)}
+    found = _secret_env(spec["platform"])
+    assert {executors[e] for e in found} == TRACKING_STAGES
+    assert all(env == PIPELINE_SECRET_ENV for env in found.values())
+    assert PIPELINE_SECRET_ENV == {"MLFLOW_TRACKING_USERNAME": "caopd-mlflow-pipeline/username",
+                                   "MLFLOW_TRACKING_PASSWORD": "caopd-mlflow-pipeline/password"}
+
+
+def test_compile_names_another_identity_secret_more_variables_or_none(tmp_path, capsys):
+    from caopd.cli import EXIT_BAD_INPUT, main
+
+    out = tmp_path / "other.yaml"
+    assert main(["compile", "--out", str(out), "--mlflow-secret", "team-mlflow",
+                 "--secret-env", "HF_TOKEN=hub-token/token"]) == 0
+    [env] = {json.dumps(e, sort_keys=True) for e in _secret_env(list(yaml.safe_load_all(out.read_text()))[1])
+             .values()}
+    assert json.loads(env) == {"MLFLOW_TRACKING_USERNAME": "team-mlflow/username",
+                               "MLFLOW_TRACKING_PASSWORD": "team-mlflow/password", "HF_TOKEN": "hub-token/token"}
+    assert main(["compile", "--out", str(out), "--mlflow-secret", ""]) == 0
+    assert _secret_env(list(yaml.safe_load_all(out.read_text()))[1]) == {}
+    capsys.readouterr()
+    assert main(["compile", "--out", str(out), "--secret-env", "HF_TOKEN=Bad_Secret"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "field '--secret-env'" in err and "write it as 'secret-name/key'" in err
+
+
 def test_cpu_stages_request_no_gpu_and_no_gpu_pod_settings(spec):
     pipeline = spec["pipeline"]
     k8s = spec["platform"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
@@ -125,7 +172,7 @@ def test_cpu_stages_request_no_gpu_and_no_gpu_pod_settings(spec):
         resources = pipeline["deploymentSpec"]["executors"][executor]["container"]["resources"]
         assert "accelerator" not in resources, name
         assert (resources["resourceCpuRequest"], resources["resourceMemoryRequest"]) == ("1", "4Gi"), name
-        assert executor not in k8s, name  # no tolerations, node selector or shm for CPU pods
+        assert set(k8s.get(executor, {})) <= {"secretAsEnv"}, name  # no tolerations, node selector or shm
         assert pipeline["deploymentSpec"]["executors"][executor]["container"]["image"].startswith(
             "ghcr.io/caopd/caopd-cpu:")
 

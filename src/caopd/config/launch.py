@@ -45,6 +45,17 @@ def gpu_pod_shape(gpus: int, cpu: str = "", memory: str = "", shm: str = "") -> 
 
 
 _SECRET_REF = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[-._a-zA-Z0-9]+$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def check_secret_env(secret_env: dict[str, str]) -> dict[str, str]:
+    """Environment variables from Secrets, NAME → 'secret-name/key' (the training jobs' and the pipeline's pods)."""
+    for name, ref in secret_env.items():
+        if not _ENV_NAME.match(name):
+            raise ValueError(f"secret_env: {name!r} is not an environment variable name")
+        if not _SECRET_REF.match(ref):
+            raise ValueError(f"secret_env[{name!r}] = {ref!r}: write it as 'secret-name/key'")
+    return secret_env
 
 
 class LaunchConfig(BaseModel):
@@ -91,10 +102,7 @@ class LaunchConfig(BaseModel):
     @field_validator("secret_env")
     @classmethod
     def _secret_refs(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, ref in value.items():
-            if not _SECRET_REF.match(ref):
-                raise ValueError(f"secret_env[{name!r}] = {ref!r}: write it as 'secret-name/key'")
-        return value
+        return check_secret_env(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> LaunchConfig:
