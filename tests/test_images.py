@@ -1,6 +1,8 @@
 """The Dockerfiles, checked statically (no Docker engine here): base images pinned by digest with their tag named,
 every installed package pinned, the package the components import installed and checked, a non-root user, and
-the image names the pipeline uses matching the Dockerfiles. The GPU image installs its lock
+the image names the pipeline uses matching the Dockerfiles. The MLflow server's image is the CPU image's base with
+the MLflow caopd pins, the PostgreSQL and S3 clients, and caopd without its dependencies, whose `caopd-auth` server
+app the build finds as `mlflow server --app-name` does; the chart runs it by default. The GPU image installs its lock
 (images/gpu/requirements.txt, written by images/gpu/lock.py): every version is read from there, the lock agrees with
 pyproject.toml and with the image's Python, and CI's set is the lock minus exactly the documented exclusions. (The
 re-resolve that proves the lock is what its command gives needs the package index: tests/test_packaging.py, slow.)"""
@@ -21,7 +23,8 @@ except ModuleNotFoundError:  # Python 3.10: pytest's own dependency
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCKERFILES = {"cpu": ROOT / "images" / "cpu" / "Dockerfile", "gpu": ROOT / "images" / "gpu" / "Dockerfile"}
+DOCKERFILES = {name: ROOT / "images" / name / "Dockerfile" for name in ("cpu", "gpu", "mlflow")}
+PINNED = re.compile(r"[\w.-]+(\[[\w,.-]+\])?==[\w.+-]+")  # name[extras]==version
 LOCK_FILE = ROOT / "images" / "gpu" / "requirements.txt"
 # images/ is no package: the lock script is loaded from its file
 _spec = importlib.util.spec_from_file_location("gpu_lock", ROOT / "images" / "gpu" / "lock.py")
@@ -50,8 +53,8 @@ def test_base_image_is_pinned_by_digest_with_its_tag_in_a_comment(name):
 
 def _pip_installs(path: Path) -> list[list[str]]:
     """The arguments of every `pip install` the Dockerfile runs, in order."""
-    return [line.split() for instruction, args in _instructions(path) if instruction == "RUN"
-            for line in re.findall(r"pip install ([^&]+)", args)]
+    return [[token.strip("'\"") for token in line.split()] for instruction, args in _instructions(path)
+            if instruction == "RUN" for line in re.findall(r"pip install ([^&]+)", args)]
 
 
 def _locked_lines(text: str) -> list[str]:
@@ -70,13 +73,13 @@ def test_every_installed_package_is_pinned(name):
             if i and tokens[i - 1] in ("-r", "--requirement"):
                 # a requirements file: every line in it is pinned
                 lines = _locked_lines((ROOT / token).read_text())
-                assert lines and all(re.fullmatch(r"[\w.-]+==[\w.+-]+", line) for line in lines), token
+                assert lines and all(PINNED.fullmatch(line) for line in lines), token
                 continue
             # the project itself, whose own dependencies are pinned in pyproject.toml (and, for the GPU image, the lock)
-            assert re.fullmatch(r"[\w.-]+==[\w.+-]+", token) or token == ".", token
+            assert PINNED.fullmatch(token) or token == ".", token
 
 
-@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
 def test_the_image_installs_the_package_the_components_import_and_runs_as_non_root(name):
     instructions = _instructions(DOCKERFILES[name])
     copied = {args.split()[0] for instruction, args in instructions if instruction == "COPY"}
@@ -106,6 +109,51 @@ def test_the_cpu_image_uses_the_torch_the_project_tests_with():
     ci = (ROOT / ".ci" / "run").read_text()
     pinned = re.search(r"torch==([\w.]+)", ci)[1]
     assert f"torch=={pinned}" in DOCKERFILES["cpu"].read_text()
+
+
+# ---- the MLflow server's image ----
+
+
+def _project_requirement(name: str) -> Requirement:
+    [requirement] = [Requirement(r) for r in _pyproject()["project"]["dependencies"] if Requirement(r).name == name]
+    return requirement
+
+
+def test_the_mlflow_image_installs_the_pinned_server_then_caopd_without_dependencies():
+    instructions = _instructions(DOCKERFILES["mlflow"])
+    [base] = [args for instruction, args in instructions if instruction == "FROM"]
+    [cpu_base] = [args for instruction, args in _instructions(DOCKERFILES["cpu"]) if instruction == "FROM"]
+    assert base == cpu_base  # one slim Python base to keep current
+    server, project = _pip_installs(DOCKERFILES["mlflow"])
+    pins = {Requirement(token).name: Requirement(token) for token in server}
+    assert set(pins) == {"mlflow", "psycopg2-binary", "boto3"} and pins["mlflow"].extras == {"auth"}
+    # the MLflow caopd is tested with; a boto3 caopd itself accepts
+    assert str(pins["mlflow"].specifier) == str(_project_requirement("mlflow").specifier)
+    [boto3] = [Version(spec.version) for spec in pins["boto3"].specifier]
+    assert _project_requirement("boto3").specifier.contains(boto3)
+    assert project == ["--no-deps", "."]  # the server app imports MLflow and Flask only: no torch, no kfp
+    copied = {args.split()[0] for instruction, args in instructions if instruction == "COPY"}
+    assert {"pyproject.toml", "src"} <= copied
+    runs = " ".join(args for instruction, args in instructions if instruction == "RUN")
+    assert "import caopd.tracking.server_app" in runs and "_find_app('caopd-auth')" in runs
+    users = [args for instruction, args in instructions if instruction == "USER"]
+    assert users and users[-1] == "1000"  # the chart's podSecurityContext.runAsUser
+    last_run = max(i for i, (instruction, _) in enumerate(instructions) if instruction == "RUN")
+    assert max(i for i, (instruction, _) in enumerate(instructions) if instruction == "USER") > last_run
+
+
+def test_the_server_app_the_mlflow_image_checks_is_caopds_entry_point():
+    entry_points = _pyproject()["project"]["entry-points"]["mlflow.app"]
+    assert entry_points["caopd-auth"] == "caopd.tracking.server_app:create_app"
+
+
+def test_the_chart_runs_the_mlflow_image_this_dockerfile_builds():
+    import yaml
+
+    chart = yaml.safe_load((ROOT / "charts" / "caopd" / "Chart.yaml").read_text())
+    image = yaml.safe_load((ROOT / "charts" / "caopd" / "values.yaml").read_text())["mlflow"]["image"]
+    assert image["tag"] == "" and chart["appVersion"] == CPU_IMAGE.rsplit(":", 1)[1]  # the tag is the appVersion
+    assert f"-t {image['repository']}:{chart['appVersion']} ." in DOCKERFILES["mlflow"].read_text()
 
 
 # ---- the GPU image and its lock ----

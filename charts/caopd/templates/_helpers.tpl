@@ -53,3 +53,76 @@ capabilities:
   value: {{ .Values.s3.endpoint | quote }}
 {{- end }}
 {{- end -}}
+
+{{/* The MLflow server image; an empty tag is the chart's appVersion (images/mlflow/Dockerfile). */}}
+{{- define "caopd.mlflowImage" -}}
+{{- printf "%s:%s" .Values.mlflow.image.repository (.Values.mlflow.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
+{{/* The Host headers the MLflow server answers (it refuses others against DNS rebinding; /health is exempt): its
+Service's names in the cluster, localhost (kubectl port-forward), and mlflow.allowedHosts. */}}
+{{- define "caopd.mlflowAllowedHosts" -}}
+{{- $service := printf "%s-mlflow" (include "caopd.fullname" .) -}}
+{{- $hosts := list "localhost" "localhost:*" "127.0.0.1" "127.0.0.1:*" -}}
+{{- range $name := list $service (printf "%s.%s" $service .Release.Namespace) (printf "%s.%s.svc" $service .Release.Namespace) (printf "%s.%s.svc.cluster.local" $service .Release.Namespace) -}}
+{{- $hosts = append $hosts $name -}}
+{{- $hosts = append $hosts (printf "%s:%d" $name (int $.Values.mlflow.port)) -}}
+{{- end -}}
+{{- concat $hosts .Values.mlflow.allowedHosts | join "," -}}
+{{- end -}}
+
+{{/* The URI of MLflow's auth database (users and permissions) as an env var's source: the tracking store's own
+database unless mlflow.auth.databaseSecret names another; the password only ever by reference. */}}
+{{- define "caopd.authDatabaseEnv" -}}
+- name: CAOPD_AUTH_DATABASE_URI
+{{- if .Values.mlflow.auth.databaseSecret }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.mlflow.auth.databaseSecret }}
+      key: uri
+{{- else if .Values.postgresql.enabled }}
+  value: {{ include "caopd.postgresqlUri" . | quote }}
+{{- else }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.database.existingSecret }}
+      key: uri
+{{- end }}
+{{- end -}}
+
+{{/* The chart's PostgreSQL as a URI; Kubernetes expands $(DB_PASSWORD) from the Secret, so the spec never holds it. */}}
+{{- define "caopd.postgresqlUri" -}}
+{{- printf "postgresql://%s:$(DB_PASSWORD)@%s-postgresql:5432/%s" .Values.postgresql.user (include "caopd.fullname" .) .Values.postgresql.database -}}
+{{- end -}}
+
+{{/* Selector labels of one component's pods. */}}
+{{- define "caopd.selector" -}}
+app.kubernetes.io/instance: {{ .context.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* The authenticated server's settings, every credential by reference: the auth config file, the auth database,
+the admin, the sign-up page's CSRF key (MLflow's auth app refuses to start without it: a pod without the key stays in
+CreateContainerConfigError) and the aliases only MANAGE may move. */}}
+{{- define "caopd.mlflowAuthEnv" -}}
+- name: MLFLOW_AUTH_CONFIG_PATH
+  value: /etc/caopd/mlflow-auth/basic_auth.ini
+{{ include "caopd.authDatabaseEnv" . }}
+- name: MLFLOW_AUTH_ADMIN_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.mlflow.auth.adminSecret }}
+      key: username
+- name: MLFLOW_AUTH_ADMIN_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.mlflow.auth.adminSecret }}
+      key: password
+- name: MLFLOW_FLASK_SERVER_SECRET_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.mlflow.auth.adminSecret }}
+      key: flask-secret-key
+- name: CAOPD_PROTECTED_ALIASES
+  value: {{ join "," .Values.mlflow.auth.protectedAliases | quote }}
+{{- end -}}
