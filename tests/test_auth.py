@@ -31,21 +31,31 @@ IDENTITIES = {role: Credentials(f"caopd-{role}", password) for role, password in
 ALL_SECRETS = (*PASSWORDS.values(), ADMIN_PASSWORD, FLASK_SECRET_KEY, S3_SECRET)
 
 
-@pytest.fixture
-def as_identity(monkeypatch):
-    """Switch this process's MLflow identity: a role, 'admin', or None (anonymous)."""
-    for name in (USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV, CREDENTIALS_DIR_ENV):
-        monkeypatch.delenv(name, raising=False)
+IDENTITY_VARIABLES = (USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV, CREDENTIALS_DIR_ENV)
 
+
+@pytest.fixture(autouse=True)
+def own_identity():
+    """Each test starts and ends without an MLflow identity in the environment, whatever the code under test wrote
+    there (load_credentials copies a Secret folder's credentials into it)."""
+    saved = {name: os.environ.pop(name, None) for name in IDENTITY_VARIABLES}
+    yield
+    for name in IDENTITY_VARIABLES:
+        os.environ.pop(name, None)
+        if saved[name] is not None:
+            os.environ[name] = saved[name]
+
+
+@pytest.fixture
+def as_identity():
+    """Switch this process's MLflow identity: a role, 'admin', or None (anonymous)."""
     def switch(role):
-        if role is None:
-            monkeypatch.delenv(USERNAME_ENV, raising=False)
-            monkeypatch.delenv(PASSWORD_ENV, raising=False)
-            return
-        user, password = (ADMIN_USER, ADMIN_PASSWORD) if role == "admin" else \
-            (IDENTITIES[role].username, IDENTITIES[role].password)
-        monkeypatch.setenv(USERNAME_ENV, user)
-        monkeypatch.setenv(PASSWORD_ENV, password)
+        for name in IDENTITY_VARIABLES:
+            os.environ.pop(name, None)
+        if role is not None:
+            user, password = (ADMIN_USER, ADMIN_PASSWORD) if role == "admin" else \
+                (IDENTITIES[role].username, IDENTITIES[role].password)
+            os.environ[USERNAME_ENV], os.environ[PASSWORD_ENV] = user, password
 
     return switch
 
@@ -71,17 +81,19 @@ def _tracker(url, tmp_path, pipeline_run_id):
 
 
 @pytest.fixture
-def caopd(monkeypatch, capsys):
-    """Run a caopd command here with the variables ``env`` and no other identity: (exit code, stdout, stderr)."""
+def caopd(capsys):
+    """Run a caopd command here with the variables ``env`` as its only identity: (exit code, stdout, stderr)."""
     def run(*args, env=None):
-        with monkeypatch.context() as scoped:
-            for name in (USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV, CREDENTIALS_DIR_ENV):
-                scoped.delenv(name, raising=False)
-            for name, value in (env or {}).items():
-                scoped.setenv(name, value)
+        saved = {name: os.environ.pop(name, None) for name in IDENTITY_VARIABLES}
+        os.environ.update(env or {})
+        try:
             run.seen.extend(capsys.readouterr())
             code = main(list(args))
             out, err = capsys.readouterr()
+        finally:
+            for name in IDENTITY_VARIABLES:
+                os.environ.pop(name, None)
+            os.environ.update({name: value for name, value in saved.items() if value is not None})
         run.seen.extend((out, err))
         return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
@@ -121,6 +133,21 @@ def test_the_bootstrap_creates_the_identities_once_and_running_it_again_changes_
     assert before[IDENTITIES["pipeline"].username][0] is False  # not an admin: the alias rule applies to it
     again = bootstrap(url, EXPERIMENT, MODEL, IDENTITIES)
     assert again["changes"] == [] and _grants(url) == before
+
+    # Drift is repaired: a grant changed by hand, a password set elsewhere, an identity made admin.
+    from mlflow.server.auth.client import AuthServiceClient
+
+    auth = AuthServiceClient(url)
+    pipeline, reader, promoter = (IDENTITIES[role].username for role in ("pipeline", "reader", "promoter"))
+    auth.revoke_user_permission(pipeline, "registered_model", MODEL)
+    auth.grant_user_permission(pipeline, "registered_model", MODEL, "READ")
+    auth.update_user_password(reader, "another-password-123")
+    auth.update_user_admin(promoter, True)
+    repaired = bootstrap(url, EXPERIMENT, MODEL, IDENTITIES)["changes"]
+    assert sorted(repaired) == sorted([
+        f"granted EDIT on registered model '{MODEL}' to '{pipeline}' (held READ)",
+        f"set the password of '{reader}' to its Secret's", f"removed admin from '{promoter}'"])
+    assert _grants(url) == before and bootstrap(url, EXPERIMENT, MODEL, IDENTITIES)["changes"] == []
 
     # The CLI as the chart's job runs it: Secret folders, the admin from the environment; nothing to change.
     folders = {}
@@ -266,8 +293,62 @@ def test_the_pipeline_registers_a_challenger_cannot_crown_it_and_a_manager_can(
     objects = [s3_client_env.get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
                for o in s3_client_env.list_objects_v2(Bucket=BUCKET)["Contents"]]
     assert len(objects) > 5 and any(p.name == "mlflow.db" for p in files)
-    for secret in ALL_SECRETS[:-1]:  # the S3 secret is in the server's own environment, not its files
+    for secret in ALL_SECRETS:
         assert not any(secret in text for text in logged), secret
         for path in files:
             assert secret.encode() not in path.read_bytes(), f"{secret!r} leaked into {path}"
         assert not any(secret.encode() in body for body in objects), secret
+
+
+def test_the_pipeline_cannot_get_around_the_champion_rule(bootstrapped, as_identity, mlflow_auth):
+    """Every other way to crown a model or forge the decision, as the pipeline identity with a plain HTTP client:
+    refused by the server (caopd.tracking.server_app), and the registry unchanged."""
+    import requests
+    from mlflow import MlflowClient
+
+    url, _ = mlflow_auth
+    as_identity("admin")
+    admin = MlflowClient(url, url)
+    version = (admin.search_model_versions(f"name = '{MODEL}'") or
+               [admin.create_model_version(MODEL, f"s3://{BUCKET}/auth/some-model")])[0].version
+    admin.set_registered_model_alias(MODEL, CHALLENGER, version)
+    champion_before = {a: v for a, v in admin.get_registered_model(MODEL).aliases.items()}
+    tags_before = dict(admin.get_model_version(MODEL, version).tags)
+    pipeline = (IDENTITIES["pipeline"].username, IDENTITIES["pipeline"].password)
+
+    def call(method, path, *, json_body=None, params=None, text_body=None):
+        headers = {"Content-Type": "text/plain"} if text_body is not None else {}
+        return requests.request(method, f"{url}{path}", json=json_body, params=params, data=text_body,
+                                headers=headers, auth=pipeline, timeout=30)
+
+    refusals = [
+        # its own model: whoever creates one holds MANAGE on it, so only an admin creates them
+        (call("POST", "/api/2.0/mlflow/registered-models/create", json_body={"name": "pipeline-owned"}),
+         403, "creating registered model 'pipeline-owned'"),
+        # renaming the project's model away, to create a new one under its name
+        (call("POST", "/api/2.0/mlflow/registered-models/rename", json_body={"name": MODEL, "new_name": "x"}),
+         403, f"renaming registered model '{MODEL}' needs MANAGE"),
+        # removing the champion, through either API prefix
+        (call("DELETE", "/api/2.0/mlflow/registered-models/alias", params={"name": MODEL, "alias": CHAMPION}),
+         403, "needs MANAGE"),
+        (call("POST", "/ajax-api/2.0/mlflow/registered-models/alias",
+              json_body={"name": MODEL, "alias": CHAMPION, "version": version}), 403, "needs MANAGE"),
+        # a query string that names the challenger while the body names the champion
+        (call("DELETE", "/api/2.0/mlflow/registered-models/alias", params={"name": MODEL, "alias": CHALLENGER},
+              text_body=json.dumps({"name": MODEL, "alias": CHAMPION})), 400, "name different values"),
+        # a forged promotion decision
+        (call("POST", "/api/2.0/mlflow/model-versions/set-tag",
+              json_body={"name": MODEL, "version": version, "key": f"caopd.promotion.{CHAMPION}",
+                         "value": json.dumps({"passed": True, "decided_by": IDENTITIES["promoter"].username})}),
+         403, f"writing the decision 'caopd.promotion.{CHAMPION}'"),
+    ]
+    for response, status, reason in refusals:
+        assert (response.status_code, reason in response.text) == (status, True), response.text
+    assert admin.get_registered_model(MODEL).aliases == champion_before
+    assert dict(admin.get_model_version(MODEL, version).tags) == tags_before
+    assert [m.name for m in admin.search_registered_models("name = 'pipeline-owned'")] == []
+    # What the pipeline may do still works: the challenger, and a tag of its own.
+    assert call("POST", "/api/2.0/mlflow/registered-models/alias",
+                json_body={"name": MODEL, "alias": CHALLENGER, "version": version}).status_code == 200
+    assert call("POST", "/api/2.0/mlflow/model-versions/set-tag",
+                json_body={"name": MODEL, "version": version, "key": "note", "value": "ok"}).status_code == 200

@@ -40,7 +40,7 @@ WITH_EVERY_IDENTITY = {  # reader and promoter on, the UI behind ingress-nginx, 
                "allowedHosts": ["mlflow.example.com"], "allowedOrigins": ["https://mlflow.example.com"]},
     "networkPolicy": {"uiIngress": {"enabled": True},
                       "pipelineRunner": {"namespaceLabels": {"kubernetes.io/metadata.name": "team-ml"}}},
-    "retraining": {"parameters": {"model_name": "support-bot-8b-canary"}},
+    "retraining": {"parameters": {"model_name": "support-bot-8b"}},
 }
 WITHOUT_AUTH = {"mlflow": {"auth": {"enabled": False}}}
 VALUE_SETS = {"default": None, "existing": EXISTING, "external-db": WITH_EXTERNAL_DATABASE,
@@ -341,12 +341,19 @@ def test_the_cronjob_passes_the_experiment_and_the_registered_model():
     assert settings == {"tracking_uri": "http://caopd-mlflow.ml.svc.cluster.local:5000", "experiment": "caopd",
                         "artifact_root": "s3://caopd/mlflow"}
     assert [p for p in params if p.startswith("model_name=")] == ["model_name=caopd-tiny"]
-    # a model_name among retraining.parameters wins, once
+    # a model_name among retraining.parameters is passed once
     command = _container(_one(_rendered("every-identity"), "CronJob"))["command"]
     params = [command[i + 1] for i, arg in enumerate(command) if arg == "--param"]
-    assert [p for p in params if p.startswith("model_name=")] == ["model_name=support-bot-8b-canary"]
+    assert [p for p in params if p.startswith("model_name=")] == ["model_name=support-bot-8b"]
     assert json.loads(next(p for p in params if p.startswith("mlflow_settings=")).split("=", 1)[1])[
         "experiment"] == "support-bot"
+    # ... and must be the model the bootstrap granted the pipeline, which may create no other (caopd-auth)
+    with pytest.raises(Exception, match="retraining.parameters.model_name \"canary\" differs from "
+                                        "mlflow.auth.registeredModel \"caopd-tiny\""):
+        _render({"retraining": {"parameters": {"model_name": "canary"}}})
+    command = _container(_one(_render({"mlflow": {"auth": {"enabled": False}},
+                                       "retraining": {"parameters": {"model_name": "canary"}}}), "CronJob"))["command"]
+    assert "model_name=canary" in command
 
 
 def _selects(selector: dict, labels: dict) -> bool:
@@ -437,6 +444,8 @@ def test_the_workspace_is_a_kept_read_write_many_claim_that_the_step_may_adopt_j
     ({"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
     ({"mlflow": {"resources": {"limits": {"cpu": "two"}}}}, "/mlflow/resources/limits/cpu"),
     ({"mlflow": {"auth": {"defaultPermission": "ALL"}}}, "/mlflow/auth/defaultPermission': value must be one of"),
+    # MLflow raises every grant to the default: EDIT would let the reader write, MANAGE the pipeline crown
+    ({"mlflow": {"auth": {"defaultPermission": "MANAGE"}}}, "/mlflow/auth/defaultPermission': value must be one of"),
     ({"networkPolicy": {"egress": {}}}, "/networkPolicy': additional properties 'egress' not allowed"),
     ({"mlflow": {"auth": {"adminSecret": "MLflow-Admin"}}}, "/mlflow/auth/adminSecret'"),
     ({"mlflow": {"auth": {"promoter": {"secret": "release_bot"}}}}, "/mlflow/auth/promoter/secret'"),

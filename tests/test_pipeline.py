@@ -144,7 +144,7 @@ def test_tasks_that_track_get_the_pipeline_identity_from_its_secret_and_no_other
                                    "MLFLOW_TRACKING_PASSWORD": "caopd-mlflow-pipeline/password"}
 
 
-def test_compile_names_another_identity_secret_more_variables_or_none(tmp_path, capsys):
+def test_compile_names_another_identity_secret_and_more_variables(tmp_path, capsys):
     from caopd.cli import EXIT_BAD_INPUT, main
 
     out = tmp_path / "other.yaml"
@@ -154,8 +154,6 @@ def test_compile_names_another_identity_secret_more_variables_or_none(tmp_path, 
              .values()}
     assert json.loads(env) == {"MLFLOW_TRACKING_USERNAME": "team-mlflow/username",
                                "MLFLOW_TRACKING_PASSWORD": "team-mlflow/password", "HF_TOKEN": "hub-token/token"}
-    assert main(["compile", "--out", str(out), "--mlflow-secret", ""]) == 0
-    assert _secret_env(list(yaml.safe_load_all(out.read_text()))[1]) == {}
     capsys.readouterr()
     assert main(["compile", "--out", str(out), "--secret-env", "HF_TOKEN=Bad_Secret"]) == EXIT_BAD_INPUT
     err = capsys.readouterr().err

@@ -146,6 +146,15 @@ def test_parameter_types_come_from_the_spec():
     assert check_cron("  0 0 3 * * 0 ") == "0 0 3 * * 0"
 
 
+def test_mlflow_settings_with_a_password_never_become_a_run_parameter(kfp, capsys):
+    settings = 'mlflow_settings={"tracking_uri": "http://pipeline:hunter2-pw@mlflow:5000", "experiment": "caopd"}'
+    code, out, err = _run(capsys, "submit", "--host", kfp.url, "--param", settings)
+    assert code == 2 and "field '--param mlflow_settings': tracking_uri:" in err and "must not carry credentials" in err
+    assert "hunter2" not in out + err and not kfp.runs  # refused before anything reached the server
+    code, out, err = _run(capsys, "submit", "--host", kfp.url, "--param", settings[:-1])  # bad JSON: not echoed
+    assert code == 2 and "hunter2" not in err and "bad value for a STRUCT parameter" in err
+
+
 def test_token_sources(tmp_path):
     mounted = tmp_path / "sa-token"
     mounted.write_text("mounted\n")

@@ -204,10 +204,11 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 def cmd_bootstrap_auth(args: argparse.Namespace) -> int:
     import os
 
+    from caopd.config.tracking import TrackingConfig
     from caopd.tracking.bootstrap import ROLES, bootstrap
     from caopd.tracking.identity import load_credentials, read_credentials_dir
 
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    uri = TrackingConfig(tracking_uri=args.tracking_uri or "").tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri.startswith(("http://", "https://")):
         raise CaopdInputError("needs the MLflow server's http(s) URL (or $MLFLOW_TRACKING_URI)", field="--tracking-uri")
     load_credentials()

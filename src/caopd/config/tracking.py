@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 AUTH_APP_NAME = "caopd-auth"
 CHAMPION, CHALLENGER = "champion", "challenger"  # the registry's aliases: in production, and next in line
 PROTECTED_ALIASES = (CHAMPION,)  # moved only by an identity with MANAGE on the registered model
+# A version's tag per promotion decision: caopd.promotion.<alias> (the registration's own is caopd.gate).
+DECISION_TAG_PREFIX = "caopd.promotion."
 # A folder holding the files `username` and `password`: a mounted Secret of type kubernetes.io/basic-auth. The
 # client reads it when $MLFLOW_TRACKING_USERNAME / $MLFLOW_TRACKING_PASSWORD (or $MLFLOW_TRACKING_TOKEN) are unset.
 CREDENTIALS_DIR_ENV = "CAOPD_MLFLOW_CREDENTIALS"

@@ -23,9 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from caopd import __version__
+from caopd.config.tracking import TrackingConfig
 from caopd.errors import CaopdInputError, CaopdServiceError
+
+MLFLOW_SETTINGS = "mlflow_settings"  # the pipeline parameter holding TrackingConfig's fields (config.parameters)
 
 TOKEN_ENV = "KFP_TOKEN"
 # Where KFP mounts a pod's service-account token (kfp.client.set_volume_credentials reads the same variable).
@@ -82,6 +86,13 @@ def parse_params(pairs: list[str], types: dict[str, str]) -> dict[str, Any]:
             raise CaopdInputError(f"unknown pipeline parameter {name!r}; known: {', '.join(sorted(types))}",
                                   field="--param")
         out[name] = _typed(name, raw, types[name])
+        if name == MLFLOW_SETTINGS:  # a run parameter is stored and shown: no credentials in it
+            try:
+                TrackingConfig(**out[name])
+            except ValidationError as err:
+                first = err.errors()[0]
+                raise CaopdInputError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}",
+                                      field=f"--param {name}") from None
     return out
 
 
@@ -101,7 +112,8 @@ def _typed(name: str, raw: str, kind: str) -> Any:
                 raise ValueError(f"expected a JSON {'object' if kind == 'STRUCT' else 'array'}")
             return value
     except (ValueError, json.JSONDecodeError) as err:
-        raise CaopdInputError(f"bad value {raw!r} for a {kind} parameter: {err}", field=f"--param {name}") from None
+        shown = "" if kind in ("STRUCT", "LIST") else f" {raw!r}"  # a JSON value may hold a URI with a password
+        raise CaopdInputError(f"bad value{shown} for a {kind} parameter: {err}", field=f"--param {name}") from None
     return raw
 
 

@@ -1,7 +1,8 @@
 """The identities of an authenticated MLflow server, created idempotently with MLflow's own auth client.
 
 Run as the server's admin. It makes sure the project's experiment and registered model exist, then, for each role
-given, that its user exists with the given password, is not an admin, and holds exactly its role's permissions:
+given, that its user exists with the given password, is not an admin, and holds its role's permission on each of
+the two (grants it holds elsewhere are left alone):
 
 - ``pipeline``: EDIT on the experiment and the registered model — logs runs, registers versions, sets
   ``challenger``; it cannot delete runs or move ``champion``;
@@ -18,8 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from caopd.errors import CaopdInputError
-from caopd.tracking.identity import Credentials, refused, server_user
+from caopd.errors import CaopdInputError, CaopdServiceError
+from caopd.tracking.identity import Credentials, redact_uri, refused, server_user
 from caopd.tracking.registry import MODEL_DESCRIPTION
 from caopd.tracking.tracker import service_errors, wait_for_server
 
@@ -91,8 +92,13 @@ def _ensure_grant(auth: Any, grant: Grant) -> list[str]:
         if err.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
     auth.grant_user_permission(grant.username, grant.resource_type, grant.resource_id, grant.permission)
-    return [f"granted {grant.permission} on {grant.resource_type.replace('_', ' ')} '{grant.resource_name}' to "
-            f"'{grant.username}' (held {held})"]
+    where = f"{grant.resource_type.replace('_', ' ')} '{grant.resource_name}'"
+    now = auth.get_user_permission(grant.username, grant.resource_type, grant.resource_id).permission
+    if now != grant.permission:  # a higher default_permission or another grant (a role's) wins over this one
+        raise CaopdServiceError(f"'{grant.username}' should hold {grant.permission} on {where} but the server "
+                                f"resolves {now}: set the server's default_permission to NO_PERMISSIONS or READ and "
+                                "remove the user's other grants on it")
+    return [f"granted {grant.permission} on {where} to '{grant.username}' (held {held})"]
 
 
 def bootstrap(uri: str, experiment: str, model: str, identities: Mapping[str, Credentials],
@@ -118,8 +124,8 @@ def bootstrap(uri: str, experiment: str, model: str, identities: Mapping[str, Cr
     with service_errors(uri, "an admin user"):
         admin = server_user(uri)
         if admin is None:
-            raise CaopdInputError(f"MLflow at {uri} runs without authentication: start it with --app-name "
-                                  "caopd-auth (or basic-auth)", field="--tracking-uri")
+            raise CaopdInputError(f"MLflow at {redact_uri(uri)} runs without authentication: start it with "
+                                  "--app-name caopd-auth", field="--tracking-uri")
         if not admin.get("is_admin"):
             raise refused(403, uri, "", f"bootstrapping users and permissions needs an admin; "
                                         f"'{admin['username']}' is not one")

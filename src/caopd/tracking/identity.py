@@ -23,7 +23,7 @@ CURRENT_USER_PATH = "/api/2.0/mlflow/users/current"  # MLflow's basic-auth app (
 USER_PERMISSION_PATH = "/api/3.0/mlflow/users/permissions/get"
 # mlflow/server/auth/permissions.py: PERMISSION_PRIORITY
 PERMISSION_RANK = {"NO_PERMISSIONS": 0, "READ": 1, "USE": 2, "EDIT": 3, "MANAGE": 4}
-REFUSALS = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}
+REFUSALS = {"UNAUTHENTICATED": 401, "CUSTOMER_UNAUTHORIZED": 401, "PERMISSION_DENIED": 403}
 
 
 class CaopdAuthError(CaopdServiceError):
@@ -112,6 +112,13 @@ def _rest(uri: str, path: str, params: dict[str, str] | None = None) -> Any:
     return http_request(get_default_host_creds(uri), path, "GET", params=params)
 
 
+def _answered(response: Any, uri: str, path: str) -> None:
+    """Any answer but 200 (after MLflow's client retried the transient ones) as one line: not a guess."""
+    if response.status_code != 200:
+        raise CaopdServiceError(f"MLflow at {redact_uri(uri)} answered {path} with HTTP {response.status_code}; "
+                                "retry once the server is healthy")
+
+
 def server_user(uri: str) -> dict[str, Any] | None:
     """The authenticated user as the server sees it (``username``, ``is_admin``), or None where there is no
     authentication (a local store, or a server without MLflow's auth app)."""
@@ -120,8 +127,9 @@ def server_user(uri: str) -> dict[str, Any] | None:
     response = _rest(uri, CURRENT_USER_PATH)
     if response.status_code in (401, 403):
         raise refused(response.status_code, uri, "an MLflow user")
-    if response.status_code != 200:
+    if response.status_code == 404:  # no auth app serves the route
         return None
+    _answered(response, uri, CURRENT_USER_PATH)
     return response.json().get("user")
 
 
@@ -144,7 +152,8 @@ def require_permission(uri: str, resource_type: str, resource: str, permission: 
         return
     response = _rest(uri, USER_PERMISSION_PATH, {"username": user["username"], "resource_type": resource_type,
                                                  "resource_id": resource})
-    held = response.json().get("permission", "NO_PERMISSIONS") if response.status_code == 200 else "NO_PERMISSIONS"
+    _answered(response, uri, USER_PERMISSION_PATH)
+    held = response.json()["permission"]
     if PERMISSION_RANK.get(held, 0) < PERMISSION_RANK[permission]:
         raise refused(403, uri, "", f"{why} needs {permission} on {resource_type.replace('_', ' ')} '{resource}'; "
                                     f"it holds {held}")

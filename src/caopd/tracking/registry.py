@@ -18,7 +18,7 @@ from typing import Any
 
 from caopd.config.gates import GateConfig
 from caopd.config.stages import CALIBRATION_EVALUATION, OPD_TRAINING, ROLLOUT_ESTIMATION
-from caopd.config.tracking import CHALLENGER, CHAMPION, PROTECTED_ALIASES
+from caopd.config.tracking import CHALLENGER, CHAMPION, DECISION_TAG_PREFIX, PROTECTED_ALIASES
 from caopd.errors import CaopdInputError
 from caopd.evaluation.metrics import METRIC_KEYS
 from caopd.tracking.gates import GateDecision, evaluate_gates
@@ -69,11 +69,16 @@ def register_version(client: Any, name: str, source: str, run_id: str | None, me
             decision = json.loads(existing.tags.get("caopd.gate", "null") or "null")
             return {"name": name, "version": int(existing.version), "created": False, "decision": decision,
                     "source": existing.source}
-        try:
-            client.create_registered_model(name, description=MODEL_DESCRIPTION)
+        try:  # asked first: on caopd-auth only an admin may create one, even one that exists
+            client.get_registered_model(name)
         except MlflowException as err:
-            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
+            try:
+                client.create_registered_model(name, description=MODEL_DESCRIPTION)
+            except MlflowException as race:
+                if race.error_code != "RESOURCE_ALREADY_EXISTS":  # another registration created it meanwhile
+                    raise
         tags = {TAG_PIPELINE_RUN: pipeline_run_id, **{str(k): str(v) for k, v in lineage.items()},
                 **{f"{METRIC_TAG}{k}": repr(float(metrics[k])) for k in METRIC_KEYS
                    if k in metrics and math.isfinite(float(metrics[k]))}}
@@ -93,7 +98,9 @@ def promote(client: Any, name: str, to: str, gates: GateConfig, version: int | N
             tracking_uri: str = "") -> dict[str, Any]:
     """Move alias ``to`` (``champion``) onto ``version`` (default: the challenger) if the gates pass again
     against the model that holds ``to`` now. The decision is tagged on the candidate either way, with who made it.
-    A protected alias needs MANAGE on the model: an identity without it is refused before anything is written."""
+    A protected alias needs MANAGE on the model: an identity without it is refused before anything is written (asked
+    of the server first; the alias moves before the decision is recorded, so a refusal by the server changes
+    nothing either)."""
     protected = to in PROTECTED_ALIASES
     needs = f"{'MANAGE' if protected else 'EDIT'} on registered model '{name}'"
     with service_errors(tracking_uri, needs):
@@ -111,12 +118,12 @@ def promote(client: Any, name: str, to: str, gates: GateConfig, version: int | N
         decision = evaluate_gates(version_metrics(candidate), version_metrics(current) if current else None, gates,
                                   current.version if current else None)
         decided_by = acting_identity(tracking_uri)
-        _record(client, name, candidate.version, f"caopd.promotion.{to}", decision, decided_by)
         moved = decision.passed and decision.mode == "enabled"
-        if moved:
+        if moved:  # the alias first: a refusal then leaves the registry as it was
             client.set_registered_model_alias(name, to, candidate.version)
-            if to == CHAMPION and CHALLENGER in (candidate.aliases or []):
-                client.delete_registered_model_alias(name, CHALLENGER)
+        _record(client, name, candidate.version, f"{DECISION_TAG_PREFIX}{to}", decision, decided_by)
+        if moved and to == CHAMPION and CHALLENGER in (candidate.aliases or []):
+            client.delete_registered_model_alias(name, CHALLENGER)
     return {"name": name, "version": int(candidate.version), "alias": to, "moved": moved,
             "decision": {**decision.as_dict(), "decided_by": decided_by}}
 
