@@ -164,9 +164,11 @@ def _registry(args: argparse.Namespace) -> tuple[str, Any]:
     """(URI, client) of the registry the flags or the environment name, else the local store: promotion and
     lineage log no run, so they need no experiment of their own (a reader may hold none to write to)."""
     from caopd.config.tracking import TrackingConfig
-    from caopd.tracking.tracker import connect
+    from caopd.tracking.tracker import connect, resolve_tracking_uri
 
-    return connect(TrackingConfig(tracking_uri=args.tracking_uri or ""), args.mlflow_dir)
+    cfg = TrackingConfig(tracking_uri=args.tracking_uri or "")
+    uri = resolve_tracking_uri(cfg, args.mlflow_dir)
+    return uri, connect(uri, cfg.connect_timeout_s)
 
 
 def cmd_promote(args: argparse.Namespace) -> int:

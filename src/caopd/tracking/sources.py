@@ -30,6 +30,7 @@ from caopd.errors import CaopdInputError, CaopdServiceError
 from caopd.io import PathLike, file_digest
 from caopd.models.packaged import PACKAGED_MODELS
 from caopd.tasks.datasets import confined_path
+from caopd.tracking.identity import redact_uri, refusal
 from caopd.tracking.storage import (
     download_file,
     download_folder,
@@ -37,7 +38,7 @@ from caopd.tracking.storage import (
     list_folder,
     s3_client,
 )
-from caopd.tracking.tracker import _CLIENT_RETRY_ENV, redact_uri, wait_for_server
+from caopd.tracking.tracker import connect
 
 SOURCE_TAG = "caopd.source."  # caopd.source.<role>[.sha256|.resolved|.version|...]
 WEIGHTS_TAG = "caopd.weights_sha256"  # on a model version: the registered folder's file_digest
@@ -186,18 +187,13 @@ def parse_model_reference(source: str, field: str = "model") -> tuple[str, str, 
 
 
 def _mlflow_client(tracking_uri: str, source: str, field: str, connect_timeout_s: float) -> tuple[Any, str]:
-    """A registry client the way Tracker builds one: the given URI or $MLFLOW_TRACKING_URI, bounded retries, the
-    server checked first so a dead one fails within ``connect_timeout_s``."""
-    from mlflow import MlflowClient
-
+    """A registry client as a tracker's (the given URI or $MLFLOW_TRACKING_URI, this process's credentials, bounded
+    retries, the server checked first so a dead one fails within ``connect_timeout_s``)."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
         raise CaopdInputError(f"{source}: a registered model needs the MLflow server: set MLFLOW_TRACKING_URI or "
                               "the tracking URI", field=field)
-    for name, value in _CLIENT_RETRY_ENV.items():
-        os.environ.setdefault(name, value)
-    wait_for_server(uri, connect_timeout_s)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+    return connect(uri, connect_timeout_s), uri
 
 
 def _model_version(client: Any, uri: str, source: str, name: str, version: str, alias: str, field: str) -> Any:
@@ -207,6 +203,9 @@ def _model_version(client: Any, uri: str, source: str, name: str, version: str, 
     try:
         return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as err:
+        refused = refusal(err, uri, f"READ on registered model '{name}'")
+        if refused is not None:
+            raise refused from None
         if err.error_code not in missing:
             message = str(err.message).splitlines()[0][:300]
             raise CaopdServiceError(f"MLflow at {redact_uri(uri)}: {redact_uri(message)}") from None

@@ -96,24 +96,24 @@ def wait_for_server(uri: str, timeout_s: float) -> None:
         delay = min(delay * 2, 8.0)
 
 
-def connect(cfg: TrackingConfig, local_dir: str | Path) -> tuple[str, Any]:
-    """(the tracking URI, an MLflow client on it) with this process's credentials, once the server answers: what
-    the registry commands need, which neither read nor write an experiment of their own."""
+def connect(uri: str, connect_timeout_s: float) -> Any:
+    """An MLflow client on ``uri`` with this process's credentials and bounded retries, once the server answers:
+    what a tracker, the registry commands and a registry source each use."""
     from mlflow import MlflowClient
 
     for name, value in _CLIENT_RETRY_ENV.items():
         os.environ.setdefault(name, value)
     load_credentials()
-    uri = resolve_tracking_uri(cfg, local_dir)
-    wait_for_server(uri, cfg.connect_timeout_s)
-    return uri, MlflowClient(tracking_uri=uri, registry_uri=uri)
+    wait_for_server(uri, connect_timeout_s)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 class Tracker:
     """The MLflow side of one pipeline run: its parent run and the stage runs nested under it."""
 
     def __init__(self, cfg: TrackingConfig, local_dir: str | Path) -> None:
-        self.uri, self.client = connect(cfg, local_dir)
+        self.uri = resolve_tracking_uri(cfg, local_dir)
+        self.client = connect(self.uri, cfg.connect_timeout_s)
         self.needs = f"EDIT on experiment '{cfg.experiment}'"  # what logging a pipeline run takes
         self.artifact_root = cfg.artifact_root
         self.pipeline_run_id = cfg.pipeline_run_id or os.environ.get("CAOPD_PIPELINE_RUN_ID") or uuid.uuid4().hex
