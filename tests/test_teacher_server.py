@@ -74,7 +74,11 @@ def test_a_server_teacher_is_configured_with_its_url_and_top_k():
 
 
 @pytest.mark.slow  # waits out the client's retries
-def test_a_server_that_cannot_give_k_or_cannot_be_reached_fails_saying_what_to_do(tiny_model):
+def test_a_server_that_cannot_give_k_or_cannot_be_reached_fails_saying_what_to_do(tiny_model, monkeypatch):
+    from urllib3.util.retry import Retry
+
+    # The client's retries still happen, without their backoff (2, 4, ... 32 s: a minute of waiting here).
+    monkeypatch.setattr(Retry, "_sleep_backoff", lambda self: None)
     with FakeVLLM(tiny_model.model, max_logprobs=3) as server:
         client = TeacherServer(server.url, TOP_K)
         with pytest.raises(CaopdServiceError, match="HTTP 400.*greater than max allowed: 3"):

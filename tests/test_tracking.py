@@ -219,7 +219,9 @@ def test_a_tracking_server_that_is_down_fails_fast_and_clearly(tmp_path, monkeyp
 
 
 @pytest.mark.slow  # the MLflow and S3 servers
-def test_the_server_stopping_mid_stage_keeps_the_outputs_and_registration_reruns(s3, s3_client_env, tmp_path):
+def test_the_server_stopping_mid_stage_keeps_the_outputs_and_registration_reruns(s3, s3_client_env, tmp_path,
+                                                                               monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")  # the client's retries, without their waits
     port = free_port()
     server, url = start_mlflow(tmp_path / "server", s3, port=port)
     try:
