@@ -25,7 +25,7 @@ from caopd.config.stages import (
     TARGET_REPLACEMENT,
     RegisterConfig,
 )
-from caopd.config.tracking import PIPELINE_CREDENTIALS_SECRET, TrackingConfig
+from caopd.config.tracking import CHAMPION, PIPELINE_CREDENTIALS_SECRET, TrackingConfig
 from caopd.errors import CaopdInputError, CaopdServiceError, TrainingJobFailed, TrainingStopped
 
 EXIT_BAD_INPUT, EXIT_SERVICE = 2, 1
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="example:\n  caopd promote caopd-tiny --to champion --tracking-uri http://mlflow:5000",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     pr.add_argument("name", help="registered model name")
-    pr.add_argument("--to", default="champion", help="the alias to move (default: champion)")
+    pr.add_argument("--to", default=CHAMPION, help="the alias to move (default: %(default)s)")
     pr.add_argument("--version", type=int, help="the version to promote (default: the challenger)")
     add_registry_options(pr)
     add_config_options(pr, GateConfig, prefix="")
@@ -143,10 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "MLflow and their permissions (idempotent)",
                         description="As the server's admin ($MLFLOW_TRACKING_USERNAME / $MLFLOW_TRACKING_PASSWORD, "
                         "or $CAOPD_MLFLOW_CREDENTIALS), make sure the experiment and the registered model exist and "
-                        "that each role's user exists with its Secret's password and exactly its permissions: "
-                        "pipeline EDIT on both, promoter MANAGE on the model (moves champion), reader READ. Running "
-                        "it again changes nothing. Each --*-credentials folder holds the files 'username' and "
-                        "'password' (a mounted kubernetes.io/basic-auth Secret).",
+                        "that each role's user exists with its Secret's password, is no admin and holds its role's "
+                        "permission on both: pipeline EDIT, promoter MANAGE on the model (moves champion) and READ on "
+                        "the experiment, reader READ. Running it again changes nothing. Each --*-credentials folder "
+                        "holds the files 'username' and 'password' (a mounted kubernetes.io/basic-auth Secret).",
                         epilog="example:\n  caopd bootstrap-auth --tracking-uri http://mlflow:5000 --experiment caopd "
                         "--model caopd-tiny \\\n      --pipeline-credentials /secrets/pipeline --promoter-credentials "
                         "/secrets/promoter",

@@ -7,7 +7,7 @@ import urllib.parse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Identities on an authenticated MLflow server (caopd.tracking.identity; the chart's Secrets and its bootstrap job).
-# The server app: MLflow's basic-auth app plus "a protected alias needs MANAGE" (caopd.tracking.server_app).
+# The server app: MLflow's basic-auth app plus caopd's registry rules (caopd.tracking.server_app).
 AUTH_APP_NAME = "caopd-auth"
 CHAMPION, CHALLENGER = "champion", "challenger"  # the registry's aliases: in production, and next in line
 PROTECTED_ALIASES = (CHAMPION,)  # moved only by an identity with MANAGE on the registered model
@@ -46,4 +46,3 @@ class TrackingConfig(BaseModel):
             raise ValueError(f"the tracking URI must not carry credentials (they would reach parameters and logs): "
                              f"give them as ${USERNAME_ENV} and ${PASSWORD_ENV}, or a folder in ${CREDENTIALS_DIR_ENV}")
         return value
-
