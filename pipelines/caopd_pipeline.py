@@ -39,7 +39,7 @@ from caopd.components import (
     training_arms,
 )
 from caopd.config.images import IMAGE_CACHE_DIR
-from caopd.config.launch import WORKSPACE_MOUNT, check_secret_env
+from caopd.config.launch import WORKSPACE_MOUNT, check_secret_env, secret_ref
 from caopd.config.parameters import pipeline_default as _DEFAULT
 from caopd.config.parameters import pipeline_docstring
 from caopd.config.stages import DataConfig, RegisterConfig, TrainStageConfig
@@ -84,7 +84,7 @@ def _with_secrets(task: dsl.PipelineTask, secret_env: dict[str, str]) -> dsl.Pip
     pod starts where the Secret does not exist (its variables are then unset)."""
     by_secret: dict[str, dict[str, str]] = {}
     for name, ref in sorted(secret_env.items()):
-        secret, key = ref.split("/", 1)
+        secret, key = secret_ref(ref)
         by_secret.setdefault(secret, {})[key] = name
     for secret, key_to_env in by_secret.items():
         kubernetes.use_secret_as_env(task, secret, key_to_env, optional=True)

@@ -58,6 +58,12 @@ def check_secret_env(secret_env: dict[str, str]) -> dict[str, str]:
     return secret_env
 
 
+def secret_ref(ref: str) -> tuple[str, str]:
+    """'secret-name/key' (checked by check_secret_env) → (secret name, key)."""
+    secret, key = ref.split("/", 1)
+    return secret, key
+
+
 class LaunchConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -13,7 +13,7 @@ import hashlib
 import re
 from typing import Any
 
-from caopd.config.launch import LaunchConfig
+from caopd.config.launch import LaunchConfig, secret_ref
 
 TRAINJOB_GROUP, TRAINJOB_VERSION, TRAINJOB_PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
 PYTORCHJOB_GROUP, PYTORCHJOB_VERSION, PYTORCHJOB_PLURAL = "kubeflow.org", "v1", "pytorchjobs"
@@ -45,7 +45,7 @@ def _env(launch: LaunchConfig) -> list[dict[str, Any]]:
            # The launching step logs the stage's MLflow run; a second one from the job's rank 0 would split it.
            {"name": "MLFLOW_TRACKING_URI", "value": ""}]
     for name, ref in sorted(launch.secret_env.items()):
-        secret, key = ref.split("/", 1)
+        secret, key = secret_ref(ref)
         env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
     return env
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from caopd.errors import CaopdInputError, CaopdServiceError
-from caopd.tracking.identity import Credentials, redact_uri, refused, server_user
+from caopd.tracking.identity import CURRENT_USER_PATH, Credentials, redact_uri, refused, server_user
 from caopd.tracking.registry import MODEL_DESCRIPTION
 from caopd.tracking.tracker import service_errors, wait_for_server
 
@@ -43,14 +43,12 @@ class Grant:
 
 def role_grants(role: str, username: str, experiment: str, experiment_id: str, model: str) -> list[Grant]:
     """What ``role`` holds: one grant per resource, on the experiment (by id) and the model (by name)."""
-    ids = {EXPERIMENT: (experiment_id, experiment), REGISTERED_MODEL: (model, model)}
-    return [Grant(username, kind, *ids[kind][:1], permission, ids[kind][1]) for kind, permission in ROLES[role].items()]
+    keys = {EXPERIMENT: (experiment_id, experiment), REGISTERED_MODEL: (model, model)}
+    return [Grant(username, kind, keys[kind][0], permission, keys[kind][1]) for kind, permission in ROLES[role].items()]
 
 
 def _password_works(uri: str, credentials: Credentials) -> bool:
     from mlflow.utils.rest_utils import MlflowHostCreds, http_request
-
-    from caopd.tracking.identity import CURRENT_USER_PATH
 
     response = http_request(MlflowHostCreds(uri, username=credentials.username, password=credentials.password),
                             CURRENT_USER_PATH, "GET", max_retries=0)
@@ -78,14 +76,14 @@ def _ensure_user(auth: Any, uri: str, credentials: Credentials) -> list[str]:
 
 
 def _ensure_grant(auth: Any, grant: Grant) -> list[str]:
+    from mlflow.exceptions import MlflowException
+
     # get_user_permission resolves the effective permission as a request would (default_permission included), so
     # a grant is written only when the user holds something else.
     held = auth.get_user_permission(grant.username, grant.resource_type, grant.resource_id).permission
     if held == grant.permission:
         return []
     # Revoking a grant that does not exist is harmless (the effective one may be the default permission).
-    from mlflow.exceptions import MlflowException
-
     try:
         auth.revoke_user_permission(grant.username, grant.resource_type, grant.resource_id)
     except MlflowException as err:
