@@ -89,13 +89,14 @@ def test_distillation_groups_edit_caopd_targets_and_keep_the_opd_samples(tiny_mo
                                        {"method": "caopd", "variant": "decoupled", "loss_normalization": "sequence",
                                         "skip_first_tokens": 3},
                                        {"method": "rlcr", "loss_normalization": "sequence", "skip_first_tokens": 2}])
-def test_the_step_loss_and_its_gradients_do_not_depend_on_the_micro_batches(tiny_model, overrides):
+def test_the_step_loss_and_its_gradients_do_not_depend_on_the_micro_batches_or_the_loss_chunks(tiny_model, overrides):
     tokenizer = tiny_model.tokenizer
     prompts = [("12+3=", "15"), ("7*8=", "56"), ("40+2=", "42")]
     results = []
-    # the three groups of four in one micro-batch, one per micro-batch, then each group split into 3 + 1 completions
-    for micro in (100, 4, 3):
-        cfg = TrainConfig(**overrides, micro_batch_size=micro)
+    # the three groups of four in one micro-batch and one loss chunk, one group per micro-batch, each group split into
+    # 3 + 1 completions in chunks of 7 tokens (chunks across completions), and the loss a token at a time
+    for micro, chunk in ((100, 100_000), (4, 512), (3, 7), (100, 1)):
+        cfg = TrainConfig(**overrides, micro_batch_size=micro, loss_chunk_tokens=chunk)
         objective, student = objective_for(cfg), copy.deepcopy(tiny_model.model).eval()
         context = _context(tiny_model, student)
         ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in prompts]

@@ -102,6 +102,11 @@ class TrainConfig(BaseModel):
     micro_batch_size: int = Field(64, ge=1, description="completions per forward/backward, which bounds the "
                                   "activations' memory: whole prompt groups are packed up to it, and a prompt whose "
                                   "K completions exceed it is split (its prompt recomputed for each part)")
+    loss_chunk_tokens: int = Field(
+        512, ge=1, description="completion tokens whose logits the loss computes at a time: the student's and the "
+        "teacher's logits over the vocabulary exist for one chunk only (the LM head's gradient is taken chunk by "
+        "chunk), so the loss's memory is ~7 x loss_chunk_tokens x vocabulary x 4 bytes whatever the micro-batch "
+        "holds; a larger chunk runs fewer, larger matmuls, with the same numbers")
     precision: Precision = Field(
         "fp32", description="fp32: weights, compute and optimizer state in float32; bf16: the student computes in "
         "bfloat16 over float32 master weights, gradient reductions and AdamW state (FSDP2's MixedPrecisionPolicy "

@@ -8,6 +8,8 @@ mixing weight ``beta`` (beta → 0 behaves like forward KL, beta → 1 like reve
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,3 +64,64 @@ def token_cross_entropy(student_logits: torch.Tensor, targets: torch.Tensor) -> 
     """Cross-entropy per position towards fixed target token ids (the decoupled variant's confidence term)."""
     flat = F.cross_entropy(student_logits.float().flatten(0, -2), targets.flatten(), reduction="none")
     return flat.view(targets.shape)
+
+
+# A chunk's per-token terms, already weighted and normalised: ``term(logits, rows)`` → a 1-D tensor of the chunk's
+# contributions to each reported part of the loss (e.g. [divergence, confidence cross-entropy]); the loss is their sum.
+ChunkTerm = Callable[[torch.Tensor, slice], torch.Tensor]
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """The sum over chunks of ``term(head(states[rows]), rows)``, with its gradients taken chunk by chunk in the
+    forward (as Liger Kernel's fused linear losses do): a chunk's logits and their graph are freed before the next
+    chunk's are made, and the backward only scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, states: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                term: ChunkTerm, chunk_tokens: int, n_parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        needs = ctx.needs_input_grad[:3]
+        grad_states = torch.zeros_like(states) if needs[0] else None
+        grad_weight = torch.zeros_like(weight) if needs[1] else None
+        grad_bias = torch.zeros_like(bias) if needs[2] else None
+        # The head's own parameters, not detached copies: under autocast their bf16 casts are cached for the step as
+        # the head's forward would cache them, rather than made anew (and kept by the cache) for each micro-batch.
+        weight_leaf, bias_leaf = weight, bias
+        parts = torch.zeros(n_parts, dtype=torch.float32, device=states.device)
+        for start in range(0, states.shape[0], chunk_tokens):
+            rows = slice(start, min(start + chunk_tokens, states.shape[0]))
+            with torch.enable_grad():
+                hidden = states[rows].detach().requires_grad_(needs[0])
+                logits = hidden if weight_leaf is None else F.linear(hidden, weight_leaf, bias_leaf)
+                chunk_parts = term(logits, rows)
+                leaves = [(leaf, grad) for leaf, grad in ((hidden, grad_states), (weight_leaf, grad_weight),
+                                                          (bias_leaf, grad_bias)) if grad is not None]
+                if leaves and chunk_parts.requires_grad:
+                    grads = torch.autograd.grad(chunk_parts.sum(), [leaf for leaf, _ in leaves], allow_unused=True)
+                    for (leaf, into), grad in zip(leaves, grads):
+                        if grad is not None:
+                            (into[rows] if leaf is hidden else into).add_(grad)
+            parts += chunk_parts.detach().float()
+        ctx.save_for_backward(grad_states, grad_weight, grad_bias)
+        ctx.mark_non_differentiable(parts)
+        return parts.sum(), parts
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor, _grad_parts: torch.Tensor) -> tuple[Any, ...]:
+        grads = [None if grad is None else grad * grad_total.to(grad.dtype) for grad in ctx.saved_tensors]
+        return (*grads, None, None, None)
+
+
+def chunked_head_loss(states: torch.Tensor, head: torch.nn.Linear | None, term: ChunkTerm, chunk_tokens: int,
+                      n_parts: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A per-token loss over ``states [tokens, hidden]`` (or logits, when ``head`` is None) computed
+    ``chunk_tokens`` tokens at a time, so a chunk's logits over the vocabulary — and the divergence's temporaries —
+    are all of them that exist at once: ``(loss, parts)``, the loss in the autograd graph (its backward reaches
+    ``states`` and the head's weight and bias) and its parts, detached.
+
+    ``term(logits, rows)`` sees the logits of tokens ``rows`` and returns their weighted contributions to each of
+    ``n_parts`` parts. The values and gradients are those of the whole batch's logits at once, up to the order of
+    float sums across chunks (with one chunk, the very same operations)."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
+    weight, bias = (None, None) if head is None else (head.weight, head.bias)
+    return _ChunkedHeadLoss.apply(states, weight, bias, term, chunk_tokens, n_parts)

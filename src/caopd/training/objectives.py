@@ -29,12 +29,17 @@ from caopd.method.protocol import confidence_start
 from caopd.method.targets import student_target, teacher_context
 from caopd.method.templates import render_prompt, teacher_prompt
 from caopd.method.types import Method, Thinking
-from caopd.models.batching import completion_logits
 from caopd.models.distributed import World
+from caopd.models.heads import completion_states, project
 from caopd.models.loading import encode_text
 from caopd.rollout.base import Completion
 from caopd.tasks.base import Example
-from caopd.training.losses import sparse_token_divergence, token_cross_entropy, token_divergence
+from caopd.training.losses import (
+    chunked_head_loss,
+    sparse_token_divergence,
+    token_cross_entropy,
+    token_divergence,
+)
 from caopd.training.rlcr import group_advantages, policy_gradient_terms, rlcr_reward
 from caopd.training.teachers import Teacher
 
@@ -276,44 +281,63 @@ class DistillationObjective(Objective):
         return group
 
     def loss_and_backward(self, groups: list[PromptGroup], context: StepContext) -> dict[str, float]:
-        """Each prompt (student's and teacher's) is computed once for its K completions. The decoupled variant's
-        confidence cross-entropy is normalised as the divergence is: per token, or within each completion."""
-        cfg, pad, world, teacher = self.cfg, context.tokenizer.pad_token_id, context.world, context.teacher
+        """Each prompt (student's and teacher's) is computed once for its K completions, and the loss is taken
+        ``cfg.loss_chunk_tokens`` completion tokens at a time from both models' final hidden states (their logits
+        exist for one chunk at once). The decoupled variant's confidence cross-entropy is normalised as the
+        divergence is: per token, or within each completion."""
+        cfg, world = self.cfg, context.world
         n_tokens = step_tokens(groups, cfg.skip_first_tokens, world)
         normalizer = step_normalizer(groups, cfg, world)
-        total_div, total_ce = 0.0, 0.0
+        totals = torch.zeros(2)
         for part in micro_batches(groups, cfg.micro_batch_size):
-            completions = [g.completion_ids for g in part]
-            s_logits = completion_logits(context.student, [g.prompt_ids for g in part], completions, pad, world.fsdp)
-            flat = [ids for g in part for ids in g.completion_ids]
-            device = s_logits.device
-            targets = torch.tensor([t for ids in flat for t in ids], device=device)
-            conf = torch.tensor([m for g in part for mask in g.confidence_masks for m in mask], dtype=torch.bool,
-                                device=device)
-            # token normalisation: the counted-token mask itself, so its sums are the very ones it always took
-            weight = token_weights(flat, cfg.skip_first_tokens, cfg.loss_normalization, device)
-            if teacher.server is not None:  # the teacher's top-k, scored on its own GPUs
-                index, t_logprobs = teacher.server.top_logprobs([g.teacher_prompt_ids for g in part], completions)
-                div = sparse_token_divergence(s_logits, index.to(device), t_logprobs.to(device), cfg.divergence,
-                                              cfg.beta)
-            else:
-                with torch.no_grad(), teacher.scoring() as scorer:
-                    t_logits = completion_logits(scorer, [g.teacher_prompt_ids for g in part], completions, pad,
-                                                 world.fsdp)
-                div = token_divergence(s_logits, t_logits, cfg.divergence, cfg.beta, cfg.top_k)
-            if cfg.variant == "decoupled":
-                div_part = (div * (weight * ~conf)).sum()
-                ce_part = (token_cross_entropy(s_logits, targets) * (weight * conf)).sum() * cfg.confidence_weight
-            else:
-                div_part, ce_part = (div * weight).sum(), torch.zeros(())
-            loss = (div_part + ce_part) / normalizer
+            loss, parts = self.micro_batch_loss(part, context, normalizer)
             loss.backward()
-            total_div += div_part.item() / normalizer
-            total_ce += ce_part.item() / normalizer
-        total_div, total_ce = world.sum([total_div, total_ce])
+            totals += parts.cpu()
+        total_div, total_ce = world.sum(totals.tolist())
         sequences = {"trained_sequences": normalizer} if cfg.loss_normalization == "sequence" else {}
         return {"loss": total_div + total_ce, "divergence": total_div, "confidence_ce": total_ce,
                 "trained_tokens": n_tokens, **sequences}
+
+    def micro_batch_loss(self, part: list[PromptGroup], context: StepContext,
+                         normalizer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-batch's share of the step's loss and its parts ``[divergence, confidence cross-entropy]``."""
+        cfg, pad, fsdp, teacher = self.cfg, context.tokenizer.pad_token_id, context.world.fsdp, context.teacher
+        completions = [g.completion_ids for g in part]
+        s_states, s_head = completion_states(context.student, [g.prompt_ids for g in part], completions, pad, fsdp)
+        flat = [ids for g in part for ids in g.completion_ids]
+        device = s_states.device
+        targets = torch.tensor([t for ids in flat for t in ids], device=device)
+        conf = torch.tensor([m for g in part for mask in g.confidence_masks for m in mask], dtype=torch.bool,
+                            device=device)
+        # token normalisation: the counted-token mask itself, so its sums are the very ones it always took
+        weight = token_weights(flat, cfg.skip_first_tokens, cfg.loss_normalization, device)
+        if teacher.server is not None:  # the teacher's top-k, scored on its own GPUs
+            index, t_logprobs = teacher.server.top_logprobs([g.teacher_prompt_ids for g in part], completions)
+            index, t_logprobs = index.to(device), t_logprobs.to(device)
+
+            def divergence(s_logits: torch.Tensor, rows: slice) -> torch.Tensor:
+                return sparse_token_divergence(s_logits, index[rows], t_logprobs[rows], cfg.divergence, cfg.beta)
+        else:
+            with torch.no_grad(), teacher.scoring() as scorer:
+                t_states, t_head = completion_states(scorer, [g.teacher_prompt_ids for g in part], completions, pad,
+                                                     fsdp)
+
+            def divergence(s_logits: torch.Tensor, rows: slice) -> torch.Tensor:
+                with torch.no_grad():
+                    t_logits = project(t_states[rows], t_head)
+                return token_divergence(s_logits, t_logits, cfg.divergence, cfg.beta, cfg.top_k)
+
+        def term(s_logits: torch.Tensor, rows: slice) -> torch.Tensor:
+            div, w = divergence(s_logits, rows), weight[rows]
+            if cfg.variant == "decoupled":
+                div_part = (div * (w * ~conf[rows])).sum()
+                ce_part = (token_cross_entropy(s_logits, targets[rows]) * (w * conf[rows])).sum() \
+                    * cfg.confidence_weight
+            else:
+                div_part, ce_part = (div * w).sum(), torch.zeros((), device=device)
+            return torch.stack([div_part, ce_part]) / normalizer
+
+        return chunked_head_loss(s_states, s_head, term, cfg.loss_chunk_tokens, n_parts=2)
 
 
 class RLCRObjective(Objective):
@@ -341,25 +365,37 @@ class RLCRObjective(Objective):
 
     def loss_and_backward(self, groups: list[PromptGroup], context: StepContext) -> dict[str, float]:
         """−advantage · log π over the step: the token mean, or the mean of each completion's token means."""
-        cfg, pad, world = self.cfg, context.tokenizer.pad_token_id, context.world
+        cfg, world = self.cfg, context.world
         n_tokens = step_tokens(groups, cfg.skip_first_tokens, world)
         normalizer = step_normalizer(groups, cfg, world)
         total = 0.0
         for part in micro_batches(groups, cfg.micro_batch_size):
-            logits = completion_logits(context.student, [g.prompt_ids for g in part],
-                                       [g.completion_ids for g in part], pad, world.fsdp)
-            flat = [(ids, a) for g in part for ids, a in zip(g.completion_ids, g.advantages)]
-            device = logits.device
-            targets = torch.tensor([t for ids, _ in flat for t in ids], device=device)
-            advantages = torch.tensor([a for ids, a in flat for _ in ids], device=device)
-            weight = token_weights([ids for ids, _ in flat], cfg.skip_first_tokens, cfg.loss_normalization, device)
-            loss = (policy_gradient_terms(logits, targets, advantages) * weight).sum() / normalizer
+            loss, _ = self.micro_batch_loss(part, context, normalizer)
             loss.backward()
             total += loss.item()
         [total] = world.sum([total])
         sequences = {"trained_sequences": normalizer} if cfg.loss_normalization == "sequence" else {}
         return {"loss": total, "policy_loss": total, "trained_tokens": n_tokens, **sequences}
 
+
+    def micro_batch_loss(self, part: list[PromptGroup], context: StepContext,
+                         normalizer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One micro-batch's share of the step's policy loss, ``cfg.loss_chunk_tokens`` tokens at a time."""
+        cfg = self.cfg
+        states, head = completion_states(context.student, [g.prompt_ids for g in part],
+                                         [g.completion_ids for g in part], context.tokenizer.pad_token_id,
+                                         context.world.fsdp)
+        flat = [(ids, a) for g in part for ids, a in zip(g.completion_ids, g.advantages)]
+        device = states.device
+        targets = torch.tensor([t for ids, _ in flat for t in ids], device=device)
+        advantages = torch.tensor([a for ids, a in flat for _ in ids], device=device)
+        weight = token_weights([ids for ids, _ in flat], cfg.skip_first_tokens, cfg.loss_normalization, device)
+
+        def term(logits: torch.Tensor, rows: slice) -> torch.Tensor:
+            terms = policy_gradient_terms(logits, targets[rows], advantages[rows])
+            return ((terms * weight[rows]).sum() / normalizer)[None]
+
+        return chunked_head_loss(states, head, term, cfg.loss_chunk_tokens)
 
 # Every training method (``TrainConfig.method``) and its objective.
 OBJECTIVES: dict[str, type[Objective]] = {"opd": DistillationObjective, "caopd": DistillationObjective,
