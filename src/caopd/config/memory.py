@@ -26,9 +26,11 @@ head_dim, ``i`` intermediate size, ``V`` vocabulary, ``c`` the compute dtype's b
   ACT_ATTENTION·A + ACT_KV·G + ACT_MLP·i`` elements; per row and layer the keys and values it attends to, ``2·G·
   (prompt + completion)``; with eager attention (the CPU's) the fp32 softmax, ``heads × keys`` per query. With
   activation checkpointing: each layer's input (``h`` per token and layer) plus one layer's activations, recomputed.
-* **the loss's logits** — ``LOGIT_COPIES`` fp32 tensors of the micro-batch's completion tokens × V: the student's
-  logits (as the forward returns them, then gathered per completion token), its log-softmax, the teacher's logits
-  and log-softmax, and the divergence's products — and their gradients in the backward.
+* **the loss's logits** — ``LOGIT_COPIES`` fp32 tensors of one chunk of ``loss_chunk_tokens`` completion tokens × V
+  (the loss projects both models' final hidden states through their heads a chunk at a time): the student's logits,
+  its log-softmax, the teacher's logits and log-softmax, and the divergence's products and their gradients; plus the
+  LM head's gradient (V·h, fp32) the chunks accumulate. Under FSDP the sharded head is not bypassed, and the
+  micro-batch's whole logits (student's, teacher's, the gradient of the student's) come on top.
 """
 
 from __future__ import annotations
@@ -60,9 +62,12 @@ CUDA_OVERHEAD_BYTES = 1 * GIB
 # outputs (h); q, its per-head norm, rotary halves and output, the attention output (A); k and v, their norm and
 # rotary (G); gate, up, SiLU(gate) and the product down_proj reads, plus the MLP input's share (i).
 ACT_HIDDEN, ACT_ATTENTION, ACT_KV, ACT_MLP = 9.0, 4.5, 2.5, 4.7
-# fp32 [completion tokens × vocab] tensors alive at the loss's peak (measured on the stand-in, whose vocabulary
-# dominates its step: see tests/test_plan.py).
+# fp32 [chunk tokens × vocab] tensors alive at the loss's peak (measured on the stand-in, whose vocabulary dominates
+# its step: see tests/test_plan.py).
 LOGIT_COPIES = 7
+# fp32 [completion tokens × vocab] tensors of a micro-batch when the head cannot be bypassed (FSDP): the student's
+# logits, the teacher's and the gradient of the student's, which the chunks fill.
+WHOLE_LOGIT_COPIES = 3
 # vLLM asleep beside the trainer's backward keeps its CUDA graphs and workspaces (sleep level 1 frees the weights
 # and the KV cache).
 VLLM_ASLEEP_BYTES = OVERHEAD_BYTES
@@ -143,6 +148,7 @@ class TrainPlan:
     max_prompt_tokens: int = 1024
     max_new_tokens: int = 1024
     activation_checkpointing: bool = False
+    loss_chunk_tokens: int = 512
     attention: str = "fused"  # fused: SDPA / flash kernels keep no scores (GPUs); eager: the fp32 softmax is kept
     overhead_bytes: int = CUDA_OVERHEAD_BYTES
 
@@ -160,7 +166,8 @@ class TrainPlan:
                    engine=engine, vllm=cfg.vllm, k=train.k, prompts_per_step=train.prompts_per_step,
                    micro_batch_size=train.micro_batch_size, max_prompt_tokens=prompt,
                    max_new_tokens=train.sampling.max_new_tokens,
-                   activation_checkpointing=train.activation_checkpointing)
+                   activation_checkpointing=train.activation_checkpointing,
+                   loss_chunk_tokens=train.loss_chunk_tokens)
 
     @property
     def fsdp(self) -> bool:
@@ -222,9 +229,15 @@ def activation_bytes(model: PlanModel, plan: TrainPlan) -> int:
 
 
 def logits_bytes(model: PlanModel, plan: TrainPlan) -> int:
-    """The loss's fp32 [completion tokens × vocab] tensors of one micro-batch (module docstring)."""
+    """The loss's fp32 tensors over the vocabulary (module docstring): ``LOGIT_COPIES`` of one chunk of a
+    micro-batch's completion tokens, and the LM head's gradient the chunks accumulate (a trained head); under FSDP,
+    whose sharded head the loss cannot project with, the micro-batch's whole logits too."""
     rows, _ = micro_batch_layout(plan)
-    return LOGIT_COPIES * rows * plan.max_new_tokens * model.shape.vocab_size * 4
+    tokens, vocab = rows * plan.max_new_tokens, model.shape.vocab_size
+    chunk = LOGIT_COPIES * min(tokens, plan.loss_chunk_tokens) * vocab * 4
+    if plan.fsdp:
+        return chunk + WHOLE_LOGIT_COPIES * tokens * vocab * 4
+    return chunk + (0 if plan.finetune == "lora" else vocab * model.shape.hidden_size * 4)
 
 
 def training_memory(model: PlanModel, plan: TrainPlan, gpu_bytes: int | None = None) -> StageMemory:
