@@ -24,7 +24,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from caopd.models import tree_forward
-from caopd.models.compat import activation_checkpointing, cache_kwargs, full_attention_cache
+from caopd.models.compat import activation_checkpointing, cache_kwargs, check_prompt_sharing, full_attention_cache
 
 # The longest prompt + prefix tree scored as one segment: its attention scores and bias grow with the square of its
 # length, so longer ones take the per-row path whatever they share.
@@ -154,6 +154,8 @@ def completion_logits(model: Any, prompt_ids: Sequence[Sequence[int]],
     # Idempotent caches where the model's are plain full attention (bit for bit the same logits as DynamicCache's);
     # other layer kinds keep DynamicCache, which checkpointing refuses (compat.enable_activation_checkpointing).
     shareable = full_attention_cache(model.config)
+    if not shareable:
+        check_prompt_sharing(model.config)
     cache, first, mask, next_pos = prefill(model, prompt_ids, pad_id,
                                            cache=PrefillCache(model.config) if shareable else None)
     device = first.device

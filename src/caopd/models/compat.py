@@ -20,7 +20,7 @@ from dataclasses import fields
 from typing import Any
 
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -50,6 +50,20 @@ def full_attention_cache(config: Any) -> bool:
     ``DynamicLayer`` — the layers ``caopd.models.batching``'s prompt-sharing caches stand in for. Sliding-window,
     chunked, shared-KV (dummy) and linear-attention layers keep other states, which those caches do not model."""
     return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
+
+
+def check_prompt_sharing(config: Any) -> None:
+    """Refuse a model whose cache keeps recurrent or linear-attention state (Qwen3-Next, Mamba, Jamba,
+    RecurrentGemma): scoring computes each prompt once and hands its keys and values to the group's completion rows,
+    which such a state cannot be split into (transformers' ``LinearAttentionCacheLayerMixin`` has no
+    ``batch_select_indices``, and continuing its state across forwards changes the numbers)."""
+    layers = [type(layer).__name__ for layer in DynamicCache(config=config).layers
+              if isinstance(layer, LinearAttentionCacheLayerMixin)]
+    if layers:
+        raise CaopdInputError(f"{type(config).__name__} has {len(layers)} linear-attention or recurrent cache layers "
+                              f"({layers[0]}): caopd scores each prompt once for its completions through a key/value "
+                              "cache, which their state does not support; train a model whose layers all attend "
+                              "(Qwen3, Llama, Mistral, Gemma, OLMo, GPT-NeoX, ...)", field="model")
 
 
 def enable_activation_checkpointing(model: Any) -> None:

@@ -37,6 +37,7 @@ from caopd.method.protocol import parse_confidence
 from caopd.method.targets import empirical_confidence
 from caopd.method.templates import render_prompt
 from caopd.method.types import Thinking
+from caopd.models.compat import check_prompt_sharing
 from caopd.models.distributed import World, full_tensor, gathered, reshard
 from caopd.models.loading import encode_text
 from caopd.models.precision import compute_precision, model_device_type
@@ -109,6 +110,7 @@ class Trainer:
                              f"processes ({self.world.size}) under FSDP: every process trains on an equal share")
         # What trains: every weight, or only the LoRA adapters (PEFT froze the base). Fused: one kernel for all
         # parameters, not a loop of small ops per tensor (7.5 → 1.7 ms, tiny model).
+        check_prompt_sharing(student.config)  # before any sampling: the loss scores each prompt once per group
         self.trained = [p for p in student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trained, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         # Rendered and encoded once: the whole prompt, and the ids the rollouts are sampled from and trained on.
