@@ -194,5 +194,6 @@ def test_the_estimate_is_within_25_percent_of_a_cpu_training_steps_peak(shape):
 
     result = run_case("training_step_memory", shape, env=MEMORY_CASE_ENV)
     ratio = result["estimated_bytes"] / result["measured_bytes"]
-    assert result["measured_bytes"] > 200 << 20, json.dumps(result)  # the model's memory dominates the noise
+    # the step's memory dominates the noise (the stand-in's loss runs in chunks of 512 of its 3,392 tokens)
+    assert result["measured_bytes"] > 100 << 20, json.dumps(result)
     assert 0.75 <= ratio <= 1.25, json.dumps(result)
