@@ -212,5 +212,30 @@ def test_scoring_states_through_the_head_are_the_scoring_logits(tiny_model, tree
     completions = [[[10, 11, 12], [10, 11, 13]], [[14], [15, 16, 17, 18]]]
     logits = batching.completion_logits(model, prompts, completions, 0, lockstep)
     states, head = completion_states(model, prompts, completions, 0, lockstep)
+    if lockstep:  # a sharded model's scoring keeps its head: its logits, as they were
+        assert head is None and torch.equal(states, logits)
+        return
     assert head is model.get_output_embeddings() and states.shape == (logits.shape[0], model.config.hidden_size)
     torch.testing.assert_close(project(states, head), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_under_autocast_no_chunk_outlives_its_backward():
+    """autocast caches its bf16 cast of a float32 leaf until the context ends; a chunk's hidden states must not be
+    such a leaf, or every chunk — and the micro-batch's states — would stay alive for the whole step."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    states, head, t_states, t_head, weights = _batch(bias=False, seed=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        body = states * 2  # the states as a forward returns them: not a leaf
+        storage = StorageWeakRef(body.untyped_storage())
+        loss, _ = chunked_head_loss(body, head, lambda s_logits, rows: (token_divergence(
+            s_logits, t_head(t_states[rows])) * weights[rows]).sum()[None], 3)
+        loss.backward()
+        del body, loss
+        assert storage.expired()
+
+
+def test_a_term_of_the_wrong_length_is_refused_not_broadcast():
+    states, head, *_ = _batch(bias=False)
+    with pytest.raises(ValueError, match=r"shape \(1,\), not \(2,\)"):
+        chunked_head_loss(states, head, lambda s_logits, rows: s_logits.sum()[None], 4, n_parts=2)

@@ -68,6 +68,10 @@ def test_training_memory_of_a_small_model_by_hand():
     assert memory.parts["activations"] == round(2 * (20 * 1545.6 + 2 * 15 * 64) * 4) == 262656
     # LOGIT_COPIES fp32 [tokens × vocab] (the 10 tokens fit in one chunk) + the head's gradient (100 × 64)
     assert memory.parts["logits"] == 7 * 2 * 5 * 100 * 4 + 100 * 64 * 4
+    # soft-capped logits (Gemma 2) are not the head's output: the micro-batch's whole logits, 3 copies, come on top
+    capped = PlanModel.from_config({**SMALL, "final_logit_softcapping": 30.0})
+    assert not capped.plain_head and model.plain_head
+    assert training_memory(capped, plan).parts["logits"] == 7 * 2 * 5 * 100 * 4 + 3 * 2 * 5 * 100 * 4
     # transformers sampling: 2 prompts × K 2 × 15 tokens × (2·2 layers·32·4 bytes) + prefill logits 2 × 10 × 100 × 4
     assert memory.parts["sampling"] == 4 * 15 * 512 + 8000
     assert memory.total == 20 * p + 262656 + 28000 + 25600  # resident + the loss phase (larger than sampling)

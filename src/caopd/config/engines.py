@@ -68,6 +68,23 @@ class VLLMConfig(BaseModel):
                                                              "cache dtype")
 
 
+# Config attributes that transform a causal LM's logits after its head (Gemma 2/3's soft-capping; Cohere's
+# logit_scale, Granite/MiniCPM3's logits_scaling, Falcon-H1's lm_head_multiplier: the attributes TRL 1.16's
+# distillation trainer reads for the same purpose). With any set to other than the identity, the head's output is
+# not the logits.
+LOGIT_SOFTCAP_ATTRIBUTES = ("final_logit_softcapping",)
+LOGIT_SCALE_ATTRIBUTES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+def logits_are_head_output(config: Mapping[str, Any]) -> bool:
+    """Whether a model's logits are its LM head applied to the final hidden states, from its config.json: the
+    training loss then projects a chunk of hidden states at a time (``caopd.models.heads``)."""
+    text = config.get("text_config") or config
+    if any(text.get(name) is not None for name in LOGIT_SOFTCAP_ATTRIBUTES):
+        return False
+    return all(text.get(name) in (None, 1, 1.0) for name in LOGIT_SCALE_ATTRIBUTES)
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What sizing reads from a model's config.json."""

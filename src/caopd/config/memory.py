@@ -29,8 +29,9 @@ head_dim, ``i`` intermediate size, ``V`` vocabulary, ``c`` the compute dtype's b
 * **the loss's logits** — ``LOGIT_COPIES`` fp32 tensors of one chunk of ``loss_chunk_tokens`` completion tokens × V
   (the loss projects both models' final hidden states through their heads a chunk at a time): the student's logits,
   its log-softmax, the teacher's logits and log-softmax, and the divergence's products and their gradients; plus the
-  LM head's gradient (V·h, fp32) the chunks accumulate. Under FSDP the sharded head is not bypassed, and the
-  micro-batch's whole logits (student's, teacher's, the gradient of the student's) come on top.
+  LM head's gradient (V·h, fp32) the chunks accumulate. Under FSDP, and for a model whose logits are not its head's
+  output (soft-capped or scaled), the head is not bypassed, and the micro-batch's whole logits (student's, teacher's,
+  the gradient of the student's) come on top.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from caopd.config.engines import (
     ModelShape,
     RunLengths,
     VLLMConfig,
+    logits_are_head_output,
     size_vllm,
 )
 from caopd.errors import CaopdInputError
@@ -89,11 +91,13 @@ class PlanModel:
 
     shape: ModelShape
     heads: int
+    plain_head: bool = True  # its logits are its LM head's output: the loss projects a chunk of tokens at a time
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], parameters: int | None = None) -> PlanModel:
         text = config.get("text_config") or config
-        return cls(ModelShape.from_config(config, parameters), int(text["num_attention_heads"]))
+        return cls(ModelShape.from_config(config, parameters), int(text["num_attention_heads"]),
+                   logits_are_head_output(config))
 
     @property
     def attention_width(self) -> int:  # A: query heads × head_dim
@@ -231,11 +235,12 @@ def activation_bytes(model: PlanModel, plan: TrainPlan) -> int:
 def logits_bytes(model: PlanModel, plan: TrainPlan) -> int:
     """The loss's fp32 tensors over the vocabulary (module docstring): ``LOGIT_COPIES`` of one chunk of a
     micro-batch's completion tokens, and the LM head's gradient the chunks accumulate (a trained head); under FSDP,
-    whose sharded head the loss cannot project with, the micro-batch's whole logits too."""
+    whose sharded head the loss does not project with, or for a model whose logits are not its head's output, the
+    micro-batch's whole logits too."""
     rows, _ = micro_batch_layout(plan)
     tokens, vocab = rows * plan.max_new_tokens, model.shape.vocab_size
     chunk = LOGIT_COPIES * min(tokens, plan.loss_chunk_tokens) * vocab * 4
-    if plan.fsdp:
+    if plan.fsdp or not model.plain_head:
         return chunk + WHOLE_LOGIT_COPIES * tokens * vocab * 4
     return chunk + (0 if plan.finetune == "lora" else vocab * model.shape.hidden_size * 4)
 

@@ -6,10 +6,10 @@ every architecture, adapter, hook and wrapper as it is — with the LM head's fo
 returns the final hidden states where the logits would be; ``caopd.training.losses.chunked_head_loss`` then projects a
 chunk of them through the head's weight at a time.
 
-The head is bypassed only where the logits are exactly ``head(final hidden states)``: a plain ``nn.Linear`` whose
-parameters are plain tensors (not FSDP's sharded ones, which its forward would gather) in a model that does not scale
-or soft-cap its logits afterwards (the config attributes TRL 1.16's distillation trainer reads for the same
-purpose). Any other model returns its logits as before, and the loss chunks only the work after them.
+The head is bypassed only where the logits are exactly ``head(final hidden states)``: a plain ``nn.Linear`` with
+plain parameters in a model that does not scale or soft-cap its logits afterwards
+(``caopd.config.engines.logits_are_head_output``), and never in a sharded (FSDP) model's lockstep scoring. Any other
+model returns its logits as before, and the loss runs a chunk at a time over them.
 """
 
 from __future__ import annotations
@@ -20,13 +20,8 @@ from typing import Any
 
 import torch
 
+from caopd.config.engines import logits_are_head_output
 from caopd.models.batching import completion_logits
-
-# Config attributes that transform the logits after the head (Gemma 2/3's soft-capping, Cohere's logit_scale,
-# Granite/MiniCPM3's logits_scaling, Falcon-H1's lm_head_multiplier, ...): with any of them set to something other
-# than the identity, the head's output is not the logits.
-SOFTCAP_ATTRIBUTES = ("final_logit_softcapping",)
-SCALE_ATTRIBUTES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 
 def plain_output_head(model: Any) -> torch.nn.Linear | None:
@@ -38,11 +33,7 @@ def plain_output_head(model: Any) -> torch.nn.Linear | None:
     if not all(type(p) is torch.nn.Parameter for p in head.parameters()):  # sharded (FSDP) parameters
         return None
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if any(getattr(config, name, None) is not None for name in SOFTCAP_ATTRIBUTES):
-        return None
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in SCALE_ATTRIBUTES):
-        return None
-    return head
+    return head if logits_are_head_output(config.to_dict()) else None
 
 
 def _identity(hidden: torch.Tensor) -> torch.Tensor:
@@ -51,12 +42,17 @@ def _identity(hidden: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def head_bypassed(head: torch.nn.Module) -> Iterator[None]:
-    """The head's forward returns its input for the block (an instance attribute shadows the class's forward)."""
+    """The head's forward returns its input for the block (an instance attribute shadows the class's forward; one
+    already there, such as a hook library's, is put back after)."""
+    own = head.__dict__.get("forward")
     head.forward = _identity
     try:
         yield
     finally:
-        del head.forward
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 def completion_states(model: Any, prompt_ids: Sequence[Sequence[int]],
@@ -65,7 +61,9 @@ def completion_states(model: Any, prompt_ids: Sequence[Sequence[int]],
     """``completion_logits`` without the LM head where the model allows: ``(states, head)``, the final hidden
     states ``[completion tokens, hidden]`` and the head that makes them logits, or the logits themselves and None.
     Each prompt is computed once per group either way."""
-    head = plain_output_head(model)
+    # Sharded (FSDP) models keep their head: between its root's forward and backward FSDP2 leaves the head's
+    # parameters gathered as plain ones, so what the parameters look like depends on when they are looked at.
+    head = None if lockstep else plain_output_head(model)
     if head is None:
         return completion_logits(model, prompt_ids, completions, pad_id, lockstep), None
     with head_bypassed(head):

@@ -90,9 +90,13 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for start in range(0, states.shape[0], chunk_tokens):
             rows = slice(start, min(start + chunk_tokens, states.shape[0]))
             with torch.enable_grad():
-                hidden = states[rows].detach().requires_grad_(needs[0])
+                # a view of the detached states: autocast caches the bf16 cast of a leaf that is not a view until
+                # its context ends, which would keep every chunk (and the micro-batch's states) for the whole step
+                hidden = states.detach()[rows].requires_grad_(needs[0])
                 logits = hidden if weight_leaf is None else F.linear(hidden, weight_leaf, bias_leaf)
                 chunk_parts = term(logits, rows)
+                if chunk_parts.shape != (n_parts,):
+                    raise ValueError(f"a loss term returned shape {tuple(chunk_parts.shape)}, not ({n_parts},)")
                 leaves = [(leaf, grad) for leaf, grad in ((hidden, grad_states), (weight_leaf, grad_weight),
                                                           (bias_leaf, grad_bias)) if grad is not None]
                 if leaves and chunk_parts.requires_grad:
@@ -107,7 +111,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor, _grad_parts: torch.Tensor) -> tuple[Any, ...]:
-        grads = [None if grad is None else grad * grad_total.to(grad.dtype) for grad in ctx.saved_tensors]
+        grads = ctx.saved_tensors
+        if not torch.equal(grad_total, torch.ones_like(grad_total)):  # the loss is used as it is, almost always
+            grads = [None if grad is None else grad * grad_total.to(grad.dtype) for grad in grads]
         return (*grads, None, None, None)
 
 

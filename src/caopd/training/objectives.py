@@ -377,7 +377,6 @@ class RLCRObjective(Objective):
         sequences = {"trained_sequences": normalizer} if cfg.loss_normalization == "sequence" else {}
         return {"loss": total, "policy_loss": total, "trained_tokens": n_tokens, **sequences}
 
-
     def micro_batch_loss(self, part: list[PromptGroup], context: StepContext,
                          normalizer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One micro-batch's share of the step's policy loss, ``cfg.loss_chunk_tokens`` tokens at a time."""
@@ -396,6 +395,7 @@ class RLCRObjective(Objective):
             return ((terms * weight[rows]).sum() / normalizer)[None]
 
         return chunked_head_loss(states, head, term, cfg.loss_chunk_tokens)
+
 
 # Every training method (``TrainConfig.method``) and its objective.
 OBJECTIVES: dict[str, type[Objective]] = {"opd": DistillationObjective, "caopd": DistillationObjective,

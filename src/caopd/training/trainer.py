@@ -110,7 +110,9 @@ class Trainer:
                              f"processes ({self.world.size}) under FSDP: every process trains on an equal share")
         # What trains: every weight, or only the LoRA adapters (PEFT froze the base). Fused: one kernel for all
         # parameters, not a loop of small ops per tensor (7.5 → 1.7 ms, tiny model).
-        check_prompt_sharing(student.config)  # before any sampling: the loss scores each prompt once per group
+        for model in (student, teacher.model):  # before any sampling: the loss scores each prompt once per group
+            if model is not None:
+                check_prompt_sharing(model.config)
         self.trained = [p for p in student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trained, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         # Rendered and encoded once: the whole prompt, and the ids the rollouts are sampled from and trained on.
