@@ -87,3 +87,27 @@ def test_other_architectures_and_explicit_choices_keep_their_attention(tiny_mode
     # an architecture not checked against this attention (GPT-2 scales and masks its own way)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, attn_implementation="sdpa"))
     assert not use_cpu_attention(gpt2) and gpt2.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("min_pairs", [1, 10**9])  # every shape through torch's SDPA kernel, then none
+def test_long_queries_go_to_sdpa_with_the_same_mask_values_and_gradients(min_pairs, monkeypatch):
+    from caopd.models import attention
+
+    monkeypatch.setattr(attention, "SDPA_MIN_PAIRS", min_pairs)
+    torch.manual_seed(2)
+    batch, heads, kv_heads, q_len, kv_len, dim = 2, 4, 2, 5, 9, 8
+    query = torch.randn(batch, heads, q_len, dim, requires_grad=True)
+    key = torch.randn(batch, kv_heads, kv_len, dim, requires_grad=True)
+    value = torch.randn(batch, kv_heads, kv_len, dim, requires_grad=True)
+    keep = torch.ones(batch, 1, q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
+    keep[1, :, :, :3] = False
+    keep[0, :, 0, :] = False  # a position that attends to nothing stays finite
+    out, _ = attention.cpu_attention(Grouped(), query, key, value, additive(keep), scaling=dim ** -0.5)
+    plain, _ = grouped_attention(Grouped(), query, key, value, additive(keep), scaling=dim ** -0.5)
+    assert torch.isfinite(out).all() and out.shape == (batch, q_len, heads, dim)
+    torch.testing.assert_close(out, plain)
+    upstream = torch.randn_like(out)
+    upstream[0, 0] = 0  # nothing reads a padding position (the kernels' gradients through its flat softmax differ)
+    for got, want in zip(torch.autograd.grad(out, (query, key, value), upstream),
+                         torch.autograd.grad(plain, (query, key, value), upstream)):
+        torch.testing.assert_close(got, want)
