@@ -24,7 +24,13 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from caopd.models import tree_forward
-from caopd.models.compat import activation_checkpointing, cache_kwargs, check_prompt_sharing, full_attention_cache
+from caopd.models.compat import (
+    activation_checkpointing,
+    cache_kwargs,
+    check_prompt_sharing,
+    full_attention_cache,
+    last_logits_only,
+)
 
 # The longest prompt + prefix tree scored as one segment: its attention scores and bias grow with the square of its
 # length, so longer ones take the per-row path whatever they share.
@@ -126,7 +132,7 @@ def prefill(model: Any, prompt_ids: Sequence[Sequence[int]], pad_id: int, cache:
     input_ids, mask, positions = left_padded(prompt_ids, pad_id, device)
     cache = DynamicCache(config=model.config) if cache is None else cache
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **cache_kwargs(cache),
-                use_cache=_use_cache(model))
+                use_cache=_use_cache(model), **last_logits_only(model))
     return cache, out.logits[:, -1], mask, positions[:, -1:] + 1
 
 

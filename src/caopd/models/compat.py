@@ -16,6 +16,7 @@ without a backward).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import fields
 from typing import Any
 
@@ -43,6 +44,14 @@ def transformers_model(model: Any) -> Any:
     """The transformers model itself: a ``peft.PeftModel``'s base model (PEFT puts its LoRA layers into that
     model's own modules), any other model as it is."""
     return model.get_base_model() if hasattr(type(model), "get_base_model") else model
+
+
+def last_logits_only(model: Any) -> dict[str, Any]:
+    """Forward kwargs that make the model project only each row's last position through its head (transformers'
+    ``logits_to_keep``), where its forward takes them: a prefill needs only the next-token logits, and a prompt's
+    positions × vocabulary would otherwise be its largest tensor."""
+    forward = transformers_model(model).forward
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(forward).parameters else {}
 
 
 def full_attention_cache(config: Any) -> bool:
