@@ -43,9 +43,10 @@ def _timed_in_turn(fns: list[Callable[[], Any]], repeats: int) -> tuple[list[lis
     return times, results
 
 
-def matmul_peak_gflops(size: int = 1024, repeats: int = 20) -> float:
-    """The measured fp32 matmul throughput of this machine with torch's threads: the ceiling for useful FLOPs."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak_gflops(size: int = 1024, repeats: int = 20, dtype: torch.dtype = torch.float32) -> float:
+    """The measured matmul throughput of this machine with torch's threads (fp32 unless told): the ceiling for
+    useful FLOPs."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     times, _ = _timed(lambda: torch.mm(a, b), repeats)
     return 2 * size ** 3 / min(times) / 1e9
 
@@ -212,6 +213,206 @@ def trl_case(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24, repeats:
 
     return measure_trl_steps(n_prompts=n_prompts, k=k, max_new_tokens=max_new_tokens, steps=repeats + 1,
                              gradient_checkpointing=gradient_checkpointing, attention=attention)
+
+
+# --- 2b. the paper's shapes: the shape model, our step against TRL's, fp32 and bf16 ------------------------------
+# Prompts of ~1,000 tokens and completions of up to 250 (the tool-use task, ToolAlpaca's long tool documentation) and
+# completions of up to 1,000 after ~500-token prompts (the official limits: max completion 1024); K = 8 as the paper.
+# One prompt per step keeps a run of the three cases within minutes on 2 cores (benchmarks/README.md).
+SHAPES = {"toolshape": {"prompt_tokens": 1000, "max_new_tokens": 250, "k": 8, "n_prompts": 1},
+          "longshape": {"prompt_tokens": 500, "max_new_tokens": 1000, "k": 8, "n_prompts": 1}}
+
+
+def shape_setup(shape: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """A shape's lengths (``SHAPES``) with the given ones replacing them (--quick's tiny sizes)."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose from {sorted(SHAPES)}")
+    return {**SHAPES[shape], **{key: value for key, value in overrides.items() if value is not None}}
+
+
+def machine_peaks(precision: str) -> dict[str, float]:
+    """The matmul peaks (fp32, and bf16 for a bf16 case: a 1024² ``torch.mm`` in bfloat16) and the memory bandwidth
+    (a 256 MiB copy) the cost model's predictions use."""
+    peaks = {"matmul_peak_gflops": matmul_peak_gflops(), "copy_gb_per_s": copy_bandwidth_gb()}
+    if precision == "bf16":
+        peaks["matmul_peak_gflops_bf16"] = matmul_peak_gflops(dtype=torch.bfloat16)
+    return peaks
+
+
+def copy_bandwidth_gb(mib: int = 256, repeats: int = 5) -> float:
+    """Bytes moved per second by a large tensor copy (read + write), GB/s."""
+    source = torch.ones(mib * 2**20 // 4)
+    target = torch.empty_like(source)
+    times, _ = _timed(lambda: target.copy_(source), repeats)
+    return 2 * source.numel() * 4 / min(times) / 1e9
+
+
+def shape_training_case(shape: str = "toolshape", precision: str = "fp32", size: str = "paper",
+                        n_prompts: int | None = None, k: int | None = None, prompt_tokens: int | None = None,
+                        max_new_tokens: int | None = None, repeats: int = 2,
+                        activation_checkpointing: bool = False, seed: int = 0) -> dict[str, Any]:
+    """One OPD step of the project at a paper shape on the shape model (``benchmarks.shape_model``), as
+    ``training_case`` builds it: ``Trainer.train_step`` with a frozen teacher copy (bfloat16 under bf16, as the
+    training stage stores it), ``TransformersEngine`` sampling at temperature 1 (top-k/top-p off), forward KL, the
+    ``TrainConfig`` defaults otherwise. Activation checkpointing: off unless asked (``TrainConfig`` defaults it on for
+    the training stage, which applies it; TRL's baseline runs its faster setting, off). ``repeats`` measured steps
+    after a warm-up step; ``shape_trl_case`` is the other side, each in a process of its own."""
+    from benchmarks.shape_model import build_shape_model, decoder_and_head_parameters, shape_prompts
+    from caopd.config.sampling import SamplingConfig
+    from caopd.config.training import TrainConfig
+    from caopd.models.compat import enable_activation_checkpointing
+    from caopd.models.loading import load_model
+    from caopd.models.precision import compute_dtype
+    from caopd.rollout.transformers_engine import TransformersEngine
+    from caopd.tasks import get_task
+    from caopd.training.objectives import TrainItem
+    from caopd.training.teachers import Teacher
+    from caopd.training.trainer import Trainer
+
+    setup = shape_setup(shape, {"n_prompts": n_prompts, "k": k, "prompt_tokens": prompt_tokens,
+                                "max_new_tokens": max_new_tokens})
+    steps = repeats + 1
+    task = get_task("arithmetic")  # verifies nothing here (random words): every sample is wrong, P = 0
+    prompts = shape_prompts(setup["n_prompts"] * steps, setup["prompt_tokens"], seed)
+    items = [TrainItem(task.example_from_row({"prompt": text, "answer": 0}, i), 0.5, None)
+             for i, text in enumerate(prompts)]
+    cfg = TrainConfig(method="opd", teacher="frozen", steps=steps, prompts_per_step=setup["n_prompts"],
+                      k=setup["k"], warmup_steps=0, precision=precision,
+                      activation_checkpointing=activation_checkpointing,
+                      sampling=SamplingConfig(max_new_tokens=setup["max_new_tokens"]))
+    with tempfile.TemporaryDirectory() as folder:
+        built = time.perf_counter()
+        loaded = load_model(str(build_shape_model(Path(folder) / "model", size, seed)))
+        build_seconds = time.perf_counter() - built
+    student = loaded.model
+    teacher = Teacher("frozen", student, cfg.ema_rate, None, frozen_dtype=compute_dtype(precision))
+    if activation_checkpointing:
+        enable_activation_checkpointing(student)
+
+    class RecordingTrainer(Trainer):  # keeps each step's groups: their lengths feed the cost model
+        def loss_and_backward(self, groups):
+            steps_groups.append(groups)
+            return super().loss_and_backward(groups)
+
+    steps_groups: list[list[Any]] = []
+    with tempfile.TemporaryDirectory() as out:
+        trainer = RecordingTrainer(cfg, student, loaded.tokenizer, loaded.template, task, items,
+                                   TransformersEngine(student, loaded.tokenizer), teacher, Path(out), progress=False)
+        records, step_times = [], []
+        memory = PeakRss()
+        for step in range(steps):
+            if step == 1:
+                memory.start()  # the measured steps' peak, as TRL's side measures it
+            start = time.perf_counter()
+            records.append(trainer.train_step(step))
+            step_times.append(time.perf_counter() - start)
+        memory.stop()
+    decoder, head = decoder_and_head_parameters(student)
+    return {"ours_seconds": step_times[1:], "warmup_seconds": step_times[0],
+            "ours_trained_tokens": [r["trained_tokens"] for r in records[1:]], "ours_peak_rss": memory.peak,
+            "lengths": [group_lengths(groups) for groups in steps_groups[1:]],
+            "model_config": student.config.to_dict(), "n_params": sum(p.numel() for p in student.parameters()),
+            "decoder_parameters": decoder, "head_parameters": head, "build_seconds": build_seconds,
+            **machine_peaks(precision),
+            "setup": {"shape": shape, "precision": precision, "size": size, **setup, "method": "opd",
+                      "teacher": "frozen", "micro_batch_size": cfg.micro_batch_size,
+                      "activation_checkpointing": activation_checkpointing,
+                      "loss_chunk_tokens": cfg.loss_chunk_tokens,
+                      "attention": student.config._attn_implementation}}
+
+
+def group_lengths(groups: list[Any]) -> dict[str, float]:
+    """A step's mean prompt, teacher prompt and completion lengths (tokens), and its groups and K: the cost model's
+    step shape."""
+    completions = [len(ids) for g in groups for ids in g.completion_ids]
+    return {"groups": len(groups), "k": len(groups[0].completion_ids),
+            "prompt_tokens": sum(len(g.prompt_ids) for g in groups) / len(groups),
+            "teacher_prompt_tokens": sum(len(g.teacher_prompt_ids) for g in groups) / len(groups),
+            "completion_tokens": sum(completions) / len(completions)}
+
+
+def shape_trl_case(shape: str = "toolshape", precision: str = "fp32", size: str = "paper",
+                   n_prompts: int | None = None, k: int | None = None, prompt_tokens: int | None = None,
+                   max_new_tokens: int | None = None, repeats: int = 2, gradient_checkpointing: bool = False,
+                   seed: int = 0) -> dict[str, Any]:
+    """``trl.DistillationTrainer`` on the same shape model, prompts, K and lengths (``trl_baseline.py``)."""
+    from benchmarks.shape_model import build_shape_model, shape_prompts
+    from benchmarks.trl_baseline import measure_trl_steps
+
+    setup = shape_setup(shape, {"n_prompts": n_prompts, "k": k, "prompt_tokens": prompt_tokens,
+                                "max_new_tokens": max_new_tokens})
+    steps = repeats + 1
+    with tempfile.TemporaryDirectory() as folder:
+        model = build_shape_model(Path(folder) / "model", size, seed)
+        result = measure_trl_steps(n_prompts=setup["n_prompts"], k=setup["k"], max_new_tokens=setup["max_new_tokens"],
+                                   steps=steps, gradient_checkpointing=gradient_checkpointing, seed=seed,
+                                   model=str(model), prompts=shape_prompts(setup["n_prompts"] * steps,
+                                                                           setup["prompt_tokens"], seed),
+                                   precision=precision)
+    return {**result, **machine_peaks(precision),
+            "setup": {"shape": shape, "precision": precision, "size": size, **setup,
+                      "gradient_checkpointing": gradient_checkpointing}}
+
+
+# --- 2c. the loss's memory: a chunk's logits, not the micro-batch's -------------------------------------------------
+LOSS_CHUNKS = (64, 512, 2048)  # 2048: the tool shape's whole micro-batch (8 × 250 = 2000 completion tokens) at once
+
+
+def loss_chunk_memory(loss_chunk_tokens: int = 512, size: str = "paper", prompt_tokens: int = 1000, k: int = 8,
+                      completion_tokens: int = 250, seed: int = 0) -> dict[str, Any]:
+    """Peak RSS of one micro-batch's loss forward + backward (``DistillationObjective.loss_and_backward``: both
+    models' scoring forwards, the chunked loss, the student's backward) on the shape model at
+    ``TrainConfig(loss_chunk_tokens=...)``: one prompt of ``prompt_tokens`` random words and ``k`` random completions
+    of ``completion_tokens``, a frozen teacher. Measured above the RSS after the models are loaded, in a process of
+    its own (``loss_memory_case``), beside the planner's count of the loss's logits (``LOGIT_COPIES`` fp32
+    [chunk × vocab] tensors)."""
+    import random
+
+    import transformers.models.qwen3.modeling_qwen3  # noqa: F401  (imported before the baseline is read)
+
+    from benchmarks.memory import rss_bytes
+    from benchmarks.shape_model import SPECIALS, build_shape_model
+    from caopd.config.memory import LOGIT_COPIES
+    from caopd.config.training import TrainConfig
+    from caopd.models.distributed import World
+    from caopd.models.loading import load_model
+    from caopd.training.objectives import PromptGroup, StepContext, objective_for
+    from caopd.training.teachers import Teacher
+
+    with tempfile.TemporaryDirectory() as folder:
+        loaded = load_model(str(build_shape_model(Path(folder) / "model", size, seed)))
+    student = loaded.model.train()
+    teacher = Teacher("frozen", student)
+    vocab = student.config.vocab_size
+    rng = random.Random(seed)
+
+    def words(n: int) -> list[int]:
+        return [rng.randrange(len(SPECIALS), vocab) for _ in range(n)]
+
+    prompt = words(prompt_tokens)
+    group = PromptGroup(prompt, prompt, [words(completion_tokens) for _ in range(k)],
+                        [[False] * completion_tokens for _ in range(k)])
+    cfg = TrainConfig(method="opd", prompts_per_step=1, k=k, loss_chunk_tokens=loss_chunk_tokens)
+    context = StepContext(student, teacher, loaded.tokenizer, loaded.template, World())
+    before = rss_bytes()
+    start = time.perf_counter()
+    with PeakRss() as memory:
+        objective_for(cfg).loss_and_backward([group], context)
+    tokens = k * completion_tokens
+    return {"loss_chunk_tokens": loss_chunk_tokens, "completion_tokens": tokens, "vocab_size": vocab,
+            "prompt_tokens": prompt_tokens, "k": k, "measured_bytes": memory.peak - before,
+            "seconds": time.perf_counter() - start,
+            "logits_estimate_bytes": LOGIT_COPIES * min(loss_chunk_tokens, tokens) * vocab * 4,
+            "whole_logits_bytes": LOGIT_COPIES * tokens * vocab * 4, "size": size}
+
+
+def loss_memory_case(chunks: tuple[int, ...] = LOSS_CHUNKS, **common: Any) -> dict[str, Any]:
+    """``loss_chunk_memory`` at each chunk size, each in a process of its own, RSS following the memory in use
+    (``MEMORY_CASE_ENV``): the loss's peak grows with the chunk, not with the micro-batch's tokens × vocabulary."""
+    from benchmarks.__main__ import run_case
+
+    return {"chunks": [run_case("loss_chunk_memory", {**common, "loss_chunk_tokens": chunk}, env=MEMORY_CASE_ENV)
+                       for chunk in chunks]}
 
 
 # --- 3. scoring: the prefix-tree path against a row per completion, from no sharing to much ----------------------

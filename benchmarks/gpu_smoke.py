@@ -6,7 +6,9 @@
 * ``fsdp``: bf16 mixed precision (FSDP2's MixedPrecisionPolicy), activation checkpointing and full fine-tuning, under
   torchrun as one FSDP process (the sharded path: the per-layer gathers, the sharded checkpoint, the gathered save).
 
-Each mode records trained tokens/s, the GPU's peak memory in use and its model FLOPs utilisation (MFU); the rollout
+Each mode records trained tokens/s, the GPU's peak memory in use and its model FLOPs utilisation (MFU: each step's
+FLOPs by the cost model, benchmarks/cost_model.py — sampling, both models' forwards, the student's backward, the LM
+heads and the loss, each prompt once per group — over the time and the card's dense bf16 peak); the rollout
 estimation its samples/s and each engine's sizing.
 
     python -m benchmarks.gpu_smoke                 # on a GPU machine; writes benchmarks/results/gpu_smoke.json
@@ -30,10 +32,16 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from benchmarks import cost_model
+from benchmarks.cost_model import StepShape
+from caopd.config.memory import PlanModel
 
 RESULTS = Path(__file__).with_name("results")
 # Qwen3-0.6B's shape with 28 layers (~0.44B parameters in the layers; the project's character vocabulary is small).
@@ -131,19 +139,42 @@ def peak_flops(device: str) -> float | None:
     return next((flops for name, flops in PEAK_BF16_FLOPS.items() if name in device), None)
 
 
-def step_flops(parameters: int, trained_tokens: int, finetune: str) -> float:
-    """Model FLOPs of the trained tokens (completion tokens; the prompts' forwards are left out, so MFU is a lower
-    bound): the student's forward 2N and backward 4N per token (2N with LoRA: the frozen weights get no gradient,
-    the activations still do), and the teacher's forward 2N; activation checkpointing's recompute is not counted."""
-    per_token = (2 + (2 if finetune == "lora" else 4) + 2) * parameters
-    return float(per_token * trained_tokens)
+def step_flops(model: PlanModel, step: StepShape, finetune: str) -> float:
+    """Model FLOPs of one step by the cost model (benchmarks/cost_model.py, the project's "prompt once" layout):
+    sampling (prefill and decoding, attention included), the teacher's forward, the student's forward and backward
+    (its weight gradients only without LoRA: the frozen base gets none, its activations still do), the LM heads and
+    the loss over the vocabulary, AdamW. Activation checkpointing's recomputation is not counted (model FLOPs, as
+    MFU defines them)."""
+    return cost_model.total(cost_model.stage_costs(model, step, "prompt_once",
+                                                   weight_gradients=finetune != "lora")).flops
 
 
-def _mode_result(mode: str, folder: Path, seconds: float, parameters: int, peak: PeakMemory, device: str,
-                 summary: dict) -> dict:
+def prompt_lengths(tokenizer: Any, rows: list[dict], template: str) -> tuple[float, float]:
+    """The mean tokens of the training rows' student prompts and of their teachers' (the demonstration in context,
+    CaOPD's Note): the cost model's prompt lengths."""
+    from caopd.method.targets import teacher_context
+    from caopd.method.templates import render_prompt, teacher_prompt
+    from caopd.models.loading import encode_text
+    from caopd.tasks import get_task
+
+    task = get_task("arithmetic")
+    examples = [task.example_from_row(row, i) for i, row in enumerate(rows)]
+    student = [len(encode_text(tokenizer, render_prompt(tokenizer, e.prompt))) for e in examples]
+    teacher = [len(encode_text(tokenizer, render_prompt(tokenizer, teacher_prompt(
+        e.prompt, teacher_context("demo", e.demonstration, None, 0.5, "caopd"), template)))) for e in examples]
+    return sum(student) / len(student), sum(teacher) / len(teacher)
+
+
+def _mode_result(mode: str, folder: Path, seconds: float, model: PlanModel, shape: StepShape, peak: PeakMemory,
+                 device: str, summary: dict) -> dict:
+    """A mode's figures; ``shape``: its steps' shape but for the completions' length, which each step's log gives
+    (its trained tokens over its completions)."""
     log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines() if line]
     tokens = sum(r["trained_tokens"] for r in log)
-    flops, card = step_flops(parameters, tokens, MODES[mode]["finetune"]), peak_flops(device)
+    completions = shape.groups * shape.k
+    flops = sum(step_flops(model, replace(shape, completion_tokens=r["trained_tokens"] / completions),
+                           MODES[mode]["finetune"]) for r in log)
+    card = peak_flops(device)
     return {"settings": MODES[mode], "steps": len(log), "seconds": round(seconds, 2),
             "trained_tokens_per_s": round(tokens / seconds, 1), "final_loss": log[-1]["loss"],
             "peak_memory_gib": peak.gib(), "model_tflops_per_s": float(f"{flops / seconds / 1e12:.4g}"),
@@ -162,7 +193,8 @@ def smoke(size: str, n_prompts: int, k: int, steps: int, prompts_per_step: int, 
 
     model_dir, data = work / "model", work / "train.jsonl"
     parameters = build_model(size, model_dir)
-    write_jsonl(data, generate_rows(n_prompts, 0))
+    rows = generate_rows(n_prompts, 0)
+    write_jsonl(data, rows)
     # CaOPD; the rollout estimation samples as training does (K = k, 24 new tokens, seed 0)
     train = TrainConfig(steps=steps, prompts_per_step=prompts_per_step, k=k, warmup_steps=1, save_every=steps,
                         sampling=SamplingConfig(max_new_tokens=24), lora=LoRAConfig(r=16), **MODES["lora"])
@@ -171,14 +203,21 @@ def smoke(size: str, n_prompts: int, k: int, steps: int, prompts_per_step: int, 
     with PeakMemory() as peak:
         done = run_chain(str(model_dir), str(data), train, work, rollout_engine="auto", train_engine="auto")
     rollout_s = done.seconds["rollouts"]
-    results = {"lora": _mode_result("lora", work / "train", done.seconds["training"], parameters, peak, device,
+    # the cost model's step: the model's dimensions, the prompts as the trainer encodes them, bf16 compute
+    model = cost_model.model_from_config(json.loads((model_dir / "config.json").read_text()), parameters)
+    from caopd.models.tiny import TEMPLATE, build_tokenizer
+
+    student, teacher = prompt_lengths(build_tokenizer(), rows, TEMPLATE)
+    shape = StepShape(groups=prompts_per_step, k=k, prompt_tokens=student, teacher_prompt_tokens=teacher,
+                      completion_tokens=0, micro_batch=train.micro_batch_size, dtype_bytes=2)
+    results = {"lora": _mode_result("lora", work / "train", done.seconds["training"], model, shape, peak, device,
                                     done.training)}
     fsdp = train.model_copy(update={**MODES["fsdp"], "lora": LoRAConfig()})
     with PeakMemory() if "fsdp" in modes else contextlib.nullcontext() as peak:
         if "fsdp" in modes:
             start = time.perf_counter()
             summary = torchrun_training(str(model_dir), done.targets, fsdp, work / "fsdp")
-            results["fsdp"] = _mode_result("fsdp", work / "fsdp", time.perf_counter() - start, parameters, peak,
+            results["fsdp"] = _mode_result("fsdp", work / "fsdp", time.perf_counter() - start, model, shape, peak,
                                            device, summary)
     return {
         "size": size, "parameters": parameters,

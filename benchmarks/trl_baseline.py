@@ -1,10 +1,12 @@
-"""Baseline: seconds per step of TRL's on-policy distillation trainer on the packaged tiny model.
+"""Baseline: seconds per step of TRL's on-policy distillation trainer on the packaged tiny model (the ``training``
+case) or on the shape model at the paper's lengths (``toolshape``, ``longshape``: ``cases.shape_trl_case``).
 
 Measures ``trl.DistillationTrainer`` (TRL 1.16) set up like the project's own step (``caopd.training.trainer``):
-the tiny model as student, a frozen copy of it as teacher, ``n_prompts`` arithmetic prompts per step with ``k``
-student samples each (temperature 1.0, top-k/top-p off, at most ``max_new_tokens`` new tokens), forward KL
-(``beta=0``) over the full vocabulary, AdamW at lr 1.5e-4, clipping at 1.0, fp32 on CPU, torch's default threads,
-no vLLM, transformers' default attention (SDPA) unless told otherwise.
+the model as student, a frozen copy of it as teacher, ``n_prompts`` prompts per step (the arithmetic task's, or the
+shape model's random words) with ``k`` student samples each (temperature 1.0, top-k/top-p off, at most
+``max_new_tokens`` new tokens), forward KL (``beta=0``) over the full vocabulary, AdamW at lr 1.5e-4, clipping at 1.0,
+fp32 on CPU (or ``bf16=True``: autocast, the teacher copy stored in bf16), torch's default threads, no vLLM,
+transformers' default attention (SDPA) unless told otherwise.
 
 How the setup maps onto TRL:
 
@@ -19,10 +21,11 @@ How the setup maps onto TRL:
   one project step.
 - Prompts. ``generate_rows`` gives plain-text prompts (``"12*34="``) and ``render_prompt`` passes plain text through
   unchanged, so no chat template is needed. TRL tokenizes plain-text prompts with ``tokenizer(text=...)``, and
-  the character-level tokenizer adds no special tokens.
+  the character-level tokenizer adds no special tokens; nor does the shape model's word-level one, whose prompts
+  are random words, one token each (``benchmarks.shape_model``).
 - Settings that differ from TRL's defaults: ``gradient_checkpointing`` (TRL turns it on by default), ``bf16``
-  (on by default), the lr schedule (constant here; the project warms up, which does not change the cost),
-  ``shuffle_dataset``, ``use_cpu``.
+  (on by default; the bf16 case keeps it), the lr schedule (constant here; the project warms up, which does not
+  change the cost), ``shuffle_dataset``, ``use_cpu``.
 
 The teacher sees the same prompt as the student (DistillationTrainer has no privileged teacher context), and a
 frozen copy of the student matches it exactly, so the loss and the gradients are 0 here. The work per step (forward,
@@ -104,25 +107,35 @@ def micro_batch(total: int, limit: int) -> int:
 
 
 def measure_trl_steps(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24, steps: int = 6,
-                      gradient_checkpointing: bool = False, seed: int = 0, attention: str = "sdpa") -> dict:
+                      gradient_checkpointing: bool = False, seed: int = 0, attention: str = "sdpa",
+                      model: str = "tiny", prompts: list[str] | None = None, precision: str = "fp32") -> dict:
     """Run ``steps`` DistillationTrainer steps and time all but the first; see the module docstring.
 
     ``attention``: the models' attention implementation; transformers' default ("sdpa") is what a TRL user gets.
+    ``model``: a packaged model's name or a checkpoint folder (the shape model's); ``prompts``: plain-text prompts,
+    ``n_prompts`` per step in order (default: the arithmetic task's, rendered for ``model``). ``precision``: "bf16"
+    runs TRL's ``bf16=True`` (autocast over float32 weights, as on a GPU; its default) with the frozen teacher stored
+    in bfloat16, as the project's bf16 teacher is.
     """
     if steps < 2:
         raise ValueError("steps must be at least 2: the first step is warm-up and is not measured")
     # torch's default threads, as the project's side runs: a run-time torch.set_num_threads, even to the default,
     # makes torch's CPU attention kernel 1.3-4.4x slower for the rest of the process (benchmarks/README.md).
     load_before = os.getloadavg()[0]  # other work on the 2 cores inflates and scatters step times
-    loaded = load_model("tiny")
+    loaded = load_model(model)
     loaded.model.set_attn_implementation(attention)  # load_model picks the project's CPU attention
     tokenizer = loaded.tokenizer
     teacher = copy.deepcopy(loaded.model).eval().requires_grad_(False)
+    if precision == "bf16":  # stored in bf16 as the project's frozen teacher is (the rotary buffers stay float32)
+        for param in teacher.parameters():
+            param.data = param.data.to(torch.bfloat16)
 
-    rows = generate_rows(n_prompts * steps, seed=seed)
-    prompts = [render_prompt(tokenizer, row["prompt"]) for row in rows]
+    if prompts is None:
+        prompts = [render_prompt(tokenizer, row["prompt"]) for row in generate_rows(n_prompts * steps, seed=seed)]
+    if len(prompts) < n_prompts * steps:
+        raise ValueError(f"{len(prompts)} prompts for {steps} steps of {n_prompts}")
     # k consecutive copies of each prompt; with shuffling off, step s sees prompts s*n_prompts .. (s+1)*n_prompts-1.
-    dataset = Dataset.from_dict({"prompt": [p for p in prompts for _ in range(k)]})
+    dataset = Dataset.from_dict({"prompt": [p for p in prompts[: n_prompts * steps] for _ in range(k)]})
 
     group = n_prompts * k
     per_device = micro_batch(group, TrainConfig.model_fields["micro_batch_size"].default)
@@ -132,7 +145,7 @@ def measure_trl_steps(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24,
             gradient_accumulation_steps=group // per_device, learning_rate=LEARNING_RATE,
             lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM, optim="adamw_torch",
             beta=0.0, temperature=1.0, top_k=0, top_p=1.0, max_completion_length=max_new_tokens,
-            use_vllm=False, gradient_checkpointing=gradient_checkpointing, bf16=False, fp16=False,
+            use_vllm=False, gradient_checkpointing=gradient_checkpointing, bf16=precision == "bf16", fp16=False,
             use_cpu=True, shuffle_dataset=False, seed=seed, data_seed=seed, dataloader_num_workers=0,
             save_strategy="no", report_to="none", logging_strategy="no", disable_tqdm=True,
         )
@@ -165,8 +178,8 @@ def measure_trl_steps(n_prompts: int = 32, k: int = 8, max_new_tokens: int = 24,
             "steps": steps, "measured_steps": steps - 1, "gradient_checkpointing": gradient_checkpointing,
             "seed": seed, "attention": attention, "beta": 0.0, "temperature": 1.0, "lr": LEARNING_RATE,
             "per_device_train_batch_size": per_device, "gradient_accumulation_steps": group // per_device,
-            "threads": torch.get_num_threads(), "dtype": "float32", "device": "cpu", "use_vllm": False,
-            "load_avg_1min": [load_before, os.getloadavg()[0]],
+            "threads": torch.get_num_threads(), "dtype": "float32", "precision": precision, "model": model,
+            "device": "cpu", "use_vllm": False, "load_avg_1min": [load_before, os.getloadavg()[0]],
         },
     }
 
