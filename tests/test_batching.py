@@ -177,3 +177,36 @@ def test_the_tree_path_is_taken_where_completions_share_and_not_where_they_do_no
         finally:
             handle.remove()
         assert len(forwards) == (1 if expected else 2)
+
+
+def test_the_decoding_cache_writes_in_place_and_decodes_what_the_dynamic_cache_does(tiny_model):
+    """Decoding steps, with a selection of rows between them (nodes that split and finish), give the same logits as
+    transformers' own cache; the keys stay in one buffer between selections instead of a concatenation per step."""
+    from caopd.models.batching import DecodingCache, GrowingLayer
+    from caopd.models.compat import cache_kwargs
+
+    model = tiny_model.model.eval()
+    prompts, pad = [[5, 6, 7], [8, 9]], 0
+    runs = []
+    for cache in (None, DecodingCache(model.config, reserve=4)):
+        cache, logits, mask, next_pos = batching.prefill(model, prompts, pad, cache=cache)
+        seen, buffers = [logits], []
+        for step, select in enumerate(([0, 0, 1], None, [2, 0], None, None)):
+            if select is not None:
+                rows = torch.tensor(select)
+                cache.batch_select_indices(rows)
+                mask, next_pos = mask[rows], next_pos[rows]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            tokens = torch.full((mask.shape[0], 1), 10 + step)
+            with torch.no_grad():
+                out = model(input_ids=tokens, attention_mask=mask, position_ids=next_pos, **cache_kwargs(cache),
+                            use_cache=True)
+            seen.append(out.logits[:, -1])
+            next_pos = next_pos + 1
+            if isinstance(cache.layers[0], GrowingLayer):
+                buffers.append(cache.layers[0].buffers[0].data_ptr())
+        runs.append(seen)
+    for plain, growing in zip(*runs):
+        torch.testing.assert_close(growing, plain, rtol=0, atol=0)
+    # a new buffer after each selection only: steps 1 (selected), 2 (in place), 3 (selected), 4 and 5 (in place)
+    assert buffers[1] == buffers[0] and buffers[3] == buffers[4] == buffers[2] and buffers[2] != buffers[1]

@@ -12,8 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from caopd.config.sampling import SamplingConfig, check_draws, is_greedy
-from caopd.models.batching import prefill
-from caopd.models.compat import cache_kwargs, output_cache
+from caopd.models.batching import DecodingCache, prefill
+from caopd.models.compat import cache_kwargs, full_attention_cache, output_cache
 from caopd.models.loading import encode_text
 from caopd.rollout.base import Completion, Prompt, RolloutEngine
 
@@ -92,7 +92,8 @@ class TransformersEngine(RolloutEngine):
         stop_ids = torch.tensor(sorted(stops), device=device)
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
-        cache, logits, mask, next_pos = prefill(model, prompt_ids, pad)
+        decoding = DecodingCache(model.config, sampling.max_new_tokens) if full_attention_cache(model.config) else None
+        cache, logits, mask, next_pos = prefill(model, prompt_ids, pad, cache=decoding)
         n_rows = len(prompt_ids) * k
         rows = torch.arange(n_rows, device=device)  # the output row of each live sample
         node_of_row = rows // k  # the batch row (node) each live sample reads its next-token logits from
