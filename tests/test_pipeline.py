@@ -56,6 +56,7 @@ def test_committed_spec_is_a_fresh_compile(spec):
         "pipelines/caopd_pipeline.yaml is stale: run `caopd compile --out pipelines/caopd_pipeline.yaml`")
 
 
+@pytest.mark.slow  # ~5 s: two compiles in processes of their own
 def test_compiling_is_reproducible_across_processes(tmp_path):
     # kfp prints dict defaults in protobuf-map order, which follows each process's hash seed.
     for seed in ("1", "2"):

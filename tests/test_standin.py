@@ -328,6 +328,7 @@ def test_samples_without_thinking_have_the_structure(loaded, apis):
 
 # --- the build --------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # ~3 s
 def test_building_twice_gives_byte_identical_folders(tmp_path):
     """A short build (the same code path as the default, a few seconds) twice: every file byte-identical."""
     cfg = StandinConfig(steps=6, warmup_steps=2, batch_size=4, bpe_sample=500)

@@ -209,6 +209,7 @@ def test_one_process_runs_the_engine_in_process_through_the_external_launcher(fa
         make_engine(tiny_model, "vllm", VLLMConfig(), RunLengths(16, 24, 4))
 
 
+@pytest.mark.slow  # ~4 s on 2 cores
 def test_every_sample_draws_its_own_stream_and_the_same_inputs_repeat(fake_gpu):
     seeds = request_seeds(7, 3, 4)
     assert seeds[1] - seeds[0] == seeds[2] - seeds[1] == 4 and 0 <= seeds[0] < 2**62  # children: seed + index
@@ -289,6 +290,7 @@ def test_estimation_with_vllm_puts_no_hf_weights_on_the_gpu_and_writes_its_usual
     assert engine.max_num_seqs == 6 * 2 and summary["vllm"]["gpu_memory_utilization"] == 0.9
 
 
+@pytest.mark.slow  # ~8 s on 2 cores
 def test_evaluation_runs_one_engine_per_arm_over_its_sets_each_shut_down_before_the_next(fake_gpu, arithmetic_files,
                                                                                          tmp_path):
     from caopd.stages.evaluate import run_evaluation
