@@ -83,9 +83,6 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         grad_states = torch.zeros_like(states) if needs[0] else None
         grad_weight = torch.zeros_like(weight) if needs[1] else None
         grad_bias = torch.zeros_like(bias) if needs[2] else None
-        # The head's own parameters, not detached copies: under autocast their bf16 casts are cached for the step as
-        # the head's forward would cache them, rather than made anew (and kept by the cache) for each micro-batch.
-        weight_leaf, bias_leaf = weight, bias
         parts = torch.zeros(n_parts, dtype=torch.float32, device=states.device)
         for start in range(0, states.shape[0], chunk_tokens):
             rows = slice(start, min(start + chunk_tokens, states.shape[0]))
@@ -93,12 +90,14 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 # a view of the detached states: autocast caches the bf16 cast of a leaf that is not a view until
                 # its context ends, which would keep every chunk (and the micro-batch's states) for the whole step
                 hidden = states.detach()[rows].requires_grad_(needs[0])
-                logits = hidden if weight_leaf is None else F.linear(hidden, weight_leaf, bias_leaf)
+                # the head's own parameters, not detached copies: under autocast their bf16 casts are cached for the
+                # step as the head's forward would cache them, not made anew (and kept by the cache) per micro-batch
+                logits = hidden if weight is None else F.linear(hidden, weight, bias)
                 chunk_parts = term(logits, rows)
                 if chunk_parts.shape != (n_parts,):
                     raise ValueError(f"a loss term returned shape {tuple(chunk_parts.shape)}, not ({n_parts},)")
-                leaves = [(leaf, grad) for leaf, grad in ((hidden, grad_states), (weight_leaf, grad_weight),
-                                                          (bias_leaf, grad_bias)) if grad is not None]
+                leaves = [(leaf, grad) for leaf, grad in ((hidden, grad_states), (weight, grad_weight),
+                                                          (bias, grad_bias)) if grad is not None]
                 if leaves and chunk_parts.requires_grad:
                     grads = torch.autograd.grad(chunk_parts.sum(), [leaf for leaf, _ in leaves], allow_unused=True)
                     for (leaf, into), grad in zip(leaves, grads):
