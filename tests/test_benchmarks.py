@@ -66,13 +66,15 @@ def test_the_memory_case_measures_a_step_per_micro_batch_with_the_planners_estim
     assert "training step peak memory (MiB), tiny, K = 4, micro-batch 2" in markdown(result)
 
 
-@pytest.mark.slow  # every case in a process of its own, TRL's baseline and a whole `caopd run` included
+@pytest.mark.slow  # every case in a process of its own, TRL's baseline included
 @pytest.mark.timeout(1200)
 def test_benchmarks_run_on_a_tiny_size_and_write_the_report(tmp_path, capsys):
-    cases = "rollout,training,scoring,metrics,run,memory,toolshape,toolshape_bf16,loss_memory"
+    # `run` (a whole `caopd run`, which the main job's test runs) and the fp32 tool shape (the bf16 one runs the same
+    # code with its precision) are left out to keep CI within its time
+    cases = "rollout,training,scoring,metrics,memory,toolshape_bf16,loss_memory"
     assert main(["--quick", "--cases", cases, "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "latest.json").read_text())
-    for key in ("rollout.speedup_vs_generate", "training.cpu_peak_fraction", "metrics.seconds_1m", "run.seconds"):
+    for key in ("rollout.speedup_vs_generate", "training.cpu_peak_fraction", "metrics.seconds_1m"):
         case, metric = key.split(".")
         assert result[case][metric] > 0, key
     assert result["machine"]["cores"] >= 1 and "torch" in result["machine"]["versions"]
@@ -94,7 +96,7 @@ def test_benchmarks_run_on_a_tiny_size_and_write_the_report(tmp_path, capsys):
     assert all(shape["tree_vs_rows"] > 0 and shape["auto_vs_rows"] > 0 for shape in result["scoring"])
     assert [row["micro_batch_size"] for row in result["memory"]] == [4, 2]
     # the paper-shape cases on the shape model: both sides, the same prompts, K and lengths, and the cost model
-    for name in ("toolshape", "toolshape_bf16"):
+    for name in ("toolshape_bf16",):
         shape = result[name]
         assert shape["speedup_vs_trl"] > 0 and shape["peak_memory_ratio_vs_trl"] > 0, name
         assert shape["trl_gradient_checkpointing"] is False and shape["rounds"] == 1
@@ -106,15 +108,14 @@ def test_benchmarks_run_on_a_tiny_size_and_write_the_report(tmp_path, capsys):
     bf16 = result["raw"]["toolshape_bf16"]
     assert result["toolshape_bf16"]["matmul_peak_dtype"] == "bf16" and bf16["ours"][0]["matmul_peak_gflops_bf16"] > 0
     assert bf16["trl"]["False"][0]["config"]["precision"] == bf16["ours"][0]["setup"]["precision"] == "bf16"
-    assert result["toolshape"]["matmul_peak_dtype"] == "fp32"
     # the loss's memory at each chunk size, in processes of their own, beside the chunk's logits
     chunks = result["loss_memory"]
     assert [c["loss_chunk_tokens"] for c in chunks] == [4, 16] and all(c["measured_bytes"] > 0 for c in chunks)
     assert chunks[1]["estimated_growth_bytes"] == 7 * (16 - 4) * 32768 * 4
     table = (tmp_path / "latest.md").read_text()
-    assert "rollouts (completions/s)" in table and "`caopd run`" in table and "caopd plan" in table
-    assert "toolshape (fp32; 1 × K = 2, prompt 16, ≤ 8 new): training step" in table
-    assert "toolshape_bf16 (bf16;" in table and "loss peak memory (MiB), chunks of 16 of 16" in table
+    assert "rollouts (completions/s)" in table and "caopd plan" in table
+    assert "toolshape_bf16 (bf16; 1 × K = 2, prompt 16, ≤ 8 new): training step" in table
+    assert "loss peak memory (MiB), chunks of 16 of 16" in table
 
 
 @pytest.mark.slow  # the FSDP mode runs torchrun
