@@ -4,8 +4,11 @@ import torch
 
 from caopd.config.sampling import SamplingConfig
 from caopd.rollout.transformers_engine import (
+    INVERSE_CDF_MIN_VOCAB,
     TransformersEngine,
     chunk_generator,
+    draw_tokens,
+    inverse_cdf,
     sample_next,
     stop_token_ids,
 )
@@ -71,6 +74,40 @@ def test_sample_next_top_p_keeps_only_the_nucleus():
     draws = {int(sample_next(logits, 1.0, 0.5, g)) for _ in range(50)}
     assert draws == {0}
     assert int(sample_next(logits, 0.0, 1.0, None)) == 0
+
+
+def test_small_vocabularies_draw_exactly_as_torch_multinomial():
+    # the packaged models' vocabularies: their seeded rollouts (and the committed results) are torch's draws
+    probs = torch.softmax(torch.randn(6, INVERSE_CDF_MIN_VOCAB - 1, generator=torch.Generator().manual_seed(1)), -1)
+    ours, torchs = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for _ in range(5):
+        assert torch.equal(draw_tokens(probs, ours), torch.multinomial(probs, 1, generator=torchs).squeeze(-1))
+
+
+def test_large_vocabularies_draw_in_proportion_and_never_a_zero_entry():
+    vocab = INVERSE_CDF_MIN_VOCAB * 2
+    probs = torch.zeros(3, vocab)
+    probs[0, [0, 5, 9000, vocab - 1]] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    probs[1, vocab - 1] = 2.0  # unnormalised, one entry: always it
+    probs[2, 0] = 1.0
+    generator = torch.Generator().manual_seed(7)
+    draws = torch.stack([draw_tokens(probs, generator) for _ in range(4000)])
+    assert set(draws[:, 1].tolist()) == {vocab - 1} and set(draws[:, 2].tolist()) == {0}
+    counts = torch.bincount(draws[:, 0], minlength=vocab)
+    assert set(torch.nonzero(counts).flatten().tolist()) == {0, 5, 9000, vocab - 1}
+    # within 4 standard deviations of 4000 draws at 0.1 / 0.2 / 0.3 / 0.4
+    for index, p in [(0, 0.1), (5, 0.2), (9000, 0.3), (vocab - 1, 0.4)]:
+        assert abs(int(counts[index]) / len(draws) - p) < 4 * (p * (1 - p) / len(draws)) ** 0.5
+    # the same generator state draws the same tokens
+    a, b = torch.Generator().manual_seed(11), torch.Generator().manual_seed(11)
+    assert torch.equal(draw_tokens(probs, a), draw_tokens(probs, b))
+
+
+def test_inverse_cdf_by_hand_and_at_the_top_of_the_unit_interval():
+    probs = torch.tensor([[0.25, 0.0, 0.5, 0.25, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0]])
+    # cumulative [0.25, 0.25, 0.75, 1.0, 1.0]: u < 0.25 → 0; [0.25, 0.75) → 2 (never the zero at 1); ≥ 0.75 → 3
+    for u, expected in [(0.0, 0), (0.2499, 0), (0.25, 2), (0.7499, 2), (0.75, 3), (1 - 2**-53, 3)]:
+        assert inverse_cdf(probs, torch.tensor([u, u], dtype=torch.float64)).tolist() == [expected, 2]
 
 
 def test_bucket_rngs_depend_on_seed_and_bucket_only():
