@@ -22,6 +22,14 @@ def kl_ref(p_logits, q_logits):
                     reduction="none").sum(-1)
 
 
+def test_temperature_divides_both_models_logits(logits):
+    s, t = logits
+    for divergence in ("forward_kl", "reverse_kl", "jsd"):
+        torch.testing.assert_close(token_divergence(s, t, divergence, temperature=2.0),
+                                   token_divergence(s / 2, t / 2, divergence))
+        assert not torch.equal(token_divergence(s, t, divergence, temperature=2.0), token_divergence(s, t, divergence))
+
+
 def test_forward_and_reverse_kl(logits):
     s, t = logits
     torch.testing.assert_close(token_divergence(s, t, "forward_kl"), kl_ref(t, s))

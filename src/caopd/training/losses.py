@@ -29,8 +29,9 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     With ``top_k``, both distributions are restricted to the teacher's k most likely tokens and
     renormalised there (the teacher's tail is dropped, as in SDFT's ``distillation_topk``).
     """
-    student_logits = student_logits.float() / temperature
-    teacher_logits = teacher_logits.float().detach() / temperature
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float().detach()
+    if temperature != 1.0:  # x / 1 is x: at the default the division would only copy [tokens × V] twice (and back)
+        student_logits, teacher_logits = student_logits / temperature, teacher_logits / temperature
     if top_k is not None and top_k < teacher_logits.shape[-1]:
         index = teacher_logits.topk(top_k, dim=-1).indices
         student_logits, teacher_logits = student_logits.gather(-1, index), teacher_logits.gather(-1, index)
