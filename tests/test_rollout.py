@@ -1,8 +1,10 @@
 """The transformers rollout engine: same greedy output as generate(), seeded, K per prompt, stops at EOS."""
 
+import pytest
 import torch
 
 from caopd.config.sampling import SamplingConfig
+from caopd.rollout import transformers_engine
 from caopd.rollout.transformers_engine import (
     INVERSE_CDF_MIN_VOCAB,
     TransformersEngine,
@@ -28,7 +30,10 @@ def test_greedy_matches_transformers_generate(tiny_model):
         assert completion.finished and "Confidence:" in completion.text
 
 
-def test_k_samples_per_prompt_seeded_and_stopping_at_eos(tiny_model):
+@pytest.mark.parametrize("draw", ["multinomial", "inverse_cdf"])
+def test_k_samples_per_prompt_seeded_and_stopping_at_eos(tiny_model, monkeypatch, draw):
+    if draw == "inverse_cdf":  # the draw of real vocabularies, on the tiny model
+        monkeypatch.setattr(transformers_engine, "INVERSE_CDF_MIN_VOCAB", 0)
     engine = TransformersEngine(tiny_model.model, tiny_model.tokenizer, max_batch_prompts=3)
     cfg = SamplingConfig(n=5, temperature=1.0, max_new_tokens=24, seed=7)
     first, second = engine.generate(PROMPTS, cfg), engine.generate(PROMPTS, cfg)
@@ -103,7 +108,17 @@ def test_large_vocabularies_draw_in_proportion_and_never_a_zero_entry():
     assert torch.equal(draw_tokens(probs, a), draw_tokens(probs, b))
 
 
-def test_inverse_cdf_by_hand_and_at_the_top_of_the_unit_interval():
+@pytest.mark.parametrize("bad", [float("nan"), 0.0])
+def test_a_row_that_is_not_a_distribution_is_refused_as_torch_refuses_it(bad):
+    probs = torch.full((2, INVERSE_CDF_MIN_VOCAB), 1.0)
+    probs[1] = bad
+    with pytest.raises(ValueError, match="not finite or sums to 0"):
+        draw_tokens(probs, torch.Generator().manual_seed(0))
+    with pytest.raises(RuntimeError):
+        torch.multinomial(probs, 1)
+
+
+def test_inverse_cdf_by_hand():
     probs = torch.tensor([[0.25, 0.0, 0.5, 0.25, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0]])
     # cumulative [0.25, 0.25, 0.75, 1.0, 1.0]: u < 0.25 → 0; [0.25, 0.75) → 2 (never the zero at 1); ≥ 0.75 → 3
     for u, expected in [(0.0, 0), (0.2499, 0), (0.25, 2), (0.7499, 2), (0.75, 3), (1 - 2**-53, 3)]:

@@ -11,19 +11,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from caopd.config.sampling import SamplingConfig, check_draws, is_greedy
+from caopd.config.sampling import INVERSE_CDF_MIN_VOCAB, SamplingConfig, check_draws, is_greedy
 from caopd.models.batching import DecodingCache, prefill
 from caopd.models.compat import cache_kwargs, full_attention_cache, output_cache
 from caopd.models.loading import encode_text
 from caopd.rollout.base import Completion, Prompt, RolloutEngine
-
-
-# torch.multinomial draws one exponential per vocabulary entry and row (serially on the CPU, ~35 ns each: 8 ms a
-# decoding step at 8 rows × 32k entries, 36 ms at Qwen3's 152k, where the whole forward of a small model takes less).
-# From this many entries on, a row's draw is one uniform number inverted through its cumulative distribution
-# (0.25 / 1 ms there). Below it — the packaged models' 54 and 3,072 entries — torch.multinomial's draws stay, and with
-# them every seeded rollout the committed results were measured with.
-INVERSE_CDF_MIN_VOCAB = 8192
 
 
 def draw_tokens(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -38,10 +30,15 @@ def draw_tokens(probs: torch.Tensor, generator: torch.Generator | None) -> torch
 
 def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """Per row, the first index whose cumulative sum (float64) exceeds ``uniform[row]`` (in [0, 1)) times the row's
-    total: an entry of zero is never chosen, as its cumulative sum equals its predecessor's."""
+    total. An entry of zero is never chosen where the sum runs in order (the CPU: its cumulative sum equals its
+    predecessor's; a GPU's parallel scan may round it a few ulps apart, a chance of ~1e-15). Rows that are not
+    finite or sum to zero are refused, as ``torch.multinomial`` refuses them."""
     cdf = probs.double().cumsum(-1)
     total = cdf[:, -1:]
-    # u × total can round up to the total itself; the largest float below it still lands on the last positive entry
+    if not bool((torch.isfinite(total) & (total > 0)).all()):
+        raise ValueError("cannot draw a token: a row of next-token probabilities is not finite or sums to 0 "
+                         "(NaN or infinite logits: a diverged model, or a precision too low for it)")
+    # a guard: u < 1 keeps u × total below the total, but a subnormal total could round up to it
     target = torch.minimum(uniform[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
@@ -54,11 +51,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = nucleus(probs, top_p)
     return draw_tokens(probs, generator)
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` with every entry outside the smallest set of most likely ones reaching mass ``top_p`` set to 0 (the
+    sort's temporaries freed before the draw)."""
+    sorted_probs, order = probs.sort(-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
 
 
 def stop_token_ids(tokenizer: Any, generation_config: Any) -> set[int]:
