@@ -72,9 +72,13 @@ def test_training_memory_of_a_small_model_by_hand():
     capped = PlanModel.from_config({**SMALL, "final_logit_softcapping": 30.0})
     assert not capped.plain_head and model.plain_head
     assert training_memory(capped, plan).parts["logits"] == 7 * 2 * 5 * 100 * 4 + 3 * 2 * 5 * 100 * 4
-    # transformers sampling: 2 prompts × K 2 × 15 tokens × (2·2 layers·32·4 bytes) + a decoding step's logits
-    # (2 × 2 samples × 100 × 4; the prefill keeps each prompt's last position only)
-    assert memory.parts["sampling"] == 4 * 15 * 512 + 1600
+    # transformers sampling: 2 prompts × K 2 × 15 tokens × (2·2 layers·32·4 bytes) + a decoding step's logits, each
+    # sample's row of them, its probabilities and torch.multinomial's exponentials (2 × 2 samples × 100 × 4 bytes × 4;
+    # the prefill keeps each prompt's last position only)
+    assert memory.parts["sampling"] == 4 * 15 * 512 + 4 * 100 * 16
+    # a real vocabulary's draw: the inverse CDF's float64 copy and cumulative sums instead of the exponentials
+    wide = PlanModel.from_config({**SMALL, "vocab_size": 32768})
+    assert training_memory(wide, plan).parts["sampling"] == 4 * 15 * 512 + 4 * 32768 * (4 + 4 + 4 + 16)
     assert memory.total == 20 * p + 262656 + 28000 + 25600  # resident + the loss phase (larger than sampling)
 
     lora = training_memory(model, TrainPlan(**{**plan.__dict__, "precision": "bf16", "finetune": "lora",

@@ -55,6 +55,7 @@ from caopd.config.engines import (
     logits_are_head_output,
     size_vllm,
 )
+from caopd.config.sampling import draw_bytes_per_entry
 from caopd.errors import CaopdInputError
 
 # The CUDA context, cuBLAS/NCCL workspaces and the caching allocator's slack: what a training or transformers
@@ -298,9 +299,11 @@ def _training_sampling(model: PlanModel, plan: TrainPlan, gpu_bytes: int | None)
 def transformers_sampling_bytes(model: PlanModel, prompts: int, k: int, prompt_tokens: int, new_tokens: int,
                                 dtype_bytes: int) -> int:
     """The transformers engine's batch: KV cache of prompts × K samples of prompt + new tokens, and a decoding
-    step's next-token logits (every sample × V; the prefill projects only each prompt's last position)."""
+    step's next-token logits with the draw's temporaries (every sample × V: the logits and each sample's row of them,
+    then ``draw_bytes_per_entry``; the prefill projects only each prompt's last position)."""
     kv = prompts * k * (prompt_tokens + new_tokens) * model.shape.kv_bytes_per_token(dtype_bytes)
-    return kv + prompts * k * model.shape.vocab_size * dtype_bytes
+    vocab = model.shape.vocab_size
+    return kv + prompts * k * vocab * (2 * dtype_bytes + draw_bytes_per_entry(vocab))
 
 
 def _vllm_sizing(cfg: VLLMConfig, shape: ModelShape, run: RunLengths, gpu_bytes: int | None, colocated: bool):
