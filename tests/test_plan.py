@@ -149,6 +149,9 @@ def test_the_rollout_check_refuses_a_card_too_small_for_its_engine():
     cfg = RolloutConfig(data="d.jsonl")
     memory = check_rollout_fits(cfg, tiny, 2 * GIB, prompts=16, longest_prompt=20, vllm=False, parameters=parameters)
     assert memory.parts["weights"] == 4 * parameters  # loaded in fp32
+    # 16 prompts × K 8 samples × the tiny model's 54 entries × (2 fp32 copies of the logits + probabilities and
+    # torch.multinomial's exponentials), as the training stage's sampling counts them
+    assert memory.parts["logits"] == 16 * 8 * 54 * (8 + 8) == 16 * 8 * 54 * 4 * 4
     with pytest.raises(CaopdInputError, match=r"rollout-estimation needs .* GiB GPU; sample with vLLM"):
         check_rollout_fits(cfg, tiny, 1 << 20, prompts=16, longest_prompt=20, vllm=False, parameters=parameters)
     with pytest.raises(CaopdInputError, match=r"rollout-estimation needs .*vllm.max_model_len"):

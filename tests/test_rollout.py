@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from caopd.config.sampling import SamplingConfig
-from caopd.rollout import transformers_engine
+from caopd.config import sampling
+from caopd.config.sampling import INVERSE_CDF_MIN_VOCAB, SamplingConfig
 from caopd.rollout.transformers_engine import (
-    INVERSE_CDF_MIN_VOCAB,
     TransformersEngine,
     chunk_generator,
     draw_tokens,
@@ -33,7 +32,7 @@ def test_greedy_matches_transformers_generate(tiny_model):
 @pytest.mark.parametrize("draw", ["multinomial", "inverse_cdf"])
 def test_k_samples_per_prompt_seeded_and_stopping_at_eos(tiny_model, monkeypatch, draw):
     if draw == "inverse_cdf":  # the draw of real vocabularies, on the tiny model
-        monkeypatch.setattr(transformers_engine, "INVERSE_CDF_MIN_VOCAB", 0)
+        monkeypatch.setattr(sampling, "INVERSE_CDF_MIN_VOCAB", 0)
     engine = TransformersEngine(tiny_model.model, tiny_model.tokenizer, max_batch_prompts=3)
     cfg = SamplingConfig(n=5, temperature=1.0, max_new_tokens=24, seed=7)
     first, second = engine.generate(PROMPTS, cfg), engine.generate(PROMPTS, cfg)

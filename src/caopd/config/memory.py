@@ -8,18 +8,18 @@ head_dim, ``i`` intermediate size, ``V`` vocabulary, ``c`` the compute dtype's b
 * **rollout estimation, evaluation** — vLLM: ``size_vllm``'s own arithmetic (weights + KV cache + activations +
   overhead; the engine must at least start: one ``max_model_len`` sequence); transformers: the weights as the stage
   loads them (fp32) + the KV cache of one batch of prompts × K samples of prompt + max_new_tokens tokens + a
-  decoding step's logits (every sample × V; the prefill projects each prompt's last position only) + the CUDA
-  context.
+  decoding step's logits and the draw's temporaries (every sample × V × (2c + ``draw_bytes_per_entry``); the prefill
+  projects each prompt's last position only) + the CUDA context.
 * **training** — always resident: the student's weights (fp32 masters; a LoRA base in bf16 under bf16), the
   gradients and AdamW's two fp32 moments of what trains, the teacher (frozen: a copy, bf16 under bf16; EMA: a float32
   copy; under LoRA the frozen teacher is the base with the adapters off, no copy, and an EMA teacher a second set of
   adapters; the live student and a server teacher: nothing; a separate teacher: its own weights, from its config);
   under bf16 without FSDP, autocast's bf16 cast of the trained weights (its cache lives through the forward); the
   CUDA context. Then the larger of two phases: **sampling** (a colocated vLLM awake: its share; transformers: its
-  KV cache and a decoding step's logits, and under FSDP the whole student gathered) and **the loss** (one micro-batch's
-  activations and logits, beside a sleeping vLLM's remainder, or its whole share without sleep mode; under FSDP the
-  decoder layers gathered whole at a time). Under FSDP weights, gradients, optimizer state and the teacher divide by
-  the GPU count; replicate: every GPU holds everything.
+  KV cache, a decoding step's logits and the draw's temporaries, and under FSDP the whole student gathered) and
+  **the loss** (one micro-batch's activations and logits, beside a sleeping vLLM's remainder, or its whole share
+  without sleep mode; under FSDP the decoder layers gathered whole at a time). Under FSDP weights, gradients,
+  optimizer state and the teacher divide by the GPU count; replicate: every GPU holds everything.
 * **activations of one micro-batch** — ``micro_batch_size`` completions of ``max_new_tokens`` after one prompt of
   ``max_prompt_tokens`` per group (the prompt is computed once per group, its keys and values copied to each of the
   group's rows). Per token and layer the tensors autograd keeps for the backward of a Llama/Qwen3 decoder layer
@@ -299,11 +299,15 @@ def _training_sampling(model: PlanModel, plan: TrainPlan, gpu_bytes: int | None)
 def transformers_sampling_bytes(model: PlanModel, prompts: int, k: int, prompt_tokens: int, new_tokens: int,
                                 dtype_bytes: int) -> int:
     """The transformers engine's batch: KV cache of prompts × K samples of prompt + new tokens, and a decoding
-    step's next-token logits with the draw's temporaries (every sample × V: the logits and each sample's row of them,
-    then ``draw_bytes_per_entry``; the prefill projects only each prompt's last position)."""
+    step's next-token logits with the draw's temporaries (``decoding_logits_bytes``)."""
     kv = prompts * k * (prompt_tokens + new_tokens) * model.shape.kv_bytes_per_token(dtype_bytes)
-    vocab = model.shape.vocab_size
-    return kv + prompts * k * vocab * (2 * dtype_bytes + draw_bytes_per_entry(vocab))
+    return kv + decoding_logits_bytes(prompts * k, model.shape.vocab_size, dtype_bytes)
+
+
+def decoding_logits_bytes(samples: int, vocab_size: int, dtype_bytes: int) -> int:
+    """A decoding step's next-token logits with the transformers engine's draw: the logits and each sample's row of
+    them (in the dtype), then ``draw_bytes_per_entry`` (the prefill projects only each prompt's last position)."""
+    return samples * vocab_size * (2 * dtype_bytes + draw_bytes_per_entry(vocab_size))
 
 
 def _vllm_sizing(cfg: VLLMConfig, shape: ModelShape, run: RunLengths, gpu_bytes: int | None, colocated: bool):
@@ -317,7 +321,8 @@ def _vllm_sizing(cfg: VLLMConfig, shape: ModelShape, run: RunLengths, gpu_bytes:
 def sampling_memory(stage: str, model: PlanModel, engine: str, vllm: VLLMConfig, prompts: int, k: int,
                     prompt_tokens: int, new_tokens: int, gpu_bytes: int | None = None) -> StageMemory:
     """Per-GPU memory of a sampling stage (rollout estimation, evaluation): vLLM's minimum to start and its wish
-    (``size_vllm``), or the transformers engine's weights, KV cache and a decoding step's logits."""
+    (``size_vllm``), or the transformers engine's weights, KV cache and a decoding step's logits with the draw's
+    temporaries."""
     s = model.shape
     if engine == "vllm":
         sizing = _vllm_sizing(vllm, s, RunLengths(prompt_tokens, new_tokens, prompts * k), gpu_bytes, False)
@@ -334,7 +339,7 @@ def sampling_memory(stage: str, model: PlanModel, engine: str, vllm: VLLMConfig,
     batch = min(prompts, TRANSFORMERS_BATCH_PROMPTS)
     kv = batch * k * (prompt_tokens + new_tokens) * s.kv_bytes_per_token(TRANSFORMERS_LOAD_BYTES)
     parts = {"weights": s.parameters * TRANSFORMERS_LOAD_BYTES, "kv cache": kv,
-             "logits": batch * k * s.vocab_size * TRANSFORMERS_LOAD_BYTES,
+             "logits": decoding_logits_bytes(batch * k, s.vocab_size, TRANSFORMERS_LOAD_BYTES),
              "overhead": CUDA_OVERHEAD_BYTES}
     return StageMemory(stage, parts, sum(parts.values()), detail=f"transformers: {batch} prompts × {k} samples")
 

@@ -17,11 +17,17 @@ GREEDY_BELOW = 1e-5
 INVERSE_CDF_MIN_VOCAB = 8192
 
 
+def draws_by_inverse_cdf(vocab_size: int) -> bool:
+    """Whether the transformers engine draws a token through the inverse CDF (else ``torch.multinomial``)."""
+    return vocab_size >= INVERSE_CDF_MIN_VOCAB
+
+
 def draw_bytes_per_entry(vocab_size: int) -> int:
     """The transformers engine's draw's temporaries per vocabulary entry and sample, beside the logits: float32
-    probabilities, then the inverse CDF's float64 copy and cumulative sums (below ``INVERSE_CDF_MIN_VOCAB``,
-    torch.multinomial's float32 exponentials)."""
-    return 4 + (16 if vocab_size >= INVERSE_CDF_MIN_VOCAB else 4)
+    probabilities, then the inverse CDF's float64 copy and cumulative sums (torch.multinomial's float32 exponentials
+    where it draws). With top_p < 1 the nucleus's sort peaks ~5 bytes higher (not counted: the presets sample the
+    whole distribution)."""
+    return 4 + (16 if draws_by_inverse_cdf(vocab_size) else 4)
 
 
 def is_greedy(temperature: float) -> bool:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from caopd.config.sampling import INVERSE_CDF_MIN_VOCAB, SamplingConfig, check_draws, is_greedy
+from caopd.config.sampling import SamplingConfig, check_draws, draws_by_inverse_cdf, is_greedy
 from caopd.models.batching import DecodingCache, prefill
 from caopd.models.compat import cache_kwargs, full_attention_cache, output_cache
 from caopd.models.loading import encode_text
@@ -20,9 +20,9 @@ from caopd.rollout.base import Completion, Prompt, RolloutEngine
 
 def draw_tokens(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One index per row of ``probs [rows, V]`` (non-negative, each row summing to > 0), drawn with probability
-    proportional to its entry: ``torch.multinomial`` below ``INVERSE_CDF_MIN_VOCAB`` entries, else
-    ``inverse_cdf`` of one float64 uniform per row."""
-    if probs.shape[-1] < INVERSE_CDF_MIN_VOCAB:
+    proportional to its entry: ``inverse_cdf`` of one float64 uniform per row at vocabularies that
+    ``draws_by_inverse_cdf`` (``caopd.config.sampling``: 8,192 entries and more), else ``torch.multinomial``."""
+    if not draws_by_inverse_cdf(probs.shape[-1]):
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     uniform = torch.rand(probs.shape[0], dtype=torch.float64, generator=generator, device=probs.device)
     return inverse_cdf(probs, uniform)

@@ -30,7 +30,8 @@ def token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     renormalised there (the teacher's tail is dropped, as in SDFT's ``distillation_topk``).
     """
     student_logits, teacher_logits = student_logits.float(), teacher_logits.float().detach()
-    if temperature != 1.0:  # x / 1 is x: at the default the division would only copy [tokens × V] twice (and back)
+    # x / 1 is x: at the default a division would only copy both models' [tokens × V] logits and add their backward
+    if temperature != 1.0:
         student_logits, teacher_logits = student_logits / temperature, teacher_logits / temperature
     if top_k is not None and top_k < teacher_logits.shape[-1]:
         index = teacher_logits.topk(top_k, dim=-1).indices
