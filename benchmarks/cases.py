@@ -255,8 +255,8 @@ def shape_training_case(shape: str = "toolshape", precision: str = "fp32", size:
     ``training_case`` builds it: ``Trainer.train_step`` with a frozen teacher copy (bfloat16 under bf16, as the
     training stage stores it), ``TransformersEngine`` sampling at temperature 1 (top-k/top-p off), forward KL, the
     ``TrainConfig`` defaults otherwise. Activation checkpointing: off unless asked (``TrainConfig`` defaults it on for
-    the training stage, which applies it; TRL's baseline runs its faster setting, off). ``repeats`` measured steps
-    after a warm-up step; ``shape_trl_case`` is the other side, each in a process of its own."""
+    the training stage, which applies it; TRL runs with it off, and once with it on at the tool shape). ``repeats``
+    measured steps after a warm-up step; ``shape_trl_case`` is the other side, each in a process of its own."""
     from benchmarks.shape_model import build_shape_model, decoder_and_head_parameters, shape_prompts
     from caopd.config.sampling import SamplingConfig
     from caopd.config.training import TrainConfig

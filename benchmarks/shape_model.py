@@ -17,9 +17,9 @@ settings) with a gated MLP of 2,688 — 8.65M parameters in the layers, 2.06× t
 (a real model's is 3–4×): few, wide layers, because decoding pays a fixed overhead per layer and token (~40 small ops
 and a cache concatenation) that more, narrower layers would multiply. Attention keeps a real model's share: at a
 1,125-token context 4 × 8 × 128 × 1,125 = 4.6M FLOPs per token, 0.27 of the decoder's 17.3M (Qwen3-0.6B: 0.29). One
-step at the tool shape (1 prompt of 1,000 tokens × K = 8 completions of 250) took ~11 s for ours and ~25 s for TRL
-on 2 cores in fp32; ``SIZES["wide"]`` (hidden 256, an MLP of 1,024 — 4× as in real models — and 18 layers: 2.1×)
-~27 s and ~42 s.
+step at the tool shape (1 prompt of 1,000 tokens × K = 8 completions of 250) takes ~9 s for ours and 23–28 s for
+TRL on 2 cores in fp32; ``SIZES["wide"]`` (hidden 256, an MLP of 1,024 — 4× as in real models — and 18 layers:
+2.1×) took ~42 s for TRL.
 
 The tokenizer is a word-level vocabulary ``<pad>``, ``<eos>``, ``<unk>``, ``w0`` … ``w32764`` split on whitespace,
 with no chat template and no special tokens added, so that both trainers see exactly the same ids for the same
