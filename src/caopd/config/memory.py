@@ -8,8 +8,8 @@ head_dim, ``i`` intermediate size, ``V`` vocabulary, ``c`` the compute dtype's b
 * **rollout estimation, evaluation** — vLLM: ``size_vllm``'s own arithmetic (weights + KV cache + activations +
   overhead; the engine must at least start: one ``max_model_len`` sequence); transformers: the weights as the stage
   loads them (fp32) + the KV cache of one batch of prompts × K samples of prompt + max_new_tokens tokens + a
-  decoding step's logits and the draw's temporaries (every sample × V × (2c + ``draw_bytes_per_entry``); the prefill
-  projects each prompt's last position only) + the CUDA context.
+  decoding step's logits and the draw's temporaries (every sample × V × (2 · 4 + ``draw_bytes_per_entry``) bytes; the
+  prefill projects each prompt's last position only) + the CUDA context.
 * **training** — always resident: the student's weights (fp32 masters; a LoRA base in bf16 under bf16), the
   gradients and AdamW's two fp32 moments of what trains, the teacher (frozen: a copy, bf16 under bf16; EMA: a float32
   copy; under LoRA the frozen teacher is the base with the adapters off, no copy, and an EMA teacher a second set of
