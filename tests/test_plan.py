@@ -195,7 +195,7 @@ def test_the_docs_table_is_the_planners():
 
 @pytest.mark.slow  # training processes of 2 steps each (~20 s each on 2 cores)
 @pytest.mark.timeout(600)
-# (the stand-in in fp32 with a full fine-tune: 0.89, docs/memory.md; the benchmarks' memory case measures it too)
+# (the stand-in in fp32 with a full fine-tune: 0.90, docs/memory.md; the benchmarks' memory case measures it too)
 @pytest.mark.parametrize("shape", [{"model": "tiny", "micro_batch_size": 128},
                                    {"model": "standin", "micro_batch_size": 64, "prompts_per_step": 8,
                                     "max_new_tokens": 48, "finetune": "lora", "activation_checkpointing": True}],
@@ -206,6 +206,7 @@ def test_the_estimate_is_within_25_percent_of_a_cpu_training_steps_peak(shape):
 
     result = run_case("training_step_memory", shape, env=MEMORY_CASE_ENV)
     ratio = result["estimated_bytes"] / result["measured_bytes"]
-    # the step's memory dominates the noise (the stand-in's loss runs in chunks of 512 of its 3,392 tokens)
-    assert result["measured_bytes"] > 100 << 20, json.dumps(result)
+    # the step's memory dominates the ~20 MiB that is not the model's (the stand-in's LoRA step with checkpointing,
+    # its loss in chunks of 512 of its 3,392 tokens, measures ~100 MiB)
+    assert result["measured_bytes"] > 80 << 20, json.dumps(result)
     assert 0.75 <= ratio <= 1.25, json.dumps(result)
